@@ -1,0 +1,112 @@
+//! Forwarding a routed request to its worker over the worker's Unix socket,
+//! on pooled keep-alive connections, and streaming the answer back.
+
+use std::future::Future;
+use std::io;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{header, HeaderMap, HeaderName, Request, Response, Uri};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use regcache_worker::body::Body;
+
+/// Connects `http://w<index>/` to worker `index`'s socket.
+#[derive(Clone)]
+pub struct UnixConnector {
+    sockets: Arc<Vec<PathBuf>>,
+}
+
+impl tower_service::Service<Uri> for UnixConnector {
+    type Response = TokioIo<tokio::net::UnixStream>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let path = uri
+            .host()
+            .and_then(|h| h.strip_prefix('w'))
+            .and_then(|i| i.parse::<usize>().ok())
+            .and_then(|i| self.sockets.get(i).cloned());
+        Box::pin(async move {
+            let path = path.ok_or_else(|| io::Error::other("no such worker"))?;
+            tokio::net::UnixStream::connect(path)
+                .await
+                .map(TokioIo::new)
+        })
+    }
+}
+
+/// Pooled HTTP/1.1 client to all workers.
+#[derive(Clone)]
+pub struct Proxy {
+    client: Client<UnixConnector, Empty<Bytes>>,
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1): never forwarded.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    for name in &HOP_BY_HOP {
+        h.remove(name);
+    }
+    h.remove(header::TRAILER);
+}
+
+impl Proxy {
+    pub fn new(sockets: Vec<PathBuf>) -> Proxy {
+        let connector = UnixConnector {
+            sockets: Arc::new(sockets),
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(30))
+            .pool_max_idle_per_host(64)
+            .build(connector);
+        Proxy { client }
+    }
+
+    /// Sends `req`'s method and headers to worker `index` at `path_and_query`.
+    /// Requests carry no body: the cache is read-only and writes never get here.
+    pub async fn forward<B>(
+        &self,
+        index: usize,
+        path_and_query: &str,
+        req: &Request<B>,
+    ) -> Result<Response<Body>, hyper_util::client::legacy::Error> {
+        let uri: Uri = format!("http://w{index}{path_and_query}")
+            .parse()
+            .expect("routed paths are valid URIs");
+        let mut out = Request::builder()
+            .method(req.method().clone())
+            .uri(uri)
+            .body(Empty::new())
+            .expect("valid request parts");
+        *out.headers_mut() = req.headers().clone();
+        strip_hop_by_hop(out.headers_mut());
+        out.headers_mut().remove(header::HOST);
+        out.headers_mut().remove(header::CONTENT_LENGTH);
+        let resp = self.client.request(out).await?;
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(
+            parts,
+            body.map_err(io::Error::other).boxed_unsync(),
+        ))
+    }
+}

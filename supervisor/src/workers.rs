@@ -1,0 +1,225 @@
+//! One worker process per upstream: spawned as `regcache worker`, watched,
+//! restarted with back-off, stopped with the supervisor.
+//!
+//! SECURITY: a worker's environment is the supervisor's minus `CONFIG` and
+//! `CONFIG_FILE` (which hold every upstream's variables), plus its own
+//! entry's `variables`. It never sees another upstream's credentials.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+use crate::config::Upstream;
+
+/// Variables that carry every upstream's settings and must not reach workers.
+const WITHHELD: [&str; 2] = ["CONFIG", "CONFIG_FILE"];
+/// How long a worker may take to say READY.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// A worker that ran this long before dying restarts without delay.
+const STABLE_AFTER: Duration = Duration::from_secs(30);
+
+/// What the supervisor knows about one worker.
+#[derive(Debug)]
+pub struct Worker {
+    pub upstream: Upstream,
+    pub socket: PathBuf,
+    pub storage: PathBuf,
+    ready: AtomicBool,
+    pub restarts: AtomicU64,
+    ready_tx: watch::Sender<bool>,
+}
+
+impl Worker {
+    pub fn new(upstream: Upstream, socket: PathBuf, storage: PathBuf) -> Self {
+        Worker {
+            upstream,
+            socket,
+            storage,
+            ready: AtomicBool::new(false),
+            restarts: AtomicU64::new(0),
+            ready_tx: watch::channel(false).0,
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+        self.ready_tx.send_replace(ready);
+    }
+
+    /// Resolves once the worker has said READY (or at once if it has).
+    pub async fn wait_ready(&self) {
+        let mut rx = self.ready_tx.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
+    }
+}
+
+/// The environment of `up`'s worker, from the supervisor's own `inherited`.
+pub fn worker_env(
+    inherited: impl IntoIterator<Item = (String, String)>,
+    up: &Upstream,
+) -> BTreeMap<String, String> {
+    let mut env: BTreeMap<String, String> = inherited
+        .into_iter()
+        .filter(|(k, _)| !WITHHELD.contains(&k.as_str()))
+        .collect();
+    env.extend(up.variables.clone());
+    env.insert(
+        "REGCACHE_SUPERVISOR_PID".into(),
+        std::process::id().to_string(),
+    );
+    env
+}
+
+fn command(exe: &Path, w: &Worker) -> Command {
+    let mut cmd = Command::new(exe);
+    cmd.arg("worker")
+        .arg("--upstream")
+        .arg(w.upstream.url())
+        .arg("--storage")
+        .arg(&w.storage)
+        .arg("--socket")
+        .arg(&w.socket)
+        .env_clear()
+        .envs(worker_env(std::env::vars(), &w.upstream))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Keeps `w` running until `stop` turns true, then stops it (SIGTERM, and
+/// SIGKILL after `grace`).
+pub async fn supervise(
+    exe: PathBuf,
+    w: Arc<Worker>,
+    mut stop: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let name = w.upstream.authority();
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let started = Instant::now();
+        let mut child = match command(&exe, &w).spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(upstream = %name, error = %e, "cannot start worker");
+                sleep_or_stop(&mut stop, backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        let pid = child.id().unwrap_or(0);
+        tracing::info!(upstream = %name, pid, "worker started");
+        let stdout = child.stdout.take();
+        let readiness = async {
+            let mut lines = BufReader::new(stdout?).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.trim() == "READY" {
+                    // Keep draining so the worker never blocks on a full pipe.
+                    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+                    return Some(());
+                }
+            }
+            None
+        };
+        tokio::select! {
+            r = tokio::time::timeout(READY_TIMEOUT, readiness) => match r {
+                Ok(Some(())) => w.set_ready(true),
+                _ => {
+                    tracing::error!(upstream = %name, pid, "worker did not become ready; restarting it");
+                    let _ = child.kill().await;
+                }
+            },
+            _ = stop.changed() => {
+                terminate(&mut child, grace).await;
+                return;
+            }
+        }
+        let status = tokio::select! {
+            s = child.wait() => s,
+            _ = stop.changed() => {
+                terminate(&mut child, grace).await;
+                w.set_ready(false);
+                return;
+            }
+        };
+        w.set_ready(false);
+        if *stop.borrow() {
+            return;
+        }
+        w.restarts.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(upstream = %name, pid, status = ?status.ok(), "worker exited; restarting");
+        if started.elapsed() > STABLE_AFTER {
+            backoff = BACKOFF_MIN;
+        }
+        sleep_or_stop(&mut stop, backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn sleep_or_stop(stop: &mut watch::Receiver<bool>, d: Duration) {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        _ = stop.changed() => {}
+    }
+}
+
+/// SIGTERM, wait up to `grace`, then SIGKILL.
+async fn terminate(child: &mut Child, grace: Duration) {
+    if let Some(pid) = child.id() {
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    }
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        let _ = child.kill().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+
+    #[test]
+    fn env_contract() {
+        let ups = config::parse(
+            r#"[{"registry": "a.io", "variables": {"REGISTRY_PROXY_PASSWORD": "pa", "SHARED": "mine"}},
+                {"registry": "b.io", "variables": {"REGISTRY_PROXY_PASSWORD": "pb"}}]"#,
+        )
+        .unwrap();
+        let inherited = vec![
+            ("CONFIG".to_string(), "[...pa...pb...]".to_string()),
+            ("CONFIG_FILE".to_string(), "/run/config".to_string()),
+            ("PATH".to_string(), "/bin".to_string()),
+            ("SHARED".to_string(), "global".to_string()),
+        ];
+        let a = worker_env(inherited.clone(), &ups[0]);
+        assert_eq!(a["REGISTRY_PROXY_PASSWORD"], "pa");
+        assert_eq!(
+            a["SHARED"], "mine",
+            "variables win over the inherited environment"
+        );
+        assert_eq!(a["PATH"], "/bin");
+        assert!(!a.contains_key("CONFIG") && !a.contains_key("CONFIG_FILE"));
+        let b = worker_env(inherited, &ups[1]);
+        assert_eq!(b["REGISTRY_PROXY_PASSWORD"], "pb");
+        assert!(!b.values().any(|v| v.contains("pa")));
+    }
+}

@@ -1,0 +1,451 @@
+//! Upstream authentication: challenges, credentials and the token cache.
+//!
+//! A registry says how it wants to be spoken to in `WWW-Authenticate`:
+//! `Bearer realm=..,service=..,scope=..` (fetch a token from the realm,
+//! anonymously or with our credentials) or `Basic` (send credentials on every
+//! request). What a host asked for is remembered, so later requests carry a
+//! token up front instead of paying a 401 round trip each time.
+//!
+//! SECURITY: credentials and tokens print as `<redacted>`; nothing here logs
+//! a header value.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Tokens are dropped this long before the server says they expire.
+const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
+/// Lifetime assumed when the token response carries no `expires_in`.
+const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+
+/// A string that never shows up in logs or `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// This upstream's credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: Secret,
+}
+
+impl Credentials {
+    /// `Authorization: Basic ...` for these credentials.
+    pub fn basic_header(&self) -> String {
+        basic_header(&self.username, self.password.expose())
+    }
+}
+
+pub fn basic_header(user: &str, password: &str) -> String {
+    format!("Basic {}", base64(format!("{user}:{password}").as_bytes()))
+}
+
+/// Standard base64 with padding (small enough not to need a crate).
+fn base64(input: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// One parsed `WWW-Authenticate` challenge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Challenge {
+    Bearer {
+        realm: String,
+        service: Option<String>,
+        scope: Option<String>,
+    },
+    Basic,
+}
+
+/// Parses every challenge in the given header values; Bearer ones first.
+pub fn parse_challenges<'a>(values: impl IntoIterator<Item = &'a str>) -> Vec<Challenge> {
+    let mut out = Vec::new();
+    for v in values {
+        for (scheme, params) in split_challenges(v) {
+            let get = |k: &str| {
+                params
+                    .iter()
+                    .find(|(pk, _)| pk.eq_ignore_ascii_case(k))
+                    .map(|(_, v)| v.clone())
+            };
+            if scheme.eq_ignore_ascii_case("bearer") {
+                if let Some(realm) = get("realm") {
+                    out.push(Challenge::Bearer {
+                        realm,
+                        service: get("service"),
+                        scope: get("scope"),
+                    });
+                }
+            } else if scheme.eq_ignore_ascii_case("basic") {
+                out.push(Challenge::Basic);
+            }
+        }
+    }
+    out.sort_by_key(|c| matches!(c, Challenge::Basic));
+    out
+}
+
+/// Splits one header value into (scheme, [(key, value)]) challenges. Params
+/// are `key=token` or `key="quoted"`, comma-separated; a bare token starts the
+/// next challenge.
+fn split_challenges(v: &str) -> Vec<(String, Vec<(String, String)>)> {
+    let mut out: Vec<(String, Vec<(String, String)>)> = Vec::new();
+    let b = v.as_bytes();
+    let mut i = 0;
+    let skip = |i: &mut usize, set: &[u8]| {
+        while *i < b.len() && set.contains(&b[*i]) {
+            *i += 1;
+        }
+    };
+    loop {
+        skip(&mut i, b" \t,");
+        if i >= b.len() {
+            break;
+        }
+        let start = i;
+        while i < b.len() && !b" \t,=".contains(&b[i]) {
+            i += 1;
+        }
+        let token = v[start..i].to_string();
+        skip(&mut i, b" \t");
+        if i < b.len() && b[i] == b'=' {
+            i += 1;
+            skip(&mut i, b" \t");
+            let value = if i < b.len() && b[i] == b'"' {
+                i += 1;
+                let mut s = String::new();
+                while i < b.len() && b[i] != b'"' {
+                    if b[i] == b'\\' && i + 1 < b.len() {
+                        i += 1;
+                    }
+                    let ch_len = v[i..].chars().next().map_or(1, char::len_utf8);
+                    s.push_str(&v[i..i + ch_len]);
+                    i += ch_len;
+                }
+                i += 1;
+                s
+            } else {
+                let s = i;
+                while i < b.len() && !b" \t,".contains(&b[i]) {
+                    i += 1;
+                }
+                v[s..i].to_string()
+            };
+            if let Some(last) = out.last_mut() {
+                last.1.push((token, value));
+            }
+        } else {
+            out.push((token, Vec::new()));
+        }
+    }
+    out
+}
+
+/// What a host asked for, remembered so the next request goes authorised.
+#[derive(Debug, Clone)]
+pub enum HostAuth {
+    Bearer {
+        realm: String,
+        service: Option<String>,
+    },
+    Basic,
+}
+
+/// A bearer token and when to stop using it.
+#[derive(Clone)]
+struct Token {
+    value: Secret,
+    valid_until: Instant,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct TokenKey {
+    realm: String,
+    service: Option<String>,
+    scope: String,
+}
+
+/// Per-upstream authentication state: the credentials, what each host asked
+/// for, and the tokens obtained.
+pub struct Auth {
+    credentials: Option<Credentials>,
+    hosts: Mutex<HashMap<String, HostAuth>>,
+    tokens: Mutex<HashMap<TokenKey, Token>>,
+    /// Serialises token requests so concurrent misses for one scope make one.
+    fetching: tokio::sync::Mutex<()>,
+}
+
+/// The token endpoint's answer.
+#[derive(serde::Deserialize)]
+struct TokenResponse {
+    token: Option<String>,
+    access_token: Option<String>,
+    expires_in: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("token request to {realm} failed: {source}")]
+    Request {
+        realm: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("token server {realm} answered {status}")]
+    Status {
+        realm: String,
+        status: reqwest::StatusCode,
+    },
+    #[error("challenge names an invalid token realm {realm:?}")]
+    BadRealm { realm: String },
+    #[error("token server {realm} answered without a token")]
+    NoToken { realm: String },
+}
+
+impl Auth {
+    pub fn new(credentials: Option<Credentials>) -> Self {
+        Auth {
+            credentials,
+            hosts: Mutex::new(HashMap::new()),
+            tokens: Mutex::new(HashMap::new()),
+            fetching: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn credentials(&self) -> Option<&Credentials> {
+        self.credentials.as_ref()
+    }
+
+    /// The `Authorization` value to send to `host` up front, if we know one.
+    pub fn header_for(&self, host: &str, scope: &str) -> Option<String> {
+        let hosts = self.hosts.lock().unwrap();
+        match hosts.get(host)? {
+            HostAuth::Basic => self.credentials.as_ref().map(Credentials::basic_header),
+            HostAuth::Bearer { realm, service } => {
+                let key = TokenKey {
+                    realm: realm.clone(),
+                    service: service.clone(),
+                    scope: scope.to_owned(),
+                };
+                let tokens = self.tokens.lock().unwrap();
+                let t = tokens.get(&key)?;
+                (t.valid_until > Instant::now()).then(|| format!("Bearer {}", t.value.expose()))
+            }
+        }
+    }
+
+    /// Learns from a 401's challenges and returns the header to retry with,
+    /// or `None` when there is nothing we can answer with. `stale` is the
+    /// header that was just refused: its token is dropped, never reused.
+    pub async fn answer(
+        &self,
+        http: &reqwest::Client,
+        host: &str,
+        challenges: &[Challenge],
+        default_scope: &str,
+        stale: Option<&str>,
+    ) -> Result<Option<String>, TokenError> {
+        let Some(challenge) = challenges.first() else {
+            return Ok(None);
+        };
+        match challenge {
+            Challenge::Basic => {
+                self.remember(host, HostAuth::Basic);
+                let header = self.credentials.as_ref().map(Credentials::basic_header);
+                // Re-sending refused credentials cannot help.
+                Ok(header.filter(|h| Some(h.as_str()) != stale))
+            }
+            Challenge::Bearer {
+                realm,
+                service,
+                scope,
+            } => {
+                self.remember(
+                    host,
+                    HostAuth::Bearer {
+                        realm: realm.clone(),
+                        service: service.clone(),
+                    },
+                );
+                let key = TokenKey {
+                    realm: realm.clone(),
+                    service: service.clone(),
+                    scope: scope.clone().unwrap_or_else(|| default_scope.to_owned()),
+                };
+                let token = self.token(http, key, stale).await?;
+                Ok(Some(format!("Bearer {}", token.expose())))
+            }
+        }
+    }
+
+    fn remember(&self, host: &str, how: HostAuth) {
+        self.hosts.lock().unwrap().insert(host.to_owned(), how);
+    }
+
+    async fn token(
+        &self,
+        http: &reqwest::Client,
+        key: TokenKey,
+        stale: Option<&str>,
+    ) -> Result<Secret, TokenError> {
+        let _one_at_a_time = self.fetching.lock().await;
+        if let Some(t) = self.tokens.lock().unwrap().get(&key) {
+            let refused =
+                stale.is_some_and(|s| s.strip_prefix("Bearer ") == Some(t.value.expose()));
+            if t.valid_until > Instant::now() && !refused {
+                return Ok(t.value.clone());
+            }
+        }
+        let mut url = reqwest::Url::parse(&key.realm).map_err(|_| TokenError::BadRealm {
+            realm: key.realm.clone(),
+        })?;
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(s) = &key.service {
+                q.append_pair("service", s);
+            }
+            if !key.scope.is_empty() {
+                q.append_pair("scope", &key.scope);
+            }
+        }
+        let mut req = http.get(url);
+        if let Some(c) = &self.credentials {
+            req = req.header(reqwest::header::AUTHORIZATION, c.basic_header());
+        }
+        let realm = key.realm.clone();
+        let resp = req.send().await.map_err(|e| TokenError::Request {
+            realm: realm.clone(),
+            source: e.without_url(),
+        })?;
+        if !resp.status().is_success() {
+            return Err(TokenError::Status {
+                realm,
+                status: resp.status(),
+            });
+        }
+        let body = resp.bytes().await.map_err(|e| TokenError::Request {
+            realm: realm.clone(),
+            source: e.without_url(),
+        })?;
+        let parsed: TokenResponse =
+            serde_json::from_slice(&body).map_err(|_| TokenError::NoToken {
+                realm: realm.clone(),
+            })?;
+        let value = parsed
+            .token
+            .or(parsed.access_token)
+            .filter(|t| !t.is_empty())
+            .ok_or(TokenError::NoToken { realm })?;
+        let lifetime = parsed
+            .expires_in
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_TOKEN_LIFETIME);
+        let valid_until = Instant::now() + lifetime.saturating_sub(EXPIRY_MARGIN);
+        let value = Secret::new(value);
+        self.tokens.lock().unwrap().insert(
+            key,
+            Token {
+                value: value.clone(),
+                valid_until,
+            },
+        );
+        Ok(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_docker_hub_challenge() {
+        let c = parse_challenges([
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/debian:pull""#,
+        ]);
+        assert_eq!(
+            c,
+            vec![Challenge::Bearer {
+                realm: "https://auth.docker.io/token".into(),
+                service: Some("registry.docker.io".into()),
+                scope: Some("repository:library/debian:pull".into()),
+            }]
+        );
+    }
+
+    #[test]
+    fn bearer_preferred_and_service_optional() {
+        let c = parse_challenges([
+            r#"Basic realm="Gitea Package API""#,
+            r#"Bearer realm="https://codeberg.org/v2/token""#,
+        ]);
+        assert_eq!(
+            c,
+            vec![
+                Challenge::Bearer {
+                    realm: "https://codeberg.org/v2/token".into(),
+                    service: None,
+                    scope: None
+                },
+                Challenge::Basic
+            ]
+        );
+        let c = parse_challenges([
+            r#"Basic realm="x", Bearer realm=https://a/t,scope="repository:h:5000/a:pull""#,
+        ]);
+        assert_eq!(c.len(), 2);
+        assert!(
+            matches!(&c[0], Challenge::Bearer { scope: Some(s), .. } if s == "repository:h:5000/a:pull")
+        );
+    }
+
+    #[test]
+    fn base64_matches_rfc4648() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        let c = Credentials {
+            username: "u".into(),
+            password: Secret::new("hunter2"),
+        };
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

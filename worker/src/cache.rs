@@ -1,0 +1,575 @@
+//! Hit or miss: what is answered from disk, what from upstream, and how a
+//! miss is filled exactly once.
+//!
+//! A blob miss starts one [`Fill`]: a task that streams the upstream body into
+//! a temp file, hashing as it writes, and commits only a verified blob. Every
+//! request for that digest, first or later, GET or HEAD, with or without
+//! Range, attaches to the fill and reads the growing file as bytes land; the
+//! fill does not depend on any client staying. If it fails, attached readers
+//! get an error (an aborted body), never wrong bytes presented as complete.
+//!
+//! Manifests by digest are immutable and served from disk. Tags map to a
+//! digest on disk, revalidated with one upstream HEAD once older than the
+//! freshness window; when upstream cannot answer, the cached digest is served.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use http::Method;
+use tokio::sync::{mpsc, watch};
+
+use crate::error::RegistryError;
+use crate::reference::{Digest, Hasher, Name, Reference, Tag};
+use crate::storage::{self, Manifest, Store};
+use crate::upstream::{self, Kind, Upstream, MANIFEST_ACCEPT};
+
+/// Largest manifest accepted from upstream (distribution's own limit).
+const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+/// Read size when streaming a blob from disk.
+const READ_CHUNK: usize = 256 << 10;
+/// Chunks queued between the upstream reader and the disk writer.
+const WRITE_QUEUE: usize = 64;
+
+/// How a response was produced, for `X-Cache` and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Hit,
+    Miss,
+    Revalidated,
+    Stale,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Hit => "HIT",
+            Outcome::Miss => "MISS",
+            Outcome::Revalidated => "REVALIDATED",
+            Outcome::Stale => "STALE",
+        }
+    }
+}
+
+/// The state of a blob's bytes, as readers see it.
+#[derive(Debug, Clone)]
+enum Progress {
+    /// Waiting for upstream's response headers.
+    Starting,
+    /// `written` bytes are in the file; `total` if upstream said.
+    Writing { written: u64, total: Option<u64> },
+    /// Complete and verified.
+    Done { size: u64 },
+    /// Nothing will be committed; readers must fail.
+    Failed(RegistryError),
+}
+
+/// One in-flight upstream fetch of a blob.
+struct Fill {
+    file: Arc<File>,
+    progress: watch::Receiver<Progress>,
+}
+
+/// A readable blob: committed on disk or being filled.
+pub struct Blob {
+    file: Arc<File>,
+    progress: watch::Receiver<Progress>,
+    pub outcome: Outcome,
+}
+
+impl Blob {
+    /// Waits until the size is known or the fill failed before sending a
+    /// byte; `Ok(None)` means upstream sent no length.
+    pub async fn size(&mut self) -> Result<Option<u64>, RegistryError> {
+        loop {
+            match &*self.progress.borrow_and_update() {
+                Progress::Starting => {}
+                Progress::Writing { total, .. } => return Ok(*total),
+                Progress::Done { size } => return Ok(Some(*size)),
+                Progress::Failed(e) => return Err(e.clone()),
+            }
+            if self.progress.changed().await.is_err() {
+                return Err(abandoned());
+            }
+        }
+    }
+
+    /// The bytes `start..end` (to the end of the blob when `end` is `None`),
+    /// streamed as soon as they are on disk.
+    pub fn read(
+        self,
+        start: u64,
+        end: Option<u64>,
+    ) -> impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static {
+        let state = (self.file, self.progress, start);
+        futures_util::stream::unfold(Some(state), move |state| async move {
+            let (file, mut progress, pos) = state?;
+            loop {
+                let available = match &*progress.borrow_and_update() {
+                    Progress::Starting => 0,
+                    // The last byte waits for verification, so that a
+                    // failed fill can never look complete to a client.
+                    Progress::Writing { written, total } => {
+                        total.map_or(*written, |t| (*written).min(t.saturating_sub(1)))
+                    }
+                    Progress::Done { size } => *size,
+                    Progress::Failed(e) => {
+                        let err = io::Error::other(e.message.clone());
+                        return Some((Err(err), None));
+                    }
+                };
+                let limit = end.map_or(available, |e| e.min(available));
+                if pos < limit {
+                    let len = (limit - pos).min(READ_CHUNK as u64) as usize;
+                    let f = file.clone();
+                    let read = tokio::task::spawn_blocking(move || {
+                        let mut buf = BytesMut::zeroed(len);
+                        f.read_exact_at(&mut buf, pos).map(|()| buf.freeze())
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(io::Error::other(e)));
+                    return match read {
+                        Ok(bytes) => Some((Ok(bytes), Some((file, progress, pos + len as u64)))),
+                        Err(e) => Some((Err(e), None)),
+                    };
+                }
+                let finished = matches!(&*progress.borrow(), Progress::Done { .. });
+                if finished || end.is_some_and(|e| pos >= e) {
+                    return None;
+                }
+                if progress.changed().await.is_err() {
+                    return Some((Err(io::Error::other("blob fill abandoned")), None));
+                }
+            }
+        })
+    }
+}
+
+fn abandoned() -> RegistryError {
+    RegistryError::from(upstream::Error::Garbage {
+        upstream: "upstream".into(),
+        reason: "blob fill abandoned".into(),
+    })
+}
+
+/// The cache of one worker: its store, its upstream and the fills in flight.
+pub struct Cache {
+    store: Arc<Store>,
+    upstream: Arc<Upstream>,
+    fills: Arc<Mutex<HashMap<Digest, Arc<Fill>>>>,
+    tag_freshness: Duration,
+}
+
+impl Cache {
+    pub fn new(store: Store, upstream: Upstream, tag_freshness: Duration) -> Self {
+        Cache {
+            store: Arc::new(store),
+            upstream: Arc::new(upstream),
+            fills: Arc::default(),
+            tag_freshness,
+        }
+    }
+
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
+    /// A blob for GET: from disk, from a fill in flight, or from a new fill.
+    pub fn blob(&self, name: &Name, digest: &Digest) -> Result<Blob, RegistryError> {
+        if let Some(blob) = self.stored_blob(digest)? {
+            return Ok(blob);
+        }
+        let mut fills = self.fills.lock().unwrap();
+        if let Some(fill) = fills.get(digest) {
+            return Ok(Blob {
+                file: fill.file.clone(),
+                progress: fill.progress.clone(),
+                outcome: Outcome::Miss,
+            });
+        }
+        // A fill commits before it leaves the map: check disk again under the lock.
+        if let Some(blob) = self.stored_blob(digest)? {
+            return Ok(blob);
+        }
+        let tmp = self.store.temp_file()?;
+        let (tx, rx) = watch::channel(Progress::Starting);
+        let fill = Arc::new(Fill {
+            file: tmp.file().clone(),
+            progress: rx.clone(),
+        });
+        fills.insert(digest.clone(), fill.clone());
+        drop(fills);
+        tokio::spawn(run_fill(
+            self.store.clone(),
+            self.upstream.clone(),
+            self.fills.clone(),
+            name.clone(),
+            digest.clone(),
+            tmp,
+            tx,
+        ));
+        Ok(Blob {
+            file: fill.file.clone(),
+            progress: rx,
+            outcome: Outcome::Miss,
+        })
+    }
+
+    fn stored_blob(&self, digest: &Digest) -> Result<Option<Blob>, storage::Error> {
+        let path = self.store.blob_path(digest);
+        match File::open(&path) {
+            Ok(f) => {
+                let size = f
+                    .metadata()
+                    .map_err(|source| storage::Error::Io {
+                        op: "stat",
+                        path: path.clone(),
+                        source,
+                    })?
+                    .len();
+                let (_, rx) = watch::channel(Progress::Done { size });
+                Ok(Some(Blob {
+                    file: Arc::new(f),
+                    progress: rx,
+                    outcome: Outcome::Hit,
+                }))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(storage::Error::Io {
+                op: "open",
+                path,
+                source,
+            }),
+        }
+    }
+
+    /// A blob's size for HEAD, without downloading it: from disk, a fill in
+    /// flight, or an upstream HEAD.
+    pub async fn blob_size(
+        &self,
+        name: &Name,
+        digest: &Digest,
+    ) -> Result<(Option<u64>, Outcome), RegistryError> {
+        if let Some(size) = self.store.blob_size(digest) {
+            return Ok((Some(size), Outcome::Hit));
+        }
+        let fill = self.fills.lock().unwrap().get(digest).cloned();
+        if let Some(fill) = fill {
+            let mut blob = Blob {
+                file: fill.file.clone(),
+                progress: fill.progress.clone(),
+                outcome: Outcome::Miss,
+            };
+            return Ok((blob.size().await?, Outcome::Miss));
+        }
+        let up = &self.upstream;
+        let path = format!("/v2/{name}/blobs/{digest}");
+        let resp = up.send(Method::HEAD, Some(name), &path, None).await?;
+        let resp = up.check(resp, Kind::Blob, &digest.to_string())?;
+        Ok((resp.content_length(), Outcome::Miss))
+    }
+
+    /// A manifest by tag or digest.
+    pub async fn manifest(
+        &self,
+        name: &Name,
+        reference: &Reference,
+    ) -> Result<(Manifest, Outcome), RegistryError> {
+        match reference {
+            Reference::Digest(d) => {
+                // Manifests are small and usually in the page cache.
+                if let Some(m) = self.store.read_manifest(d)? {
+                    return Ok((m, Outcome::Hit));
+                }
+                let m = self.fetch_manifest(name, &d.to_string(), Some(d)).await?;
+                Ok((m, Outcome::Miss))
+            }
+            Reference::Tag(tag) => self.manifest_by_tag(name, tag).await,
+        }
+    }
+
+    async fn manifest_by_tag(
+        &self,
+        name: &Name,
+        tag: &Tag,
+    ) -> Result<(Manifest, Outcome), RegistryError> {
+        let cached = self.store.read_tag(name, tag);
+        let cached_manifest = match &cached {
+            Some((d, _)) => self.store.read_manifest(d)?,
+            None => None,
+        };
+        if let (Some((_, confirmed)), Some(m)) = (&cached, &cached_manifest) {
+            let age = SystemTime::now()
+                .duration_since(*confirmed)
+                .unwrap_or_default();
+            if age < self.tag_freshness {
+                return Ok((m.clone(), Outcome::Hit));
+            }
+        }
+        match self.revalidate(name, tag, cached_manifest.as_ref()).await {
+            Ok(found) => Ok(found),
+            Err(e) if e.allows_stale() && cached_manifest.is_some() => {
+                tracing::warn!(%name, %tag, error = %e, "upstream unavailable; serving cached tag");
+                Ok((cached_manifest.unwrap(), Outcome::Stale))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Asks upstream what `tag` points to now (a HEAD, which Docker Hub does not
+    /// count as a pull) and GETs the manifest only if we do not have it.
+    async fn revalidate(
+        &self,
+        name: &Name,
+        tag: &Tag,
+        cached: Option<&Manifest>,
+    ) -> Result<(Manifest, Outcome), upstream::Error> {
+        let up = &self.upstream;
+        let path = format!("/v2/{name}/manifests/{tag}");
+        let resp = up
+            .send(Method::HEAD, Some(name), &path, Some(MANIFEST_ACCEPT))
+            .await?;
+        let what = format!("manifest {name}:{tag}");
+        let resp = up.check(resp, Kind::Manifest, &what)?;
+        let digest: Option<Digest> = header_digest(&resp);
+        let manifest = match digest {
+            Some(d) if cached.is_some_and(|m| m.digest == d) => {
+                let m = cached.cloned().expect("checked above");
+                self.store_tag(name, tag, &m.digest);
+                return Ok((m, Outcome::Revalidated));
+            }
+            Some(d) => match self.store.read_manifest(&d).ok().flatten() {
+                Some(m) => m,
+                None => self.fetch_manifest(name, &d.to_string(), Some(&d)).await?,
+            },
+            // No digest in the HEAD answer: fetch by tag and hash what we got.
+            None => self.fetch_manifest(name, tag.as_str(), None).await?,
+        };
+        self.store_tag(name, tag, &manifest.digest);
+        let outcome = if cached.is_some() {
+            Outcome::Revalidated
+        } else {
+            Outcome::Miss
+        };
+        Ok((manifest, outcome))
+    }
+
+    fn store_tag(&self, name: &Name, tag: &Tag, digest: &Digest) {
+        if let Err(e) = self.store.write_tag(name, tag, digest) {
+            tracing::error!(%name, %tag, error = %e, "could not record tag");
+        }
+    }
+
+    /// GETs a manifest, verifies it against `expected` (or the upstream's
+    /// `Docker-Content-Digest`) and stores it byte for byte.
+    async fn fetch_manifest(
+        &self,
+        name: &Name,
+        reference: &str,
+        expected: Option<&Digest>,
+    ) -> Result<Manifest, upstream::Error> {
+        let up = &self.upstream;
+        let path = format!("/v2/{name}/manifests/{reference}");
+        let resp = up
+            .send(Method::GET, Some(name), &path, Some(MANIFEST_ACCEPT))
+            .await?;
+        let resp = up.check(
+            resp,
+            Kind::Manifest,
+            &format!("manifest {name}:{reference}"),
+        )?;
+        if resp
+            .content_length()
+            .is_some_and(|l| l > MAX_MANIFEST_BYTES)
+        {
+            return Err(up.garbage("manifest larger than 4 MiB"));
+        }
+        let media_type = resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or("").trim().to_owned())
+            .filter(|v| !v.is_empty() && !v.contains('\n'))
+            .ok_or_else(|| up.garbage("manifest without Content-Type"))?;
+        let announced = header_digest(&resp);
+        let mut bytes = BytesMut::new();
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            bytes.extend_from_slice(&chunk.map_err(|e| up.transport(e))?);
+            if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+                return Err(up.garbage("manifest larger than 4 MiB"));
+            }
+        }
+        let bytes = bytes.freeze();
+        let want = expected.or(announced.as_ref());
+        let algorithm = want.map_or(crate::reference::Algorithm::Sha256, Digest::algorithm);
+        let digest = Digest::of(algorithm, &bytes);
+        if let Some(want) = want {
+            if *want != digest {
+                return Err(upstream::Error::Mismatch {
+                    upstream: up.name().to_owned(),
+                    expected: want.to_string(),
+                    actual: digest.to_string(),
+                });
+            }
+        }
+        let m = Manifest {
+            media_type,
+            bytes,
+            digest,
+        };
+        if let Err(e) = self.store.write_manifest(&m) {
+            tracing::error!(error = %e, "could not store manifest");
+        }
+        Ok(m)
+    }
+
+    /// Forwards a request that is not cached (tags/list, referrers).
+    pub async fn forward(
+        &self,
+        name: &Name,
+        path_and_query: &str,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let up = &self.upstream;
+        let resp = up
+            .send(Method::GET, Some(name), path_and_query, None)
+            .await?;
+        // A 401 after our own auth is upstream refusing us, not the client.
+        match resp.status().as_u16() {
+            401 | 403 | 429 => Err(up
+                .check(resp, Kind::Other, name.as_str())
+                .unwrap_err()
+                .into()),
+            _ => Ok(resp),
+        }
+    }
+}
+
+fn header_digest(resp: &reqwest::Response) -> Option<Digest> {
+    resp.headers()
+        .get("docker-content-digest")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Streams one blob from upstream into `tmp` and commits it if it verifies.
+async fn run_fill(
+    store: Arc<Store>,
+    upstream: Arc<Upstream>,
+    fills: Arc<Mutex<HashMap<Digest, Arc<Fill>>>>,
+    name: Name,
+    digest: Digest,
+    tmp: storage::TempFile,
+    progress: watch::Sender<Progress>,
+) {
+    let result = fill(&store, &upstream, &name, &digest, tmp, &progress).await;
+    match result {
+        Ok(size) => {
+            progress.send_replace(Progress::Done { size });
+        }
+        Err(e) => {
+            tracing::warn!(%name, %digest, error = %e.message, "blob fill failed");
+            progress.send_replace(Progress::Failed(e));
+        }
+    }
+    // Only now: a request that misses the map finds the blob on disk.
+    fills.lock().unwrap().remove(&digest);
+}
+
+async fn fill(
+    store: &Arc<Store>,
+    up: &Upstream,
+    name: &Name,
+    digest: &Digest,
+    tmp: storage::TempFile,
+    progress: &watch::Sender<Progress>,
+) -> Result<u64, RegistryError> {
+    let path = format!("/v2/{name}/blobs/{digest}");
+    let resp = up.send(Method::GET, Some(name), &path, None).await?;
+    let resp = up.check(resp, Kind::Blob, &digest.to_string())?;
+    let total = resp.content_length();
+    progress.send_replace(Progress::Writing { written: 0, total });
+
+    // Hashing and writing happen off the async threads, fed through a
+    // bounded queue: a slow disk slows the upstream read, never a client.
+    let (tx, mut rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+    let file = tmp.file().clone();
+    let algorithm = digest.algorithm();
+    let watcher = progress.clone();
+    let writer = tokio::task::spawn_blocking(move || -> io::Result<(Hasher, u64)> {
+        use std::io::Write;
+        let mut hasher = Hasher::new(algorithm);
+        let mut written = 0u64;
+        while let Some(chunk) = rx.blocking_recv() {
+            (&*file).write_all(&chunk)?;
+            hasher.update(&chunk);
+            written += chunk.len() as u64;
+            watcher.send_replace(Progress::Writing { written, total });
+        }
+        Ok((hasher, written))
+    });
+    let mut stream = resp.bytes_stream();
+    let mut received = 0u64;
+    let mut failure = None;
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(chunk) => {
+                received += chunk.len() as u64;
+                if total.is_some_and(|t| received > t) {
+                    failure = Some(up.garbage("blob longer than its Content-Length"));
+                    break;
+                }
+                if tx.send(chunk).await.is_err() {
+                    break; // the writer failed; its error is reported below
+                }
+            }
+            Err(e) => {
+                failure = Some(up.transport(e));
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let (hasher, written) = writer
+        .await
+        .map_err(io::Error::other)
+        .and_then(|r| r)
+        .map_err(|source| storage::Error::Io {
+            op: "write",
+            path: tmp.path().to_owned(),
+            source,
+        })?;
+    if let Some(f) = failure {
+        return Err(f.into());
+    }
+    if total.is_some_and(|t| written != t) {
+        return Err(up.garbage("blob shorter than its Content-Length").into());
+    }
+    let actual = hasher.finish();
+    if actual != *digest {
+        return Err(upstream::Error::Mismatch {
+            upstream: up.name().to_owned(),
+            expected: digest.to_string(),
+            actual: actual.to_string(),
+        }
+        .into());
+    }
+    let store = store.clone();
+    let expected = digest.clone();
+    tokio::task::spawn_blocking(move || store.commit_blob(tmp, &expected, actual))
+        .await
+        .map_err(|e| storage::Error::Io {
+            op: "commit",
+            path: Default::default(),
+            source: io::Error::other(e),
+        })??;
+    Ok(written)
+}

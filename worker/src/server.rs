@@ -1,0 +1,219 @@
+//! The worker's HTTP face: a registry v2 pull endpoint for one upstream.
+//!
+//! Stages: parse the path into a typed request ([`crate::routing`]), ask the
+//! [`Cache`], write the response headers the spec and clients need. Every
+//! error leaves through [`RegistryError::into_response`].
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+
+use crate::body::{empty, full, Body};
+use crate::cache::{Blob, Cache, Outcome};
+use crate::error::RegistryError;
+use crate::range::{self, Plan};
+use crate::reference::{Digest, Name, Reference};
+use crate::routing::{self, Endpoint};
+
+pub const API_VERSION: (&str, &str) = ("docker-distribution-api-version", "registry/2.0");
+
+/// Answers one request.
+pub async fn handle(cache: Arc<Cache>, req: Request<Incoming>) -> Response<Body> {
+    let method = req.method().clone();
+    let mut resp = match route(&cache, &req).await {
+        Ok(resp) => resp,
+        Err(e) => e.into_response(),
+    };
+    if method == Method::HEAD {
+        *resp.body_mut() = empty();
+    }
+    resp.headers_mut()
+        .insert(API_VERSION.0, HeaderValue::from_static(API_VERSION.1));
+    resp
+}
+
+async fn route(cache: &Cache, req: &Request<Incoming>) -> Result<Response<Body>, RegistryError> {
+    let head = req.method() == Method::HEAD;
+    match routing::parse(req.method(), req.uri().path())? {
+        routing::Request::Base => Ok(json_response(Bytes::from_static(b"{}"))),
+        routing::Request::Repo { name, endpoint } => match endpoint {
+            Endpoint::Manifest(reference) => manifest(cache, req, &name, &reference).await,
+            Endpoint::Blob(digest) if head => blob_head(cache, &name, &digest).await,
+            Endpoint::Blob(digest) => blob_get(cache, req, &name, &digest).await,
+            Endpoint::TagsList | Endpoint::Referrers(_) => forward(cache, req, &name).await,
+        },
+    }
+}
+
+/// A small JSON answer with its length.
+pub fn json_response(body: Bytes) -> Response<Body> {
+    let len = body.len();
+    let mut resp = Response::new(full(body));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    resp
+}
+
+fn content_headers(resp: &mut Response<Body>, digest: &Digest, outcome: Outcome) {
+    let h = resp.headers_mut();
+    let d = HeaderValue::from_str(&digest.to_string()).expect("digests are header-safe");
+    let etag = HeaderValue::from_str(&format!("\"{digest}\"")).expect("digests are header-safe");
+    h.insert("docker-content-digest", d);
+    h.insert(header::ETAG, etag);
+    h.insert("x-cache", HeaderValue::from_static(outcome.as_str()));
+}
+
+fn not_modified(req: &Request<Incoming>, digest: &Digest) -> bool {
+    let want = format!("\"{digest}\"");
+    req.headers()
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            let t = t.trim();
+            t == want || t == "*" || t == digest.to_string()
+        })
+}
+
+async fn manifest(
+    cache: &Cache,
+    req: &Request<Incoming>,
+    name: &Name,
+    reference: &Reference,
+) -> Result<Response<Body>, RegistryError> {
+    let (m, outcome) = cache.manifest(name, reference).await?;
+    let mut resp = if not_modified(req, &m.digest) {
+        let mut r = Response::new(empty());
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        r
+    } else {
+        let mut r = Response::new(full(m.bytes.clone()));
+        r.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(m.bytes.len()));
+        r
+    };
+    if let Ok(ct) = HeaderValue::from_str(&m.media_type) {
+        resp.headers_mut().insert(header::CONTENT_TYPE, ct);
+    }
+    content_headers(&mut resp, &m.digest, outcome);
+    Ok(resp)
+}
+
+fn blob_headers(resp: &mut Response<Body>, digest: &Digest, outcome: Outcome) {
+    content_headers(resp, digest, outcome);
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("max-age=31536000, immutable"),
+    );
+}
+
+async fn blob_head(
+    cache: &Cache,
+    name: &Name,
+    digest: &Digest,
+) -> Result<Response<Body>, RegistryError> {
+    let (size, outcome) = cache.blob_size(name, digest).await?;
+    let mut resp = Response::new(empty());
+    if let Some(size) = size {
+        resp.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    }
+    blob_headers(&mut resp, digest, outcome);
+    Ok(resp)
+}
+
+async fn blob_get(
+    cache: &Cache,
+    req: &Request<Incoming>,
+    name: &Name,
+    digest: &Digest,
+) -> Result<Response<Body>, RegistryError> {
+    let mut blob: Blob = cache.blob(name, digest)?;
+    let size = blob.size().await?;
+    let outcome = blob.outcome;
+    let range_header = req
+        .headers()
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok());
+    let (status, start, end) = match range::plan(range_header, size) {
+        Plan::Full => (StatusCode::OK, 0, None),
+        Plan::Partial(r) => (StatusCode::PARTIAL_CONTENT, r.start, Some(r.end)),
+        Plan::Unsatisfiable => {
+            let mut resp = Response::new(empty());
+            *resp.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+            let cr = format!("bytes */{}", size.unwrap_or(0));
+            resp.headers_mut().insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&cr).expect("ascii"),
+            );
+            blob_headers(&mut resp, digest, outcome);
+            return Ok(resp);
+        }
+    };
+    let end = end.filter(|&e| e != u64::MAX);
+    let stream = blob.read(start, end).map_ok(Frame::data);
+    let mut resp = Response::new(StreamBody::new(stream).boxed_unsync());
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    match (status, size, end) {
+        (StatusCode::PARTIAL_CONTENT, total, end) => {
+            let total_s = total.map_or("*".to_string(), |t| t.to_string());
+            let last = end.or(total).map(|e| e - 1);
+            if let Some(last) = last {
+                h.insert(header::CONTENT_LENGTH, HeaderValue::from(last + 1 - start));
+                let cr = format!("bytes {start}-{last}/{total_s}");
+                h.insert(
+                    header::CONTENT_RANGE,
+                    HeaderValue::from_str(&cr).expect("ascii"),
+                );
+            }
+        }
+        (_, Some(size), _) => {
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+        }
+        _ => {}
+    }
+    blob_headers(&mut resp, digest, outcome);
+    Ok(resp)
+}
+
+/// tags/list and referrers go to upstream as they are, query included.
+async fn forward(
+    cache: &Cache,
+    req: &Request<Incoming>,
+    name: &Name,
+) -> Result<Response<Body>, RegistryError> {
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let upstream = cache.forward(name, pq).await?;
+    let mut resp = Response::new(empty());
+    *resp.status_mut() = upstream.status();
+    for h in [header::CONTENT_TYPE, header::LINK, header::CONTENT_LENGTH] {
+        for v in upstream.headers().get_all(&h) {
+            resp.headers_mut().append(h.clone(), v.clone());
+        }
+    }
+    if let Some(v) = upstream.headers().get("oci-filters-applied") {
+        resp.headers_mut().insert("oci-filters-applied", v.clone());
+    }
+    let stream = upstream
+        .bytes_stream()
+        .map_err(std::io::Error::other)
+        .map_ok(Frame::data);
+    *resp.body_mut() = StreamBody::new(stream).boxed_unsync();
+    Ok(resp)
+}

@@ -1,0 +1,272 @@
+//! The HTTP client to this worker's one upstream registry.
+//!
+//! It authenticates (see [`crate::auth`]), follows redirects itself (so each
+//! hop can be authorised on its own, and `Authorization` never travels to a
+//! host that did not ask for it), and turns upstream statuses into typed
+//! errors. Proxies come from `http_proxy`/`https_proxy`/`no_proxy`.
+
+use std::time::Duration;
+
+use http::Method;
+use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, LOCATION, WWW_AUTHENTICATE};
+use reqwest::{Response, StatusCode, Url};
+
+use crate::auth::{self, Auth};
+use crate::reference::Name;
+
+/// Every manifest type we can store; upstreams refuse OCI types they were
+/// not asked for, and the client's own preference is applied when serving.
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, \
+application/vnd.docker.distribution.manifest.v2+json, \
+application/vnd.docker.distribution.manifest.v1+prettyjws, \
+application/vnd.docker.distribution.manifest.v1+json";
+
+const MAX_REDIRECTS: usize = 5;
+
+/// What was asked for, so a 404 maps to the right registry code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Manifest,
+    Blob,
+    Other,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what} not found on {upstream}")]
+    NotFound {
+        upstream: String,
+        kind: Kind,
+        what: String,
+    },
+    #[error("{upstream} denied access (HTTP {status}); check REGISTRY_PROXY_USERNAME / REGISTRY_PROXY_PASSWORD for this upstream")]
+    Denied { upstream: String, status: u16 },
+    #[error("{upstream} rate-limited the request")]
+    RateLimited {
+        upstream: String,
+        retry_after: Option<String>,
+    },
+    #[error("{upstream} did not answer in time")]
+    Timeout { upstream: String },
+    #[error("{upstream} is unreachable: {reason}")]
+    Unreachable { upstream: String, reason: String },
+    #[error("{upstream} answered HTTP {status}")]
+    Status { upstream: String, status: u16 },
+    #[error("{upstream} sent an invalid response: {reason}")]
+    Garbage { upstream: String, reason: String },
+    #[error("{upstream} sent content for {expected} whose digest is {actual}")]
+    Mismatch {
+        upstream: String,
+        expected: String,
+        actual: String,
+    },
+}
+
+impl Error {
+    /// True when a cached copy should be served instead of this error.
+    pub fn allows_stale(&self) -> bool {
+        matches!(
+            self,
+            Error::RateLimited { .. }
+                | Error::Timeout { .. }
+                | Error::Unreachable { .. }
+                | Error::Status { .. }
+                | Error::Garbage { .. }
+        )
+    }
+}
+
+/// The client for one upstream registry.
+pub struct Upstream {
+    /// `https://host[:port]`, the registry API base.
+    base: Url,
+    /// Display name used in errors and logs.
+    name: String,
+    http: reqwest::Client,
+    auth: Auth,
+}
+
+impl Upstream {
+    pub fn new(base: Url, credentials: Option<auth::Credentials>) -> Result<Self, reqwest::Error> {
+        let name = match base.port() {
+            Some(p) => format!("{}:{p}", base.host_str().unwrap_or_default()),
+            None => base.host_str().unwrap_or_default().to_owned(),
+        };
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("regcache/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()?;
+        Ok(Upstream {
+            base,
+            name,
+            http,
+            auth: Auth::new(credentials),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Sends `method path` for repository `repo`, authorised and with
+    /// redirects followed. Returns the final response whatever its status.
+    pub async fn send(
+        &self,
+        method: Method,
+        repo: Option<&Name>,
+        path_and_query: &str,
+        accept: Option<&str>,
+    ) -> Result<Response, Error> {
+        let mut url = self.base.join(path_and_query).map_err(|e| Error::Garbage {
+            upstream: self.name.clone(),
+            reason: format!("bad request path: {e}"),
+        })?;
+        let scope = repo.map_or(String::new(), |r| format!("repository:{r}:pull"));
+        for _ in 0..=MAX_REDIRECTS {
+            let resp = self.send_hop(&method, &url, &scope, accept).await?;
+            if !resp.status().is_redirection() || resp.status() == StatusCode::NOT_MODIFIED {
+                return Ok(resp);
+            }
+            let location = resp
+                .headers()
+                .get(LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| self.garbage("redirect without Location"))?;
+            url = url
+                .join(location)
+                .map_err(|_| self.garbage("redirect to an invalid Location"))?;
+        }
+        Err(self.garbage("too many redirects"))
+    }
+
+    /// One request to one URL: authorised for its host up front when we can,
+    /// and answered once more if the host challenges.
+    async fn send_hop(
+        &self,
+        method: &Method,
+        url: &Url,
+        scope: &str,
+        accept: Option<&str>,
+    ) -> Result<Response, Error> {
+        let host = match url.port() {
+            Some(p) => format!("{}:{p}", url.host_str().unwrap_or_default()),
+            None => url.host_str().unwrap_or_default().to_owned(),
+        };
+        let mut authorization = self.auth.header_for(&host, scope);
+        for attempt in 0..2 {
+            let mut req = self.http.request(method.clone(), url.clone());
+            if let Some(a) = accept {
+                req = req.header(ACCEPT, a);
+            }
+            if let Some(a) = &authorization {
+                let mut v = HeaderValue::from_str(a).map_err(|_| self.garbage("bad token"))?;
+                v.set_sensitive(true);
+                req = req.header(AUTHORIZATION, v);
+            }
+            let resp = req.send().await.map_err(|e| self.transport(e))?;
+            if resp.status() != StatusCode::UNAUTHORIZED || attempt == 1 {
+                return Ok(resp);
+            }
+            let challenges = auth::parse_challenges(
+                resp.headers()
+                    .get_all(WWW_AUTHENTICATE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok()),
+            );
+            let answer = self
+                .auth
+                .answer(
+                    &self.http,
+                    &host,
+                    &challenges,
+                    scope,
+                    authorization.as_deref(),
+                )
+                .await
+                .map_err(|e| match e {
+                    auth::TokenError::Status { status, .. }
+                        if status == StatusCode::UNAUTHORIZED
+                            || status == StatusCode::FORBIDDEN =>
+                    {
+                        Error::Denied {
+                            upstream: self.name.clone(),
+                            status: status.as_u16(),
+                        }
+                    }
+                    other => Error::Unreachable {
+                        upstream: self.name.clone(),
+                        reason: other.to_string(),
+                    },
+                })?;
+            match answer {
+                Some(a) => authorization = Some(a),
+                None => return Ok(resp),
+            }
+        }
+        unreachable!("the loop returns on its second attempt")
+    }
+
+    /// Maps a final non-success status to an error; passes success through.
+    pub fn check(&self, resp: Response, kind: Kind, what: &str) -> Result<Response, Error> {
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        Err(match status {
+            StatusCode::NOT_FOUND => Error::NotFound {
+                upstream: self.name.clone(),
+                kind,
+                what: what.to_owned(),
+            },
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Error::Denied {
+                upstream: self.name.clone(),
+                status: status.as_u16(),
+            },
+            StatusCode::TOO_MANY_REQUESTS => Error::RateLimited {
+                upstream: self.name.clone(),
+                retry_after: resp
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned),
+            },
+            s => Error::Status {
+                upstream: self.name.clone(),
+                status: s.as_u16(),
+            },
+        })
+    }
+
+    pub fn garbage(&self, reason: &str) -> Error {
+        Error::Garbage {
+            upstream: self.name.clone(),
+            reason: reason.to_owned(),
+        }
+    }
+
+    /// A transport error, without the URL (redirect URLs carry signatures).
+    pub fn transport(&self, e: reqwest::Error) -> Error {
+        if e.is_timeout() {
+            return Error::Timeout {
+                upstream: self.name.clone(),
+            };
+        }
+        let mut causes = String::new();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            causes.push_str(": ");
+            causes.push_str(&s.to_string());
+            src = s.source();
+        }
+        let reason = format!("{}{causes}", e.without_url());
+        Error::Unreachable {
+            upstream: self.name.clone(),
+            reason,
+        }
+    }
+}
