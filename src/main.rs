@@ -36,6 +36,16 @@ enum Command {
     CheckConfig(FrontArgs),
     /// Internal: serve one upstream's cache (started by the supervisor).
     Worker(WorkerArgs),
+    /// Exit 0 when the regcache listening on --listen is ready, else 1
+    /// (for container HEALTHCHECKs: the runtime image has no curl).
+    Healthcheck(HealthArgs),
+}
+
+#[derive(Args)]
+struct HealthArgs {
+    /// The address regcache listens on; 0.0.0.0 and [::] are probed on loopback.
+    #[arg(long, env = "REGCACHE_LISTEN", default_value = "0.0.0.0:5000")]
+    listen: SocketAddr,
 }
 
 #[derive(Args, Clone)]
@@ -78,6 +88,43 @@ fn main() -> ExitCode {
         Some(Command::Serve(args)) => runtime.block_on(serve(args)),
         Some(Command::CheckConfig(args)) => check_config(args),
         Some(Command::Worker(args)) => runtime.block_on(worker(args)),
+        Some(Command::Healthcheck(args)) => runtime.block_on(healthcheck(args)),
+    }
+}
+
+/// `GET /readyz` on the local listener.
+async fn healthcheck(args: HealthArgs) -> ExitCode {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut addr = args.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let probe = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    };
+    match tokio::time::timeout(Duration::from_secs(5), probe).await {
+        Ok(Ok(buf)) if buf.starts_with(b"HTTP/1.1 200") => ExitCode::SUCCESS,
+        Ok(Ok(buf)) => {
+            let text = String::from_utf8_lossy(&buf);
+            eprintln!("regcache healthcheck: not ready: {}", text.lines().last().unwrap_or(""));
+            ExitCode::FAILURE
+        }
+        Ok(Err(e)) => {
+            eprintln!("regcache healthcheck: {addr}: {e}");
+            ExitCode::FAILURE
+        }
+        Err(_) => {
+            eprintln!("regcache healthcheck: {addr}: no answer within 5 s");
+            ExitCode::FAILURE
+        }
     }
 }
 
