@@ -114,7 +114,10 @@ async fn healthcheck(args: HealthArgs) -> ExitCode {
         Ok(Ok(buf)) if buf.starts_with(b"HTTP/1.1 200") => ExitCode::SUCCESS,
         Ok(Ok(buf)) => {
             let text = String::from_utf8_lossy(&buf);
-            eprintln!("regcache healthcheck: not ready: {}", text.lines().last().unwrap_or(""));
+            eprintln!(
+                "regcache healthcheck: not ready: {}",
+                text.lines().last().unwrap_or("")
+            );
             ExitCode::FAILURE
         }
         Ok(Err(e)) => {
@@ -128,15 +131,23 @@ async fn healthcheck(args: HealthArgs) -> ExitCode {
     }
 }
 
+/// `RUST_LOG` (or registry:2's `REGISTRY_LOG_LEVEL`) filters; JSON lines
+/// with `REGISTRY_LOG_FORMATTER=json`.
 fn init_logging() {
     let filter = std::env::var("RUST_LOG")
         .ok()
         .or_else(|| std::env::var("REGISTRY_LOG_LEVEL").ok())
         .unwrap_or_else(|| "info".into());
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if std::env::var("REGISTRY_LOG_FORMATTER").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
+        builder.json().init();
+    } else {
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
 }
 
 fn drain_timeout() -> Result<Duration, wconfig::Error> {
@@ -241,7 +252,13 @@ async fn worker(args: WorkerArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    match regcache_worker::run(settings, shutdown_signal()).await {
+    // Every line a worker logs names its upstream.
+    let span = tracing::info_span!(
+        "worker",
+        upstream = %regcache_worker::upstream_name(&settings.upstream)
+    );
+    let run = regcache_worker::run(settings, shutdown_signal());
+    match tracing::Instrument::instrument(run, span).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("regcache worker: {e}");

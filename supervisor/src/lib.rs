@@ -12,7 +12,10 @@
 //! - [`server`]: the front handler (`/v2/`, health, routing, 503 while a worker is down)
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod config;
+pub mod inventory;
+pub mod metrics;
 pub mod proxy;
 pub mod routing;
 pub mod server;
@@ -108,6 +111,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         source,
     })?;
     let (stop_tx, stop_rx) = watch::channel(false);
+    let metrics = Arc::new(metrics::Metrics::new());
     let mut workers = Vec::new();
     let mut tasks = Vec::new();
     for up in &settings.upstreams {
@@ -121,6 +125,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         tasks.push(tokio::spawn(workers::supervise(
             exe.clone(),
             w.clone(),
+            metrics.clone(),
             stop_rx.clone(),
             settings.drain_timeout,
         )));
@@ -159,6 +164,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         routes: routing::Routes::new(&settings.upstreams),
         proxy: proxy::Proxy::new(workers.iter().map(|w| w.socket.clone()).collect()),
         workers,
+        metrics,
     });
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);

@@ -110,3 +110,20 @@ impl Proxy {
         ))
     }
 }
+
+impl Proxy {
+    /// GETs one of a worker's internal endpoints and returns the whole body.
+    pub async fn fetch(&self, index: usize, path: &str) -> Option<Bytes> {
+        let uri: Uri = format!("http://w{index}{path}").parse().ok()?;
+        let req = Request::get(uri).body(Empty::new()).ok()?;
+        let resp =
+            tokio::time::timeout(std::time::Duration::from_secs(10), self.client.request(req))
+                .await
+                .ok()?
+                .ok()?;
+        if !resp.status().is_success() {
+            return None;
+        }
+        Some(resp.into_body().collect().await.ok()?.to_bytes())
+    }
+}

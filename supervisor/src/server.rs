@@ -1,69 +1,106 @@
-//! The front listener: accepts clients (HTTP/1.1 and h2c), answers `/v2/` and
-//! the health endpoints itself, and routes everything else to a worker.
+//! The front handler: answers `/v2/`, health, metrics and the cache
+//! inventory itself, and routes registry requests to workers.
 //!
-//! Stages per request: method check -> route -> worker readiness -> forward.
+//! Stages per request: local endpoints -> method check -> route -> worker
+//! readiness -> forward -> access log.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use regcache_worker::body::{full, Body};
 use regcache_worker::error::{ErrorCode, RegistryError};
-use regcache_worker::server::{json_response as json, API_VERSION};
+use regcache_worker::server::{json_response as json, API_VERSION, INVENTORY_PATH, METRICS_PATH};
 
+use crate::access_log::{Entry, Logged};
+use crate::inventory::{self, UpstreamCache};
+use crate::metrics::{self, Metrics};
 use crate::proxy::Proxy;
 use crate::routing::{Routes, Target};
 use crate::workers::Worker;
+
+/// Catalog page size without `n`, and the largest `n` accepted.
+const CATALOG_DEFAULT: usize = 100;
+const CATALOG_MAX: usize = 1000;
 
 /// What every request handler shares.
 pub struct Front {
     pub routes: Routes,
     pub workers: Vec<Arc<Worker>>,
     pub proxy: Proxy,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Front {
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
         let method = req.method().clone();
-        let mut resp = match self.answer(&req).await {
+        let (mut resp, upstream) = match self.answer(&req).await {
             Ok(r) => r,
-            Err(e) => e.into_response(),
+            Err(e) => (e.into_response(), None),
         };
         if method == Method::HEAD {
             *resp.body_mut() = regcache_worker::body::empty();
         }
         resp.headers_mut()
             .insert(API_VERSION.0, HeaderValue::from_static(API_VERSION.1));
-        resp
+        self.metrics.front(resp.status().as_u16());
+        let entry = Entry {
+            method: method.to_string(),
+            path: req.uri().to_string(),
+            upstream: upstream.unwrap_or_else(|| "-".into()),
+            status: resp.status().as_u16(),
+            cache: resp
+                .headers()
+                .get("x-cache")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_string(),
+            started,
+        };
+        resp.map(|b| Logged::wrap(b, entry))
     }
 
-    async fn answer(&self, req: &Request<Incoming>) -> Result<Response<Body>, RegistryError> {
+    /// The response, and the upstream that answered it.
+    async fn answer(
+        &self,
+        req: &Request<Incoming>,
+    ) -> Result<(Response<Body>, Option<String>), RegistryError> {
         let path = req.uri().path();
-        match path {
-            "/healthz" => return Ok(text(StatusCode::OK, "ok\n")),
-            "/readyz" => return Ok(self.readiness()),
-            _ => {}
+        let local = match path {
+            "/healthz" => Some(text(StatusCode::OK, "ok\n")),
+            "/readyz" => Some(self.readiness()),
+            "/metrics" => Some(self.render_metrics().await),
+            "/api/v1/cache" => Some(pretty(&self.inventory().await)),
+            "/api/v1/cache/summary" => Some(pretty(&inventory::summary(&self.inventory().await))),
+            "/v2/_catalog" => Some(self.catalog(req.uri().query()).await?),
+            _ => None,
+        };
+        if let Some(resp) = local {
+            if req.method() != Method::GET && req.method() != Method::HEAD {
+                return Err(RegistryError::read_only(req.method()));
+            }
+            return Ok((resp, None));
         }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return Err(RegistryError::read_only(req.method()));
         }
         match self.routes.route(path, req.uri().query())? {
-            Target::Base => Ok(json(Bytes::from_static(b"{}"))),
+            Target::Base => Ok((json(Bytes::from_static(b"{}")), None)),
             Target::Worker {
                 index,
                 path_and_query,
                 namespace,
             } => {
                 let worker = &self.workers[index];
+                let name = worker.upstream.authority();
                 let unavailable = || {
                     RegistryError::new(
                         StatusCode::SERVICE_UNAVAILABLE,
                         ErrorCode::Unavailable,
-                        format!(
-                            "the cache for {} is restarting; retry shortly",
-                            worker.upstream.authority()
-                        ),
+                        format!("the cache for {name} is restarting; retry shortly"),
                     )
                     .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
                 };
@@ -75,13 +112,13 @@ impl Front {
                     .forward(index, &path_and_query, req)
                     .await
                     .map_err(|e| {
-                        tracing::warn!(upstream = %worker.upstream.authority(), error = %e, "worker unreachable");
+                        tracing::warn!(upstream = %name, error = %e, "worker unreachable");
                         unavailable()
                     })?;
                 if let Some(ns) = namespace.and_then(|n| HeaderValue::from_str(&n).ok()) {
                     resp.headers_mut().insert("oci-namespace", ns);
                 }
-                Ok(resp)
+                Ok((resp, Some(name)))
             }
         }
     }
@@ -103,6 +140,102 @@ impl Front {
             )
         }
     }
+
+    /// The supervisor's metrics and every ready worker's, merged.
+    async fn render_metrics(&self) -> Response<Body> {
+        for w in &self.workers {
+            let up = i64::from(w.is_ready());
+            self.metrics
+                .worker_up
+                .with_label_values(&[&w.upstream.authority()])
+                .set(up);
+        }
+        let own = self.metrics.render();
+        let pages = futures_util::future::join_all(
+            (0..self.workers.len())
+                .filter(|&i| self.workers[i].is_ready())
+                .map(|i| self.proxy.fetch(i, METRICS_PATH)),
+        )
+        .await;
+        let pages: Vec<String> = pages
+            .into_iter()
+            .flatten()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .collect();
+        let merged =
+            metrics::merge(std::iter::once(own.as_str()).chain(pages.iter().map(String::as_str)));
+        let mut r = Response::new(full(merged));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        r
+    }
+
+    async fn inventory(&self) -> Vec<UpstreamCache> {
+        let answers = futures_util::future::join_all(self.workers.iter().enumerate().map(
+            |(i, w)| async move {
+                if !w.is_ready() {
+                    return None;
+                }
+                let body = self.proxy.fetch(i, INVENTORY_PATH).await?;
+                serde_json::from_slice(&body).ok()
+            },
+        ))
+        .await;
+        self.workers
+            .iter()
+            .zip(answers)
+            .map(|(w, inv)| inventory::build(&w.upstream, inv))
+            .collect()
+    }
+
+    /// `/v2/_catalog?n=&last=`: cached repositories, paginated per the spec.
+    async fn catalog(&self, query: Option<&str>) -> Result<Response<Body>, RegistryError> {
+        let mut n = CATALOG_DEFAULT;
+        let mut last = None;
+        for (k, v) in query
+            .unwrap_or("")
+            .split('&')
+            .filter_map(|p| p.split_once('='))
+        {
+            match k {
+                "n" => {
+                    n = v
+                        .parse()
+                        .ok()
+                        .filter(|&n| n <= CATALOG_MAX)
+                        .ok_or_else(|| {
+                            RegistryError::new(
+                                StatusCode::BAD_REQUEST,
+                                ErrorCode::PaginationNumberInvalid,
+                                format!("n must be a number from 0 to {CATALOG_MAX}"),
+                            )
+                        })?
+                }
+                "last" => {
+                    last = Some(
+                        percent_encoding::percent_decode_str(v)
+                            .decode_utf8_lossy()
+                            .into_owned(),
+                    )
+                }
+                _ => {}
+            }
+        }
+        let caches = self.inventory().await;
+        let (page, more) = inventory::catalog_page(&caches, n, last.as_deref());
+        let body =
+            serde_json::to_vec(&serde_json::json!({ "repositories": page })).expect("serialisable");
+        let mut resp = json(Bytes::from(body));
+        if let (true, Some(last)) = (more && n > 0, page.last()) {
+            let link = format!("</v2/_catalog?last={last}&n={n}>; rel=\"next\"");
+            if let Ok(v) = HeaderValue::from_str(&link) {
+                resp.headers_mut().insert(header::LINK, v);
+            }
+        }
+        Ok(resp)
+    }
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Body> {
@@ -113,4 +246,10 @@ fn text(status: StatusCode, body: &str) -> Response<Body> {
     r.headers_mut()
         .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
     r
+}
+
+fn pretty(v: &impl serde::Serialize) -> Response<Body> {
+    json(Bytes::from(
+        serde_json::to_vec_pretty(v).expect("serialisable"),
+    ))
 }

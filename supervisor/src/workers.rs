@@ -106,6 +106,7 @@ fn command(exe: &Path, w: &Worker) -> Command {
 pub async fn supervise(
     exe: PathBuf,
     w: Arc<Worker>,
+    metrics: Arc<crate::metrics::Metrics>,
     mut stop: watch::Receiver<bool>,
     grace: Duration,
 ) {
@@ -165,6 +166,7 @@ pub async fn supervise(
             return;
         }
         w.restarts.fetch_add(1, Ordering::Relaxed);
+        metrics.worker_restarts.with_label_values(&[&name]).inc();
         tracing::error!(upstream = %name, pid, status = ?status.ok(), "worker exited; restarting");
         if started.elapsed() > STABLE_AFTER {
             backoff = BACKOFF_MIN;

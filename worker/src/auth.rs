@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Tokens are dropped this long before the server says they expire.
@@ -206,6 +206,7 @@ pub struct Auth {
     tokens: Mutex<HashMap<TokenKey, Token>>,
     /// Serialises token requests so concurrent misses for one scope make one.
     fetching: tokio::sync::Mutex<()>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The token endpoint's answer.
@@ -236,12 +237,13 @@ pub enum TokenError {
 }
 
 impl Auth {
-    pub fn new(credentials: Option<Credentials>) -> Self {
+    pub fn new(credentials: Option<Credentials>, metrics: Arc<crate::metrics::Metrics>) -> Self {
         Auth {
             credentials,
             hosts: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
             fetching: tokio::sync::Mutex::new(()),
+            metrics,
         }
     }
 
@@ -322,6 +324,7 @@ impl Auth {
         stale: Option<&str>,
     ) -> Result<Secret, TokenError> {
         let _one_at_a_time = self.fetching.lock().await;
+        // Whoever waited here may find the token its predecessor fetched.
         if let Some(t) = self.tokens.lock().unwrap().get(&key) {
             let refused =
                 stale.is_some_and(|s| s.strip_prefix("Bearer ") == Some(t.value.expose()));
@@ -329,6 +332,16 @@ impl Auth {
                 return Ok(t.value.clone());
             }
         }
+        let result = self.fetch_token(http, key).await;
+        self.metrics.token(result.is_ok());
+        result
+    }
+
+    async fn fetch_token(
+        &self,
+        http: &reqwest::Client,
+        key: TokenKey,
+    ) -> Result<Secret, TokenError> {
         let mut url = reqwest::Url::parse(&key.realm).map_err(|_| TokenError::BadRealm {
             realm: key.realm.clone(),
         })?;

@@ -25,6 +25,7 @@ use http::Method;
 use tokio::sync::{mpsc, watch};
 
 use crate::error::RegistryError;
+use crate::metrics::Metrics;
 use crate::reference::{Digest, Hasher, Name, Reference, Tag};
 use crate::storage::{self, Manifest, Store};
 use crate::upstream::{self, Kind, Upstream, MANIFEST_ACCEPT};
@@ -46,6 +47,17 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Hit => "hit",
+            Outcome::Miss => "miss",
+            Outcome::Revalidated => "revalidated",
+            Outcome::Stale => "stale",
+        }
+    }
+
+    /// The `X-Cache` header value.
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Hit => "HIT",
@@ -163,20 +175,57 @@ pub struct Cache {
     upstream: Arc<Upstream>,
     fills: Arc<Mutex<HashMap<Digest, Arc<Fill>>>>,
     tag_freshness: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl Cache {
-    pub fn new(store: Store, upstream: Upstream, tag_freshness: Duration) -> Self {
+    pub fn new(
+        store: Store,
+        upstream: Upstream,
+        tag_freshness: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Cache {
             store: Arc::new(store),
             upstream: Arc::new(upstream),
             fills: Arc::default(),
             tag_freshness,
+            metrics,
         }
     }
 
     pub fn upstream(&self) -> &Upstream {
         &self.upstream
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Waits until no blob fill is in flight, so that shutdown does not
+    /// throw away a download that has started.
+    pub async fn drain_fills(&self) {
+        loop {
+            let pending: Vec<_> = self
+                .fills
+                .lock()
+                .unwrap()
+                .values()
+                .map(|f| f.progress.clone())
+                .collect();
+            if pending.is_empty() {
+                return;
+            }
+            for mut p in pending {
+                let _ = p
+                    .wait_for(|s| matches!(s, Progress::Done { .. } | Progress::Failed(_)))
+                    .await;
+            }
+        }
     }
 
     /// A blob for GET: from disk, from a fill in flight, or from a new fill.
@@ -204,15 +253,16 @@ impl Cache {
         });
         fills.insert(digest.clone(), fill.clone());
         drop(fills);
-        tokio::spawn(run_fill(
+        tokio::spawn(tracing::Instrument::in_current_span(run_fill(
             self.store.clone(),
             self.upstream.clone(),
             self.fills.clone(),
+            self.metrics.clone(),
             name.clone(),
             digest.clone(),
             tmp,
             tx,
-        ));
+        )));
         Ok(Blob {
             file: fill.file.clone(),
             progress: rx,
@@ -271,7 +321,13 @@ impl Cache {
         let path = format!("/v2/{name}/blobs/{digest}");
         let resp = up.send(Method::HEAD, Some(name), &path, None).await?;
         let resp = up.check(resp, Kind::Blob, &digest.to_string())?;
-        Ok((resp.content_length(), Outcome::Miss))
+        // Not `content_length()`: that is the (empty) HEAD body's length.
+        let size = resp
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        Ok((size, Outcome::Miss))
     }
 
     /// A manifest by tag or digest.
@@ -314,6 +370,7 @@ impl Cache {
         match self.revalidate(name, tag, cached_manifest.as_ref()).await {
             Ok(found) => Ok(found),
             Err(e) if e.allows_stale() && cached_manifest.is_some() => {
+                self.metrics.stale_served.inc();
                 tracing::warn!(%name, %tag, error = %e, "upstream unavailable; serving cached tag");
                 Ok((cached_manifest.unwrap(), Outcome::Stale))
             }
@@ -423,7 +480,11 @@ impl Cache {
             bytes,
             digest,
         };
-        if let Err(e) = self.store.write_manifest(&m) {
+        let stored = self
+            .store
+            .write_manifest(&m)
+            .and_then(|()| self.store.link_manifest(name, &m.digest));
+        if let Err(e) = stored {
             tracing::error!(error = %e, "could not store manifest");
         }
         Ok(m)
@@ -461,21 +522,28 @@ fn header_digest(resp: &reqwest::Response) -> Option<Digest> {
 }
 
 /// Streams one blob from upstream into `tmp` and commits it if it verifies.
+#[allow(clippy::too_many_arguments)]
 async fn run_fill(
     store: Arc<Store>,
     upstream: Arc<Upstream>,
     fills: Arc<Mutex<HashMap<Digest, Arc<Fill>>>>,
+    metrics: Arc<Metrics>,
     name: Name,
     digest: Digest,
     tmp: storage::TempFile,
     progress: watch::Sender<Progress>,
 ) {
+    metrics.fills_in_flight.inc();
+    let started = std::time::Instant::now();
     let result = fill(&store, &upstream, &name, &digest, tmp, &progress).await;
+    metrics.fills_in_flight.dec();
     match result {
         Ok(size) => {
+            metrics.fill_seconds(started.elapsed().as_secs_f64());
             progress.send_replace(Progress::Done { size });
         }
         Err(e) => {
+            metrics.fill_failures.inc();
             tracing::warn!(%name, %digest, error = %e.message, "blob fill failed");
             progress.send_replace(Progress::Failed(e));
         }

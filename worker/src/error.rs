@@ -29,6 +29,8 @@ pub enum ErrorCode {
     DigestInvalid,
     /// Requested range cannot be served.
     RangeInvalid,
+    /// `n` of a paginated list out of range.
+    PaginationNumberInvalid,
     /// Authentication required.
     Unauthorized,
     /// Requested access to the resource is denied.
@@ -53,6 +55,7 @@ impl ErrorCode {
             ErrorCode::TagInvalid => "TAG_INVALID",
             ErrorCode::DigestInvalid => "DIGEST_INVALID",
             ErrorCode::RangeInvalid => "RANGE_INVALID",
+            ErrorCode::PaginationNumberInvalid => "PAGINATION_NUMBER_INVALID",
             ErrorCode::Unauthorized => "UNAUTHORIZED",
             ErrorCode::Denied => "DENIED",
             ErrorCode::Unsupported => "UNSUPPORTED",

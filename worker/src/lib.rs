@@ -19,6 +19,7 @@ pub mod body;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod range;
 pub mod reference;
 pub mod routing;
@@ -70,9 +71,18 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         path: settings.storage.display().to_string(),
         source,
     })?;
-    let upstream =
-        upstream::Upstream::new(settings.upstream.clone(), settings.credentials.clone())?;
-    let cache = Arc::new(cache::Cache::new(store, upstream, settings.tag_freshness));
+    let metrics = Arc::new(metrics::Metrics::new(&upstream_name(&settings.upstream)));
+    let upstream = upstream::Upstream::new(
+        settings.upstream.clone(),
+        settings.credentials.clone(),
+        metrics.clone(),
+    )?;
+    let cache = Arc::new(cache::Cache::new(
+        store,
+        upstream,
+        settings.tag_freshness,
+        metrics,
+    ));
 
     let unix = match &settings.socket {
         Some(path) => {
@@ -130,13 +140,26 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     if let Some(path) = &settings.socket {
         let _ = std::fs::remove_file(path);
     }
-    if tokio::time::timeout(settings.drain_timeout, graceful.shutdown())
+    // In-flight requests and every fill that has started get the grace period.
+    let drain = async {
+        graceful.shutdown().await;
+        cache.drain_fills().await;
+    };
+    if tokio::time::timeout(settings.drain_timeout, drain)
         .await
         .is_err()
     {
-        tracing::warn!("drain timeout reached; closing remaining connections");
+        tracing::warn!("drain timeout reached; unfinished fills are discarded");
     }
     Ok(())
+}
+
+/// `host[:port]` of the upstream, the `upstream` label and log field.
+pub fn upstream_name(url: &reqwest::Url) -> String {
+    match url.port() {
+        Some(p) => format!("{}:{p}", url.host_str().unwrap_or_default()),
+        None => url.host_str().unwrap_or_default().to_owned(),
+    }
 }
 
 fn serve<S>(
@@ -155,11 +178,11 @@ fn serve<S>(
         .serve_connection(TokioIo::new(stream), svc)
         .into_owned();
     let conn = graceful.watch(conn);
-    tokio::spawn(async move {
+    tokio::spawn(tracing::Instrument::in_current_span(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "connection ended with an error");
         }
-    });
+    }));
 }
 
 /// Default wait for in-flight work at shutdown.

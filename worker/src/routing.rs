@@ -141,7 +141,8 @@ mod tests {
     #[test]
     fn parse_rejects() {
         let get = Method::GET;
-        let bad: &[(&str, fn(&Error) -> bool)] = &[
+        type Check = fn(&Error) -> bool;
+        let bad: &[(&str, Check)] = &[
             ("/v2/A/manifests/x", |e| {
                 matches!(e, Error::Invalid(reference::Error::Name(_)))
             }),

@@ -15,19 +15,48 @@ use hyper::body::{Frame, Incoming};
 use crate::body::{empty, full, Body};
 use crate::cache::{Blob, Cache, Outcome};
 use crate::error::RegistryError;
+use crate::metrics::{Kind, Source};
 use crate::range::{self, Plan};
 use crate::reference::{Digest, Name, Reference};
 use crate::routing::{self, Endpoint};
 
 pub const API_VERSION: (&str, &str) = ("docker-distribution-api-version", "registry/2.0");
 
+/// Internal endpoints the supervisor uses; never routed from clients
+/// (their paths are outside `/v2/`).
+pub const METRICS_PATH: &str = "/metrics";
+pub const INVENTORY_PATH: &str = "/_regcache/inventory";
+
 /// Answers one request.
 pub async fn handle(cache: Arc<Cache>, req: Request<Incoming>) -> Response<Body> {
+    let started = std::time::Instant::now();
     let method = req.method().clone();
-    let mut resp = match route(&cache, &req).await {
-        Ok(resp) => resp,
-        Err(e) => e.into_response(),
+    match req.uri().path() {
+        METRICS_PATH => return metrics(&cache),
+        INVENTORY_PATH => return inventory(&cache).await,
+        _ => {}
+    }
+    let parsed = routing::parse(req.method(), req.uri().path());
+    let kind = match &parsed {
+        Ok(routing::Request::Repo { endpoint, .. }) => match endpoint {
+            Endpoint::Manifest(_) => Kind::Manifest,
+            Endpoint::Blob(_) => Kind::Blob,
+            Endpoint::TagsList => Kind::Tags,
+            Endpoint::Referrers(_) => Kind::Other,
+        },
+        _ => Kind::Other,
     };
+    let answer = match parsed {
+        Ok(r) => route(&cache, &req, r).await,
+        Err(e) => Err(e.into()),
+    };
+    let (mut resp, outcome, error) = match answer {
+        Ok((resp, outcome)) => (resp, outcome, false),
+        Err(e) => (e.into_response(), None, true),
+    };
+    cache
+        .metrics()
+        .request(kind, outcome, error, started.elapsed().as_secs_f64());
     if method == Method::HEAD {
         *resp.body_mut() = empty();
     }
@@ -36,17 +65,43 @@ pub async fn handle(cache: Arc<Cache>, req: Request<Incoming>) -> Response<Body>
     resp
 }
 
-async fn route(cache: &Cache, req: &Request<Incoming>) -> Result<Response<Body>, RegistryError> {
+type Answer = Result<(Response<Body>, Option<Outcome>), RegistryError>;
+
+async fn route(cache: &Cache, req: &Request<Incoming>, parsed: routing::Request) -> Answer {
     let head = req.method() == Method::HEAD;
-    match routing::parse(req.method(), req.uri().path())? {
-        routing::Request::Base => Ok(json_response(Bytes::from_static(b"{}"))),
+    match parsed {
+        routing::Request::Base => Ok((json_response(Bytes::from_static(b"{}")), None)),
         routing::Request::Repo { name, endpoint } => match endpoint {
             Endpoint::Manifest(reference) => manifest(cache, req, &name, &reference).await,
             Endpoint::Blob(digest) if head => blob_head(cache, &name, &digest).await,
             Endpoint::Blob(digest) => blob_get(cache, req, &name, &digest).await,
-            Endpoint::TagsList | Endpoint::Referrers(_) => forward(cache, req, &name).await,
+            Endpoint::TagsList | Endpoint::Referrers(_) => {
+                Ok((forward(cache, req, &name).await?, None))
+            }
         },
     }
+}
+
+fn metrics(cache: &Cache) -> Response<Body> {
+    let (bytes, blobs) = cache.store().usage();
+    let m = cache.metrics();
+    m.stored_bytes.set(bytes as i64);
+    m.stored_blobs.set(blobs as i64);
+    let text = m.render();
+    let mut resp = Response::new(full(text));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    resp
+}
+
+async fn inventory(cache: &Arc<Cache>) -> Response<Body> {
+    let c = cache.clone();
+    let inv = tokio::task::spawn_blocking(move || c.store().inventory())
+        .await
+        .unwrap_or_default();
+    json_response(Bytes::from(serde_json::to_vec(&inv).expect("serialisable")))
 }
 
 /// A small JSON answer with its length.
@@ -89,7 +144,7 @@ async fn manifest(
     req: &Request<Incoming>,
     name: &Name,
     reference: &Reference,
-) -> Result<Response<Body>, RegistryError> {
+) -> Answer {
     let (m, outcome) = cache.manifest(name, reference).await?;
     let mut resp = if not_modified(req, &m.digest) {
         let mut r = Response::new(empty());
@@ -99,13 +154,25 @@ async fn manifest(
         let mut r = Response::new(full(m.bytes.clone()));
         r.headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from(m.bytes.len()));
+        if req.method() == Method::GET {
+            cache
+                .metrics()
+                .served(source_of(outcome), m.bytes.len() as u64);
+        }
         r
     };
     if let Ok(ct) = HeaderValue::from_str(&m.media_type) {
         resp.headers_mut().insert(header::CONTENT_TYPE, ct);
     }
     content_headers(&mut resp, &m.digest, outcome);
-    Ok(resp)
+    Ok((resp, Some(outcome)))
+}
+
+fn source_of(outcome: Outcome) -> Source {
+    match outcome {
+        Outcome::Hit | Outcome::Stale | Outcome::Revalidated => Source::Cache,
+        Outcome::Miss => Source::Upstream,
+    }
 }
 
 fn blob_headers(resp: &mut Response<Body>, digest: &Digest, outcome: Outcome) {
@@ -122,11 +189,7 @@ fn blob_headers(resp: &mut Response<Body>, digest: &Digest, outcome: Outcome) {
     );
 }
 
-async fn blob_head(
-    cache: &Cache,
-    name: &Name,
-    digest: &Digest,
-) -> Result<Response<Body>, RegistryError> {
+async fn blob_head(cache: &Cache, name: &Name, digest: &Digest) -> Answer {
     let (size, outcome) = cache.blob_size(name, digest).await?;
     let mut resp = Response::new(empty());
     if let Some(size) = size {
@@ -134,15 +197,10 @@ async fn blob_head(
             .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
     }
     blob_headers(&mut resp, digest, outcome);
-    Ok(resp)
+    Ok((resp, Some(outcome)))
 }
 
-async fn blob_get(
-    cache: &Cache,
-    req: &Request<Incoming>,
-    name: &Name,
-    digest: &Digest,
-) -> Result<Response<Body>, RegistryError> {
+async fn blob_get(cache: &Cache, req: &Request<Incoming>, name: &Name, digest: &Digest) -> Answer {
     let mut blob: Blob = cache.blob(name, digest)?;
     let size = blob.size().await?;
     let outcome = blob.outcome;
@@ -162,11 +220,16 @@ async fn blob_get(
                 HeaderValue::from_str(&cr).expect("ascii"),
             );
             blob_headers(&mut resp, digest, outcome);
-            return Ok(resp);
+            return Ok((resp, Some(outcome)));
         }
     };
     let end = end.filter(|&e| e != u64::MAX);
-    let stream = blob.read(start, end).map_ok(Frame::data);
+    let metrics = cache.metrics().clone();
+    let source = source_of(outcome);
+    let stream = blob
+        .read(start, end)
+        .inspect_ok(move |b| metrics.served(source, b.len() as u64))
+        .map_ok(Frame::data);
     let mut resp = Response::new(StreamBody::new(stream).boxed_unsync());
     *resp.status_mut() = status;
     let h = resp.headers_mut();
@@ -189,7 +252,7 @@ async fn blob_get(
         _ => {}
     }
     blob_headers(&mut resp, digest, outcome);
-    Ok(resp)
+    Ok((resp, Some(outcome)))
 }
 
 /// tags/list and referrers go to upstream as they are, query included.

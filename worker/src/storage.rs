@@ -5,12 +5,13 @@
 //! blobs/sha256/ab/<hex>            blob bytes, exactly as upstream sent them
 //! manifests/sha256/ab/<hex>        "<media type>\n" + the manifest bytes
 //! repositories/<name>/_tags/<tag>  "sha256:<hex>"; mtime = last confirmed upstream
+//! repositories/<name>/_manifests/<digest>  empty: this repository had that manifest
 //! tmp/                             in-progress writes (same filesystem: rename is atomic)
 //! ```
 //! Nothing but verified content is ever visible: every write goes to a unique
 //! file in `tmp/`, is checked, fsynced and then renamed into place. `tmp/` is
-//! emptied at start, so a crash leaves no debris. `_tags` cannot collide with a
-//! repository component (those never start with `_`).
+//! emptied at start, so a crash leaves no debris. `_tags` and `_manifests` cannot collide
+//! with a repository component (those never start with `_`).
 //!
 //! Callers pass validated [`Digest`]/[`Name`]/[`Tag`] values, never strings, so
 //! no path built here can leave the root.
@@ -62,6 +63,25 @@ pub struct Manifest {
 pub struct Store {
     root: PathBuf,
     tmp_seq: AtomicU64,
+    /// Bytes and number of committed blobs and manifests (kept as we commit).
+    bytes: AtomicU64,
+    blobs: AtomicU64,
+}
+
+/// What the cache holds, for the inventory API.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Inventory {
+    /// Repository name -> tag -> digest.
+    pub repositories: std::collections::BTreeMap<String, Repository>,
+    pub blobs: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Repository {
+    pub tags: std::collections::BTreeMap<String, String>,
+    /// Manifests fetched for this repository (by tag or by digest).
+    pub manifests: Vec<String>,
 }
 
 /// A file being written in `tmp/`; removed on drop unless committed.
@@ -105,10 +125,22 @@ impl Store {
             Err(e) => return Err(io_err("clean", &tmp)(e)),
         }
         fs::create_dir_all(&tmp).map_err(io_err("create", &tmp))?;
+        let (blob_bytes, blobs) = dir_usage(&root.join("blobs"));
+        let (manifest_bytes, _) = dir_usage(&root.join("manifests"));
         Ok(Store {
             root,
             tmp_seq: AtomicU64::new(0),
+            bytes: AtomicU64::new(blob_bytes + manifest_bytes),
+            blobs: AtomicU64::new(blobs),
         })
+    }
+
+    /// (bytes, blob count) committed so far.
+    pub fn usage(&self) -> (u64, u64) {
+        (
+            self.bytes.load(Ordering::Relaxed),
+            self.blobs.load(Ordering::Relaxed),
+        )
     }
 
     pub fn root(&self) -> &Path {
@@ -131,9 +163,14 @@ impl Store {
         self.sharded("manifests", d)
     }
 
-    fn tag_path(&self, name: &Name, tag: &Tag) -> PathBuf {
+    fn repo_dir(&self, name: &Name) -> PathBuf {
         let mut p = self.root.join("repositories");
         p.extend(name.components());
+        p
+    }
+
+    fn tag_path(&self, name: &Name, tag: &Tag) -> PathBuf {
+        let mut p = self.repo_dir(name);
         p.push("_tags");
         p.push(tag.as_str());
         p
@@ -194,7 +231,11 @@ impl Store {
                 actual,
             });
         }
-        self.commit(tmp, &self.blob_path(expected))
+        let size = tmp.file.metadata().map(|m| m.len()).unwrap_or(0);
+        self.commit(tmp, &self.blob_path(expected))?;
+        self.bytes.fetch_add(size, Ordering::Relaxed);
+        self.blobs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Reads a stored manifest.
@@ -235,7 +276,71 @@ impl Store {
             f.write_all(&m.bytes)
         };
         write(&mut &*tmp.file).map_err(io_err("write", &tmp.path.clone()))?;
-        self.commit(tmp, &dest)
+        self.commit(tmp, &dest)?;
+        let size = m.media_type.len() as u64 + 1 + m.bytes.len() as u64;
+        self.bytes.fetch_add(size, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Notes that `name` had manifest `d`, for the inventory and `_catalog`.
+    pub fn link_manifest(&self, name: &Name, d: &Digest) -> Result<()> {
+        let mut p = self.repo_dir(name);
+        p.push("_manifests");
+        fs::create_dir_all(&p).map_err(io_err("create", &p))?;
+        p.push(d.to_string());
+        match OpenOptions::new().write(true).create_new(true).open(&p) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(io_err("create", &p)(e)),
+        }
+    }
+
+    /// Every repository with its tags and manifests, and the blob totals.
+    pub fn inventory(&self) -> Inventory {
+        let mut inv = Inventory::default();
+        let root = self.root.join("repositories");
+        let mut stack = vec![root.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let path = e.path();
+                let fname = e.file_name().to_string_lossy().into_owned();
+                if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                let name = || {
+                    dir.strip_prefix(&root)
+                        .map(|p| p.to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                };
+                match fname.as_str() {
+                    "_tags" => {
+                        let repo = inv.repositories.entry(name()).or_default();
+                        for t in fs::read_dir(&path).into_iter().flatten().flatten() {
+                            if let Ok(d) = fs::read_to_string(t.path()) {
+                                let tag = t.file_name().to_string_lossy().into_owned();
+                                repo.tags.insert(tag, d.trim().to_owned());
+                            }
+                        }
+                    }
+                    "_manifests" => {
+                        let repo = inv.repositories.entry(name()).or_default();
+                        for m in fs::read_dir(&path).into_iter().flatten().flatten() {
+                            repo.manifests
+                                .push(m.file_name().to_string_lossy().into_owned());
+                        }
+                        repo.manifests.sort();
+                    }
+                    _ => stack.push(path),
+                }
+            }
+        }
+        let (bytes, blobs) = self.usage();
+        inv.bytes = bytes;
+        inv.blobs = blobs;
+        inv
     }
 
     /// The digest a tag pointed to and when upstream last confirmed it.
@@ -255,6 +360,22 @@ impl Store {
             .map_err(io_err("write", &tmp.path.clone()))?;
         self.commit(tmp, &self.tag_path(name, tag))
     }
+}
+
+/// (bytes, files) under `dir`, recursively.
+fn dir_usage(dir: &Path) -> (u64, u64) {
+    let mut total = (0, 0);
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => total = (total.0 + m.len(), total.1 + 1),
+                Err(_) => {}
+            }
+        }
+    }
+    total
 }
 
 #[cfg(test)]

@@ -11,7 +11,10 @@ use http::Method;
 use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, LOCATION, WWW_AUTHENTICATE};
 use reqwest::{Response, StatusCode, Url};
 
+use std::sync::Arc;
+
 use crate::auth::{self, Auth};
+use crate::metrics::Metrics;
 use crate::reference::Name;
 
 /// Every manifest type we can store; upstreams refuse OCI types they were
@@ -86,14 +89,16 @@ pub struct Upstream {
     name: String,
     http: reqwest::Client,
     auth: Auth,
+    metrics: Arc<Metrics>,
 }
 
 impl Upstream {
-    pub fn new(base: Url, credentials: Option<auth::Credentials>) -> Result<Self, reqwest::Error> {
-        let name = match base.port() {
-            Some(p) => format!("{}:{p}", base.host_str().unwrap_or_default()),
-            None => base.host_str().unwrap_or_default().to_owned(),
-        };
+    pub fn new(
+        base: Url,
+        credentials: Option<auth::Credentials>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, reqwest::Error> {
+        let name = crate::upstream_name(&base);
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("regcache/", env!("CARGO_PKG_VERSION")))
@@ -105,7 +110,8 @@ impl Upstream {
             base,
             name,
             http,
-            auth: Auth::new(credentials),
+            auth: Auth::new(credentials, metrics.clone()),
+            metrics,
         })
     }
 
@@ -168,7 +174,14 @@ impl Upstream {
                 v.set_sensitive(true);
                 req = req.header(AUTHORIZATION, v);
             }
-            let resp = req.send().await.map_err(|e| self.transport(e))?;
+            let resp = req.send().await.map_err(|e| {
+                self.metrics.upstream(None);
+                self.transport(e)
+            })?;
+            self.metrics.upstream(Some(resp.status().as_u16()));
+            if let Some(left) = ratelimit_remaining(&resp) {
+                self.metrics.ratelimit_remaining.set(left);
+            }
             if resp.status() != StatusCode::UNAUTHORIZED || attempt == 1 {
                 return Ok(resp);
             }
@@ -269,4 +282,17 @@ impl Upstream {
             reason,
         }
     }
+}
+
+/// Docker Hub's `ratelimit-remaining: 76;w=21600` -> 76.
+fn ratelimit_remaining(resp: &Response) -> Option<i64> {
+    resp.headers()
+        .get("ratelimit-remaining")?
+        .to_str()
+        .ok()?
+        .split(';')
+        .next()?
+        .trim()
+        .parse()
+        .ok()
 }

@@ -1,0 +1,166 @@
+//! The supervisor's own metrics, and the merge of every worker's exposition
+//! into one Prometheus text page.
+//!
+//! Each worker labels its series with `upstream`; a metric family may appear
+//! only once in a page, so families are merged by name rather than the texts
+//! concatenated. The supervisor's process metrics carry no `upstream` label.
+
+use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+
+pub struct Metrics {
+    registry: Registry,
+    pub worker_restarts: IntCounterVec,
+    pub worker_up: IntGaugeVec,
+    pub front_requests: IntCounterVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let worker_restarts = IntCounterVec::new(
+            Opts::new(
+                "regcache_worker_restarts_total",
+                "Worker processes restarted after dying.",
+            ),
+            &["upstream"],
+        )
+        .expect("valid metric");
+        let worker_up = IntGaugeVec::new(
+            Opts::new(
+                "regcache_worker_up",
+                "1 when the upstream's worker is ready.",
+            ),
+            &["upstream"],
+        )
+        .expect("valid metric");
+        let front_requests = IntCounterVec::new(
+            Opts::new(
+                "regcache_front_requests_total",
+                "Requests at the front listener, by status class.",
+            ),
+            &["status"],
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(worker_restarts.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(worker_up.clone()),
+            Box::new(front_requests.clone()),
+        ] {
+            registry.register(c).expect("unique metric");
+        }
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric");
+        Metrics {
+            registry,
+            worker_restarts,
+            worker_up,
+            front_requests,
+        }
+    }
+
+    pub fn front(&self, status: u16) {
+        let class = ["1xx", "2xx", "3xx", "4xx", "5xx"]
+            .get((status / 100).saturating_sub(1) as usize)
+            .copied()
+            .unwrap_or("5xx");
+        self.front_requests.with_label_values(&[class]).inc();
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        String::from_utf8(out).expect("exposition is UTF-8")
+    }
+}
+
+/// One metric family as found in a text page.
+struct Family {
+    name: String,
+    help: Option<String>,
+    kind: Option<String>,
+    samples: Vec<String>,
+}
+
+/// Merges text expositions: one HELP/TYPE per family, samples of all pages.
+pub fn merge<'a>(pages: impl IntoIterator<Item = &'a str>) -> String {
+    let mut families: Vec<Family> = Vec::new();
+    let index_of = |families: &mut Vec<Family>, name: &str| -> usize {
+        match families.iter().position(|f| f.name == name) {
+            Some(i) => i,
+            None => {
+                families.push(Family {
+                    name: name.to_string(),
+                    help: None,
+                    kind: None,
+                    samples: Vec::new(),
+                });
+                families.len() - 1
+            }
+        }
+    };
+    for page in pages {
+        let mut current: Option<usize> = None;
+        for line in page.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let name = rest.split_whitespace().next().unwrap_or("");
+                let i = index_of(&mut families, name);
+                families[i].help.get_or_insert_with(|| line.to_string());
+                current = Some(i);
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let name = rest.split_whitespace().next().unwrap_or("");
+                let i = index_of(&mut families, name);
+                families[i].kind.get_or_insert_with(|| line.to_string());
+                current = Some(i);
+            } else if line.starts_with('#') || line.trim().is_empty() {
+                continue;
+            } else {
+                let i = match current {
+                    Some(i) => i,
+                    None => {
+                        let name = line.split(['{', ' ']).next().unwrap_or("");
+                        index_of(&mut families, name)
+                    }
+                };
+                families[i].samples.push(line.to_string());
+            }
+        }
+    }
+    let mut out = String::new();
+    for f in families {
+        for l in f.help.iter().chain(f.kind.iter()).chain(f.samples.iter()) {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_appear_once() {
+        let a = "# HELP x_total X.\n# TYPE x_total counter\nx_total{upstream=\"a\"} 1\n# HELP h H.\n# TYPE h histogram\nh_bucket{le=\"1\",upstream=\"a\"} 1\nh_sum{upstream=\"a\"} 1\nh_count{upstream=\"a\"} 1\n";
+        let b = "# HELP x_total X.\n# TYPE x_total counter\nx_total{upstream=\"b\"} 2\n";
+        let m = merge([a, b]);
+        assert_eq!(m.matches("# TYPE x_total").count(), 1);
+        let x = m.find("x_total{upstream=\"a\"}").unwrap();
+        let y = m.find("x_total{upstream=\"b\"}").unwrap();
+        let h = m.find("# HELP h").unwrap();
+        assert!(x < y && y < h, "samples of a family stay together:\n{m}");
+        assert!(m.contains("h_count{upstream=\"a\"} 1"));
+    }
+}

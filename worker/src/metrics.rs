@@ -1,0 +1,262 @@
+//! The worker's Prometheus metrics, labelled with its upstream.
+//!
+//! Handlers call the named recorders here instead of touching counters.
+//! Labels are bounded: type, result, source, status class; never a
+//! repository, tag or digest. The supervisor scrapes `/metrics` from every
+//! worker and merges the families into its own exposition.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::cache::Outcome;
+
+/// What a request asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Manifest,
+    Blob,
+    Tags,
+    Other,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Manifest => "manifest",
+            Kind::Blob => "blob",
+            Kind::Tags => "tags",
+            Kind::Other => "other",
+        }
+    }
+}
+
+/// Where served bytes came from.
+#[derive(Debug, Clone, Copy)]
+pub enum Source {
+    Cache,
+    Upstream,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    served_bytes: IntCounterVec,
+    upstream_requests: IntCounterVec,
+    pub fills_in_flight: IntGauge,
+    tokens: IntCounterVec,
+    pub ratelimit_remaining: IntGauge,
+    pub stored_bytes: IntGauge,
+    pub stored_blobs: IntGauge,
+    proxy_hits: IntCounterVec,
+    proxy_misses: IntCounterVec,
+    pub stale_served: IntCounter,
+    pub fill_failures: IntCounter,
+    _fill_seconds: Histogram,
+}
+
+impl Metrics {
+    pub fn new(upstream: &str) -> Metrics {
+        let labels = [("upstream".to_string(), upstream.to_string())].into();
+        let registry = Registry::new_custom(None, Some(labels)).expect("valid labels");
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let requests = counter(
+            "regcache_requests_total",
+            "Registry requests answered, by what was asked and how it was answered.",
+            &["type", "result"],
+        );
+        // Buckets from a page-cache manifest hit (~100 us) to a slow cold blob.
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "regcache_request_duration_seconds",
+                "Time to response headers, by request type.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ]),
+            &["type"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(duration.clone()))
+            .expect("unique metric");
+        let fill_seconds = Histogram::with_opts(HistogramOpts::new(
+            "regcache_fill_duration_seconds",
+            "Time to fetch, verify and commit one blob from upstream.",
+        ))
+        .expect("valid metric");
+        registry
+            .register(Box::new(fill_seconds.clone()))
+            .expect("unique metric");
+        let m = Metrics {
+            served_bytes: counter(
+                "regcache_served_bytes_total",
+                "Blob and manifest bytes sent to clients, by where they came from.",
+                &["source"],
+            ),
+            upstream_requests: counter(
+                "regcache_upstream_requests_total",
+                "Requests sent upstream (token servers and redirect hops included), by status class.",
+                &["status"],
+            ),
+            fills_in_flight: gauge(
+                "regcache_fills_in_flight",
+                "Blob fetches from upstream in progress.",
+            ),
+            tokens: counter(
+                "regcache_token_requests_total",
+                "Token requests to upstream token servers, by result.",
+                &["result"],
+            ),
+            ratelimit_remaining: gauge(
+                "regcache_upstream_ratelimit_remaining",
+                "Last ratelimit-remaining seen from upstream (Docker Hub pulls left), -1 if never seen.",
+            ),
+            stored_bytes: gauge("regcache_cache_size_bytes", "Bytes of blobs and manifests in the cache."),
+            stored_blobs: gauge("regcache_cache_blobs", "Number of blobs in the cache."),
+            proxy_hits: counter(
+                "registry_proxy_hits_total",
+                "registry:2 compatible: requests answered from cache.",
+                &["type"],
+            ),
+            proxy_misses: counter(
+                "registry_proxy_misses_total",
+                "registry:2 compatible: requests that went upstream.",
+                &["type"],
+            ),
+            stale_served: IntCounter::new(
+                "regcache_stale_served_total",
+                "Tags answered from cache because upstream could not be asked.",
+            )
+            .expect("valid metric"),
+            fill_failures: IntCounter::new(
+                "regcache_fill_failures_total",
+                "Blob fills that failed and committed nothing.",
+            )
+            .expect("valid metric"),
+            requests,
+            duration,
+            _fill_seconds: fill_seconds,
+            registry,
+        };
+        m.registry
+            .register(Box::new(m.stale_served.clone()))
+            .expect("unique metric");
+        m.registry
+            .register(Box::new(m.fill_failures.clone()))
+            .expect("unique metric");
+        m.ratelimit_remaining.set(-1);
+        #[cfg(target_os = "linux")]
+        m.registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric");
+        m
+    }
+
+    /// Records one answered request.
+    pub fn request(&self, kind: Kind, outcome: Option<Outcome>, error: bool, seconds: f64) {
+        let result = match (error, outcome) {
+            (true, _) => "error",
+            (false, Some(o)) => o.label(),
+            (false, None) => "forwarded",
+        };
+        self.requests
+            .with_label_values(&[kind.as_str(), result])
+            .inc();
+        self.duration
+            .with_label_values(&[kind.as_str()])
+            .observe(seconds);
+        if matches!(kind, Kind::Manifest | Kind::Blob) && !error {
+            let t = kind.as_str();
+            match outcome {
+                Some(Outcome::Hit) | Some(Outcome::Stale) => {
+                    self.proxy_hits.with_label_values(&[t]).inc()
+                }
+                Some(_) => self.proxy_misses.with_label_values(&[t]).inc(),
+                None => {}
+            }
+        }
+    }
+
+    pub fn served(&self, source: Source, bytes: u64) {
+        let s = match source {
+            Source::Cache => "cache",
+            Source::Upstream => "upstream",
+        };
+        self.served_bytes.with_label_values(&[s]).inc_by(bytes);
+    }
+
+    /// Records an upstream answer (`None`: no answer at all).
+    pub fn upstream(&self, status: Option<u16>) {
+        let class = match status {
+            Some(s) if (200..300).contains(&s) => "2xx",
+            Some(s) if (300..400).contains(&s) => "3xx",
+            Some(s) if (400..500).contains(&s) => "4xx",
+            Some(_) => "5xx",
+            None => "error",
+        };
+        self.upstream_requests.with_label_values(&[class]).inc();
+    }
+
+    pub fn token(&self, ok: bool) {
+        self.tokens
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
+    }
+
+    pub fn fill_seconds(&self, s: f64) {
+        self._fill_seconds.observe(s);
+    }
+
+    /// The text exposition of everything above.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        String::from_utf8(out).expect("exposition is UTF-8")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labelled_and_named_by_convention() {
+        let m = Metrics::new("ghcr.io");
+        m.request(Kind::Blob, Some(Outcome::Miss), false, 0.01);
+        m.request(Kind::Blob, Some(Outcome::Hit), false, 0.001);
+        m.served(Source::Cache, 10);
+        let text = m.render();
+        assert!(
+            text.contains(
+                r#"regcache_requests_total{result="hit",type="blob",upstream="ghcr.io"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"registry_proxy_misses_total{type="blob",upstream="ghcr.io"} 1"#));
+        assert!(
+            text.contains(r#"regcache_served_bytes_total{source="cache",upstream="ghcr.io"} 10"#)
+        );
+        assert!(text.contains("process_resident_memory_bytes{upstream=\"ghcr.io\"}"));
+    }
+}
