@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use regcache_supervisor::client_auth::Htpasswd;
 use regcache_supervisor::config;
 use regcache_worker::config as wconfig;
 
@@ -179,11 +180,23 @@ fn settings(args: FrontArgs) -> Result<regcache_supervisor::Settings, String> {
             std::env::var_os("REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY").map(PathBuf::from)
         })
         .unwrap_or_else(|| PathBuf::from("regcache-data"));
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let auth = match env("REGISTRY_AUTH_HTPASSWD_PATH") {
+        Some(path) => Some(std::sync::Arc::new(
+            Htpasswd::load(&path, env("REGISTRY_AUTH_HTPASSWD_REALM"))
+                .map_err(|e| e.to_string())?,
+        )),
+        None => None,
+    };
+    regcache_worker::init_tls();
+    let tls = regcache_supervisor::tls::from_env(env).map_err(|e| e.to_string())?;
     Ok(regcache_supervisor::Settings {
         upstreams,
         listen: args.listen,
         storage,
         drain_timeout: drain_timeout().map_err(|e| e.to_string())?,
+        auth,
+        tls,
     })
 }
 

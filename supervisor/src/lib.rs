@@ -13,12 +13,14 @@
 #![forbid(unsafe_code)]
 
 pub mod access_log;
+pub mod client_auth;
 pub mod config;
 pub mod inventory;
 pub mod metrics;
 pub mod proxy;
 pub mod routing;
 pub mod server;
+pub mod tls;
 pub mod workers;
 
 use std::future::Future;
@@ -30,12 +32,13 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::sync::watch;
 
 pub use config::Upstream;
 
 /// How the supervisor runs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Settings {
     pub upstreams: Vec<Upstream>,
     pub listen: SocketAddr,
@@ -43,6 +46,10 @@ pub struct Settings {
     pub storage: PathBuf,
     /// Grace period for in-flight work at shutdown.
     pub drain_timeout: Duration,
+    /// Client authentication (htpasswd), if configured.
+    pub auth: Option<Arc<client_auth::Htpasswd>>,
+    /// HTTPS on the front, if configured.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +107,17 @@ pub fn describe(settings: &Settings) -> String {
         }
     }
     s.push_str(&routing::Routes::new(&settings.upstreams).describe(&settings.upstreams));
+    s.push_str(&format!(
+        "client auth: {}
+tls: {}
+",
+        if settings.auth.is_some() {
+            "htpasswd"
+        } else {
+            "off"
+        },
+        if settings.tls.is_some() { "on" } else { "off" },
+    ));
     s
 }
 
@@ -165,29 +183,32 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         proxy: proxy::Proxy::new(workers.iter().map(|w| w.socket.clone()).collect()),
         workers,
         metrics,
+        auth: settings.auth.clone(),
     });
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let tls = settings.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+    let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             conn = listener.accept() => {
-                let Ok((stream, _peer)) = conn else { continue };
+                let Ok((stream, peer)) = conn else { continue };
                 let _ = stream.set_nodelay(true);
-                let front = front.clone();
-                let svc = service_fn(move |req| {
-                    let front = front.clone();
-                    async move { Ok::<_, std::convert::Infallible>(front.handle(req).await) }
-                });
-                let conn = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "client connection ended with an error");
+                match &tls {
+                    None => serve(front.clone(), stream, peer, &graceful),
+                    Some(acceptor) => {
+                        let (acceptor, front) = (acceptor.clone(), front.clone());
+                        let watcher = graceful.watcher();
+                        tokio::spawn(async move {
+                            let handshake = tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream));
+                            match handshake.await {
+                                Ok(Ok(tls)) => serve_watched(front, tls, peer, watcher),
+                                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                            }
+                        });
                     }
-                });
+                }
             }
         }
     }
@@ -204,6 +225,36 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         let _ = t.await;
     }
     Ok(())
+}
+
+/// Time a client gets to complete the TLS handshake.
+const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
+
+fn serve<S>(front: Arc<server::Front>, stream: S, peer: SocketAddr, graceful: &GracefulShutdown)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    serve_watched(front, stream, peer, graceful.watcher())
+}
+
+/// Serves one client connection (HTTP/1.1 or h2), tracked for graceful shutdown.
+fn serve_watched<S>(front: Arc<server::Front>, stream: S, peer: SocketAddr, watcher: Watcher)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let front = front.clone();
+        async move { Ok::<_, std::convert::Infallible>(front.handle(req, peer).await) }
+    });
+    let conn = auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(stream), svc)
+        .into_owned();
+    let conn = watcher.watch(conn);
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "client connection ended with an error");
+        }
+    });
 }
 
 async fn futures_all(futs: impl Iterator<Item = impl Future<Output = ()>>) {

@@ -100,6 +100,9 @@ impl Proxy {
         *out.headers_mut() = req.headers().clone();
         strip_hop_by_hop(out.headers_mut());
         out.headers_mut().remove(header::HOST);
+        // SECURITY: the client's credentials are for us, never for a worker
+        // (which would otherwise be tempted to pass them upstream).
+        out.headers_mut().remove(header::AUTHORIZATION);
         out.headers_mut().remove(header::CONTENT_LENGTH);
         let resp = self.client.request(out).await?;
         let (mut parts, body) = resp.into_parts();

@@ -4,6 +4,7 @@
 //! Stages per request: local endpoints -> method check -> route -> worker
 //! readiness -> forward -> access log.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,6 +16,7 @@ use regcache_worker::error::{ErrorCode, RegistryError};
 use regcache_worker::server::{json_response as json, API_VERSION, INVENTORY_PATH, METRICS_PATH};
 
 use crate::access_log::{Entry, Logged};
+use crate::client_auth::{Check, Htpasswd};
 use crate::inventory::{self, UpstreamCache};
 use crate::metrics::{self, Metrics};
 use crate::proxy::Proxy;
@@ -31,13 +33,21 @@ pub struct Front {
     pub workers: Vec<Arc<Worker>>,
     pub proxy: Proxy,
     pub metrics: Arc<Metrics>,
+    pub auth: Option<Arc<Htpasswd>>,
 }
 
+/// Paths open without client credentials: probes and scrapes.
+const OPEN_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+
 impl Front {
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let started = Instant::now();
         let method = req.method().clone();
-        let (mut resp, upstream) = match self.answer(&req).await {
+        let answer = match self.authenticate(&req, peer).await {
+            Ok(()) => self.answer(&req).await,
+            Err(e) => Err(e),
+        };
+        let (mut resp, upstream) = match answer {
             Ok(r) => r,
             Err(e) => (e.into_response(), None),
         };
@@ -61,6 +71,30 @@ impl Front {
             started,
         };
         resp.map(|b| Logged::wrap(b, entry))
+    }
+
+    /// With htpasswd on, every route but the probes needs valid credentials;
+    /// the `/v2/` ping answers 401 too, which is how docker learns to log in.
+    async fn authenticate(
+        &self,
+        req: &Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<(), RegistryError> {
+        let Some(auth) = &self.auth else {
+            return Ok(());
+        };
+        if OPEN_PATHS.contains(&req.uri().path()) {
+            return Ok(());
+        }
+        match auth.check(req.headers().get(header::AUTHORIZATION)).await {
+            Check::Allowed => Ok(()),
+            Check::Missing => Err(auth.challenge("authentication required")),
+            Check::Refused(user) => {
+                // SECURITY: the user name and address only, never the password.
+                tracing::warn!(%peer, user = %user, path = %req.uri().path(), "authentication failed");
+                Err(auth.challenge("invalid user name or password"))
+            }
+        }
     }
 
     /// The response, and the upstream that answered it.
