@@ -1176,6 +1176,8 @@ pub struct Regcache {
     /// Worker pids seen while running, killed on drop in case a worker left
     /// the process group.
     seen_workers: Vec<i32>,
+    /// Extra environment (client auth, TLS, tuning knobs).
+    env: Vec<(String, String)>,
 }
 
 impl Regcache {
@@ -1185,8 +1187,23 @@ impl Regcache {
         Self::try_start(config, storage).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// Like [`Regcache::start`], with extra environment variables. Readiness
+    /// is the port accepting connections (regcache binds only once its
+    /// workers are ready), since with TLS or client auth `/v2/` is no 200.
+    pub fn start_with_env(config: &str, storage: &Path, env: &[(&str, &str)]) -> Regcache {
+        Self::try_start_with_env(config, storage, env).unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// Like [`Regcache::start`], returning the failure (with log tail) instead.
     pub fn try_start(config: &str, storage: &Path) -> Result<Regcache, String> {
+        Self::try_start_with_env(config, storage, &[])
+    }
+
+    pub fn try_start_with_env(
+        config: &str,
+        storage: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<Regcache, String> {
         let log_dir = temp_dir("regcache-log-");
         let log_path = log_dir.path().join("regcache.log");
         let tmp_dir = log_dir.path().join("tmp");
@@ -1200,6 +1217,10 @@ impl Regcache {
             log_path,
             tmp_dir,
             seen_workers: Vec::new(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         rc.spawn_and_wait()?;
         Ok(rc)
@@ -1236,6 +1257,7 @@ impl Regcache {
             .env_remove("HTTPS_PROXY")
             .env_remove("all_proxy")
             .env_remove("ALL_PROXY")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -1246,11 +1268,14 @@ impl Regcache {
         let addr = self.addr.clone();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(r) = http(&addr, "GET", "/v2/", &[]) {
-                if r.status == 200 {
-                    self.remember_workers();
-                    return Ok(());
-                }
+            let ready = if self.env.is_empty() {
+                http(&addr, "GET", "/v2/", &[]).is_ok_and(|r| r.status == 200)
+            } else {
+                port_is_open(&addr)
+            };
+            if ready {
+                self.remember_workers();
+                return Ok(());
             }
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 self.child = None;

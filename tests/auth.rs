@@ -1,0 +1,375 @@
+//! Credentials and access, end to end: a real Basic-auth upstream reached
+//! with per-upstream CONFIG credentials, worker environment isolation, and
+//! regcache's own front door (htpasswd, HTTPS, client certificates) driven by
+//! skopeo and curl.
+//!
+//! Run: `cargo test --test auth -- --test-threads=2`
+//! Needs: skopeo, docker-registry, htpasswd (apache2-utils), openssl, curl.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use support::*;
+
+/// Reads `/proc/<pid>/environ` as `NAME=value` strings.
+fn environ(pid: i32) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    raw.split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
+}
+
+/// The `--upstream` argument a worker was started with.
+fn worker_upstream(pid: i32) -> String {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let args: Vec<String> = raw
+        .split(|&b| b == 0)
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect();
+    let at = args.iter().position(|a| a == "--upstream").unwrap();
+    args[at + 1].clone()
+}
+
+/// One Basic-auth upstream behind two CONFIG entries, the right password
+/// from a file and a wrong password, and behind a second regcache with no
+/// credentials. Only the first can pull; the others get 403 DENIED naming the
+/// upstream. Each worker's environment holds
+/// its own entry's variables only, and never CONFIG.
+#[test]
+fn basic_auth_upstream_and_worker_isolation() {
+    let up = Upstream::start_with_htpasswd("puller", "right-pass-1");
+    let img = seed_image(&up, "org/private", "1", &[40_000]);
+    let work = temp_dir("regcache-auth-");
+    let secret = work.path().join("password");
+    std::fs::write(&secret, "right-pass-1\n").unwrap();
+    let port = up.port();
+    let config = serde_json::json!([
+        {"registry": format!("http://127.0.0.1:{port}"), "aliases": ["good.test"],
+         "variables": {"REGISTRY_PROXY_USERNAME": "puller",
+                       "REGISTRY_PROXY_PASSWORD_FILE": secret.display().to_string()}},
+        {"registry": format!("http://localhost:{port}"), "aliases": ["bad.test"],
+         "variables": {"REGISTRY_PROXY_USERNAME": "puller",
+                       "REGISTRY_PROXY_PASSWORD": "wrong-pass-2"}},
+    ])
+    .to_string();
+    let storage = work.path().join("storage");
+    let rc = Regcache::start(&config, &storage);
+    let anon_config = config_json(&[(&up.url(), &["anon.test"])]);
+    let anon = Regcache::start(&anon_config, &work.path().join("anon-storage"));
+
+    // The right credentials, read from the _FILE variable, pull the image.
+    let dest = work.path().join("good");
+    skopeo_copy(
+        &format!("{}/good.test/org/private:1", rc.addr()),
+        &dest,
+        false,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        read_dir_copy(&dest).manifest_digest,
+        img.image.manifest_digest
+    );
+
+    // Wrong and missing credentials: 403 DENIED naming the upstream and the
+    // variables to check, never a 401 that would make clients log in to us.
+    for (rc, alias) in [(&rc, "bad.test"), (&anon, "anon.test")] {
+        let r = get(rc.addr(), &format!("/v2/{alias}/org/private/manifests/1"));
+        assert_eq!(r.status, 403, "{alias}: {}", r.describe());
+        assert_eq!(r.error_codes(), ["DENIED"], "{alias}");
+        let msg = r.json()["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(msg.contains(&format!(":{port}")), "{alias}: {msg}");
+        assert!(msg.contains("REGISTRY_PROXY_PASSWORD"), "{alias}: {msg}");
+        assert!(!msg.contains("wrong-pass-2"), "{alias}: secret in {msg}");
+        let blob = get(
+            rc.addr(),
+            &format!(
+                "/v2/{alias}/org/private/blobs/{}",
+                img.image.layer_digests[0]
+            ),
+        );
+        assert_eq!(blob.status, 403, "{alias} blob: {}", blob.describe());
+    }
+
+    // Isolation: each worker sees its own variables and nothing of the others.
+    let workers = rc.worker_pids();
+    assert_eq!(workers.len(), 2);
+    for pid in workers {
+        let env = environ(pid);
+        let upstream = worker_upstream(pid);
+        assert!(
+            !env.iter().any(|e| e.starts_with("CONFIG=")),
+            "worker {upstream} sees CONFIG"
+        );
+        let has = |s: &str| env.iter().any(|e| e == s);
+        let mentions = |s: &str| env.iter().any(|e| e.contains(s));
+        if upstream.contains("127.0.0.1") {
+            assert!(has(&format!(
+                "REGISTRY_PROXY_PASSWORD_FILE={}",
+                secret.display()
+            )));
+            assert!(!mentions("wrong-pass-2"), "good worker sees bad's password");
+        } else {
+            assert!(upstream.contains("localhost"), "{upstream}");
+            assert!(has("REGISTRY_PROXY_PASSWORD=wrong-pass-2"));
+            assert!(
+                !mentions(&secret.display().to_string()),
+                "bad worker sees good's file"
+            );
+        }
+    }
+    for pid in anon.worker_pids() {
+        let env = environ(pid);
+        assert!(
+            !env.iter().any(|e| e.contains("REGISTRY_PROXY_")),
+            "anonymous worker sees credentials"
+        );
+    }
+
+    // No secret in the log.
+    let log = std::fs::read_to_string(rc.log_path()).unwrap();
+    assert!(!log.contains("wrong-pass-2") && !log.contains("right-pass-1"));
+}
+
+/// Test PKI made with openssl: a CA, a server certificate for 127.0.0.1 and
+/// a client certificate, all signed by the CA.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = temp_dir("regcache-pki-");
+        let d = dir.path();
+        let sh = |args: &str| {
+            let out = Command::new("sh")
+                .arg("-c")
+                .arg(args)
+                .current_dir(d)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{args}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=regcache-test-ca");
+        for (name, ext) in [
+            ("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
+            ("client", "extendedKeyUsage=clientAuth"),
+        ] {
+            sh(&format!("openssl req -newkey rsa:2048 -nodes -keyout {name}.key -out {name}.csr -subj /CN={name}"));
+            std::fs::write(d.join(format!("{name}.ext")), ext).unwrap();
+            sh(&format!("openssl x509 -req -in {name}.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out {name}.crt -days 2 -extfile {name}.ext"));
+        }
+        // skopeo's --src-cert-dir wants *.crt CAs (and client.cert/.key).
+        std::fs::create_dir(d.join("certs.d")).unwrap();
+        std::fs::copy(d.join("ca.crt"), d.join("certs.d/ca.crt")).unwrap();
+        Pki { dir }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+}
+
+fn htpasswd_file(dir: &Path, user: &str, pass: &str) -> String {
+    let out = Command::new("htpasswd")
+        .args(["-Bbn", user, pass])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let path = dir.join("htpasswd");
+    std::fs::write(&path, &out.stdout).unwrap();
+    path.display().to_string()
+}
+
+fn curl(args: &[&str]) -> (bool, String) {
+    let out = run_with_timeout(
+        Command::new("curl").args(["-sS", "-i"]).args(args),
+        Duration::from_secs(20),
+    );
+    (
+        out.success(),
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), out.stderr),
+    )
+}
+
+/// skopeo copy over HTTPS with the test CA; `creds` as `user:pass`.
+fn skopeo_tls(src: &str, dest: &Path, cert_dir: &str, creds: Option<&str>) -> Result<(), String> {
+    let mut cmd = skopeo_command();
+    cmd.args(["copy", "-q", "--src-cert-dir", cert_dir]);
+    match creds {
+        Some(c) => cmd.args(["--src-creds", c]),
+        None => cmd.arg("--src-no-creds"),
+    };
+    cmd.arg(format!("docker://{src}"))
+        .arg(format!("dir:{}", dest.display()));
+    let out = run_with_timeout(&mut cmd, Duration::from_secs(60));
+    if out.success() {
+        Ok(())
+    } else {
+        Err(out.stderr)
+    }
+}
+
+/// With htpasswd and TLS on: skopeo pulls over HTTPS with the right
+/// credentials; without credentials it is refused; every route but the probes
+/// answers 401 with a Basic challenge (the `/v2/` ping too); a wrong password
+/// is logged without the password.
+#[test]
+fn htpasswd_and_https_front() {
+    let up = Upstream::start();
+    let img = seed_image(&up, "org/img", "1", &[30_000]);
+    let pki = Pki::new();
+    let work = temp_dir("regcache-front-");
+    let htpasswd = htpasswd_file(work.path(), "alice", "s3cret-front");
+    let config = config_json(&[(&up.url(), &["upstream.test"])]);
+    let rc = Regcache::start_with_env(
+        &config,
+        &work.path().join("storage"),
+        &[
+            ("REGISTRY_AUTH_HTPASSWD_PATH", &htpasswd),
+            ("REGISTRY_AUTH_HTPASSWD_REALM", "regcache-test"),
+            ("REGISTRY_HTTP_TLS_CERTIFICATE", &pki.path("server.crt")),
+            ("REGISTRY_HTTP_TLS_KEY", &pki.path("server.key")),
+        ],
+    );
+    let base = format!("https://{}", rc.addr());
+    let ca = pki.path("ca.crt");
+
+    let (ok, out) = curl(&["--cacert", &ca, &format!("{base}/v2/")]);
+    assert!(ok, "{out}");
+    assert!(out.contains(" 401"), "{out}");
+    assert!(
+        out.to_lowercase()
+            .contains("www-authenticate: basic realm=\"regcache-test\""),
+        "{out}"
+    );
+    let (_, out) = curl(&[
+        "--cacert",
+        &ca,
+        &format!("{base}/v2/upstream.test/org/img/manifests/1"),
+    ]);
+    assert!(
+        out.contains(" 401") && out.contains("UNAUTHORIZED"),
+        "{out}"
+    );
+    let (_, out) = curl(&["--cacert", &ca, &format!("{base}/api/v1/cache")]);
+    assert!(out.contains(" 401"), "inventory must be closed too: {out}");
+    let (_, out) = curl(&["--cacert", &ca, &format!("{base}/healthz")]);
+    assert!(out.contains(" 200"), "probes stay open: {out}");
+    let (_, out) = curl(&[
+        "--cacert",
+        &ca,
+        "-u",
+        "alice:s3cret-front",
+        &format!("{base}/v2/"),
+    ]);
+    assert!(out.contains(" 200"), "{out}");
+
+    let src = format!("{}/upstream.test/org/img:1", rc.addr());
+    let certs = pki.path("certs.d");
+    let err = skopeo_tls(&src, &work.path().join("anon"), &certs, None).unwrap_err();
+    assert!(
+        err.to_lowercase().contains("unauthorized") || err.contains("401"),
+        "{err}"
+    );
+    let err = skopeo_tls(
+        &src,
+        &work.path().join("wrong"),
+        &certs,
+        Some("alice:not-the-pass"),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_lowercase().contains("unauthorized") || err.contains("401"),
+        "{err}"
+    );
+    let dest = work.path().join("ok");
+    skopeo_tls(&src, &dest, &certs, Some("alice:s3cret-front")).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        read_dir_copy(&dest).manifest_digest,
+        img.image.manifest_digest
+    );
+
+    let log = std::fs::read_to_string(rc.log_path()).unwrap();
+    assert!(
+        log.contains("authentication failed"),
+        "failed login not logged"
+    );
+    assert!(
+        !log.contains("not-the-pass") && !log.contains("s3cret-front"),
+        "password in the log"
+    );
+
+    // The upstream never saw the client's credentials.
+    assert!(
+        !up.access_log().iter().any(|l| l.contains("alice")),
+        "client credentials reached the upstream"
+    );
+}
+
+/// With REGISTRY_HTTP_TLS_CLIENTCAS_0 the front wants a client certificate
+/// signed by that CA: without one the handshake fails, with one it answers.
+#[test]
+fn client_certificates_required_when_configured() {
+    let up = Upstream::start();
+    let pki = Pki::new();
+    let work = temp_dir("regcache-mtls-");
+    let config = config_json(&[(&up.url(), &["upstream.test"])]);
+    let rc = Regcache::start_with_env(
+        &config,
+        &work.path().join("storage"),
+        &[
+            ("REGISTRY_HTTP_TLS_CERTIFICATE", &pki.path("server.crt")),
+            ("REGISTRY_HTTP_TLS_KEY", &pki.path("server.key")),
+            ("REGISTRY_HTTP_TLS_CLIENTCAS_0", &pki.path("ca.crt")),
+        ],
+    );
+    let url = format!("https://{}/v2/", rc.addr());
+    let ca = pki.path("ca.crt");
+    let (ok, out) = curl(&["--cacert", &ca, &url]);
+    assert!(
+        !ok || !out.contains(" 200"),
+        "no client certificate, yet: {out}"
+    );
+    let (ok, out) = curl(&[
+        "--cacert",
+        &ca,
+        "--cert",
+        &pki.path("client.crt"),
+        "--key",
+        &pki.path("client.key"),
+        &url,
+    ]);
+    assert!(ok && out.contains(" 200"), "{out}");
+}
+
+/// An invalid front configuration stops regcache before it binds: a missing
+/// htpasswd file, half a TLS pair.
+#[test]
+fn bad_front_settings_are_refused_at_start() {
+    let up = Upstream::start();
+    let work = temp_dir("regcache-badfront-");
+    let config = config_json(&[(&up.url(), &["upstream.test"])]);
+    for env in [
+        vec![("REGISTRY_AUTH_HTPASSWD_PATH", "/nonexistent/htpasswd")],
+        vec![("REGISTRY_HTTP_TLS_CERTIFICATE", "/nonexistent/cert.pem")],
+    ] {
+        let err = Regcache::try_start_with_env(&config, &work.path().join("s"), &env)
+            .err()
+            .unwrap_or_else(|| panic!("{env:?} was accepted"));
+        assert!(
+            err.contains("REGISTRY_AUTH_HTPASSWD_PATH") || err.contains("REGISTRY_HTTP_TLS"),
+            "{env:?}: {err}"
+        );
+    }
+}
