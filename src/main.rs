@@ -58,6 +58,9 @@ struct FrontArgs {
     /// Address of the front listener.
     #[arg(long, env = "REGCACHE_LISTEN", default_value = "0.0.0.0:5000")]
     listen: SocketAddr,
+    /// Optional second listener for /metrics, /healthz and /readyz only.
+    #[arg(long, env = "REGCACHE_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Root of all caches (each upstream gets a subdirectory).
     /// Default: REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY, else ./regcache-data.
     #[arg(long, env = "REGCACHE_STORAGE", value_name = "DIR")]
@@ -195,9 +198,23 @@ fn settings(args: FrontArgs) -> Result<regcache_supervisor::Settings, String> {
         listen: args.listen,
         storage,
         drain_timeout: drain_timeout().map_err(|e| e.to_string())?,
+        metrics_listen: args.metrics_listen,
         auth,
         tls,
     })
+}
+
+/// Logs, once each, `REGISTRY_*` variables regcache does not act on.
+fn warn_unused_variables(settings: &regcache_supervisor::Settings) {
+    let global: Vec<String> = std::env::vars().map(|(k, _)| k).collect();
+    for name in config::unused_registry_vars(global.iter().map(String::as_str)) {
+        tracing::warn!(variable = name, "not used by regcache; ignored");
+    }
+    for up in &settings.upstreams {
+        for name in config::unused_registry_vars(up.variables.keys().map(String::as_str)) {
+            tracing::warn!(variable = name, upstream = %up.authority(), "not used by regcache; ignored");
+        }
+    }
 }
 
 fn check_config(args: FrontArgs) -> ExitCode {
@@ -221,6 +238,7 @@ async fn serve(args: FrontArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    warn_unused_variables(&settings);
     match regcache_supervisor::run(settings, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -115,6 +115,34 @@ impl Upstream {
     }
 }
 
+/// The registry:2 variables regcache acts on; users copy whole distribution
+/// configurations, so any other `REGISTRY_*` is reported once, not refused.
+const KNOWN_REGISTRY_VARS: &[&str] = &[
+    "REGISTRY_PROXY_USERNAME",
+    "REGISTRY_PROXY_USERNAME_FILE",
+    "REGISTRY_PROXY_PASSWORD",
+    "REGISTRY_PROXY_PASSWORD_FILE",
+    "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY",
+    "REGISTRY_HTTP_TLS_CERTIFICATE",
+    "REGISTRY_HTTP_TLS_KEY",
+    "REGISTRY_HTTP_DRAINTIMEOUT",
+    "REGISTRY_AUTH_HTPASSWD_PATH",
+    "REGISTRY_AUTH_HTPASSWD_REALM",
+    "REGISTRY_LOG_LEVEL",
+    "REGISTRY_LOG_FORMATTER",
+];
+
+/// The `REGISTRY_*` names among `names` that regcache does not use.
+pub fn unused_registry_vars<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
+    names
+        .into_iter()
+        .filter(|n| n.starts_with("REGISTRY_"))
+        .filter(|n| {
+            !KNOWN_REGISTRY_VARS.contains(n) && !n.starts_with("REGISTRY_HTTP_TLS_CLIENTCAS_")
+        })
+        .collect()
+}
+
 /// Parses CONFIG text into the list of upstreams.
 pub fn parse(text: &str) -> Result<Vec<Upstream>, Error> {
     let whole = |reason: String| Error { item: None, reason };
@@ -419,6 +447,21 @@ mod tests {
             assert_eq!(e.item, *item, "{text}: {e}");
             assert!(e.reason.contains(reason), "{text}: {e}");
         }
+    }
+
+    #[test]
+    fn unused_registry_variables_are_found() {
+        let names = [
+            "REGISTRY_PROXY_PASSWORD",
+            "REGISTRY_HTTP_TLS_CLIENTCAS_3",
+            "REGISTRY_STORAGE_S3_BUCKET",
+            "PATH",
+            "REGISTRY_NOTIFICATIONS_X",
+        ];
+        assert_eq!(
+            unused_registry_vars(names),
+            ["REGISTRY_STORAGE_S3_BUCKET", "REGISTRY_NOTIFICATIONS_X"]
+        );
     }
 
     #[test]

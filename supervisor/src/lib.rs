@@ -46,6 +46,8 @@ pub struct Settings {
     pub storage: PathBuf,
     /// Grace period for in-flight work at shutdown.
     pub drain_timeout: Duration,
+    /// A second listener for `/metrics` and the probes only.
+    pub metrics_listen: Option<SocketAddr>,
     /// Client authentication (htpasswd), if configured.
     pub auth: Option<Arc<client_auth::Htpasswd>>,
     /// HTTPS on the front, if configured.
@@ -159,13 +161,20 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         tracing::warn!("not every worker is ready after 30 s; serving anyway");
     }
 
-    let listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
-        .map_err(|source| Error::Listen {
-            addr: settings.listen,
-            source,
-        });
-    let listener = match listener {
+    let bind = |addr: SocketAddr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::Listen { addr, source })
+    };
+    let listeners = async {
+        let front = bind(settings.listen).await?;
+        let metrics = match settings.metrics_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        Ok::<_, Error>((front, metrics))
+    };
+    let (listener, metrics_listener) = match listeners.await {
         Ok(l) => l,
         Err(e) => {
             stop_tx.send_replace(true);
@@ -184,9 +193,13 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         workers,
         metrics,
         auth: settings.auth.clone(),
+        probes_only: false,
     });
     let tls = settings.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let graceful = GracefulShutdown::new();
+    if let Some(l) = metrics_listener {
+        tokio::spawn(serve_metrics(l, front.clone()));
+    }
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -202,7 +215,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
                         tokio::spawn(async move {
                             let handshake = tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream));
                             match handshake.await {
-                                Ok(Ok(tls)) => serve_watched(front, tls, peer, watcher),
+                                Ok(Ok(tls)) => serve_watched(front, tls, peer, Some(watcher)),
                                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                             }
@@ -227,6 +240,20 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     Ok(())
 }
 
+/// The optional plain-HTTP listener for scrapes and probes only.
+async fn serve_metrics(listener: tokio::net::TcpListener, front: Arc<server::Front>) {
+    let front = Arc::new(server::Front {
+        probes_only: true,
+        ..(*front).clone()
+    });
+    loop {
+        if let Ok((stream, peer)) = listener.accept().await {
+            // Scrapes need no draining.
+            serve_watched(front.clone(), stream, peer, None);
+        }
+    }
+}
+
 /// Time a client gets to complete the TLS handshake.
 const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 
@@ -234,12 +261,16 @@ fn serve<S>(front: Arc<server::Front>, stream: S, peer: SocketAddr, graceful: &G
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    serve_watched(front, stream, peer, graceful.watcher())
+    serve_watched(front, stream, peer, Some(graceful.watcher()))
 }
 
 /// Serves one client connection (HTTP/1.1 or h2), tracked for graceful shutdown.
-fn serve_watched<S>(front: Arc<server::Front>, stream: S, peer: SocketAddr, watcher: Watcher)
-where
+fn serve_watched<S>(
+    front: Arc<server::Front>,
+    stream: S,
+    peer: SocketAddr,
+    watcher: Option<Watcher>,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let svc = service_fn(move |req| {
@@ -249,12 +280,18 @@ where
     let conn = auto::Builder::new(TokioExecutor::new())
         .serve_connection(TokioIo::new(stream), svc)
         .into_owned();
-    let conn = watcher.watch(conn);
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
+    let log = |r: Result<(), _>| {
+        if let Err(e) = r {
             tracing::debug!(error = %e, "client connection ended with an error");
         }
-    });
+    };
+    match watcher {
+        Some(w) => {
+            let conn = w.watch(conn);
+            tokio::spawn(async move { log(conn.await) })
+        }
+        None => tokio::spawn(async move { log(conn.await) }),
+    };
 }
 
 async fn futures_all(futs: impl Iterator<Item = impl Future<Output = ()>>) {

@@ -28,12 +28,15 @@ const CATALOG_DEFAULT: usize = 100;
 const CATALOG_MAX: usize = 1000;
 
 /// What every request handler shares.
+#[derive(Clone)]
 pub struct Front {
     pub routes: Routes,
     pub workers: Vec<Arc<Worker>>,
     pub proxy: Proxy,
     pub metrics: Arc<Metrics>,
     pub auth: Option<Arc<Htpasswd>>,
+    /// The metrics listener: `/metrics` and the probes, nothing else.
+    pub probes_only: bool,
 }
 
 /// Paths open without client credentials: probes and scrapes.
@@ -80,6 +83,13 @@ impl Front {
         req: &Request<Incoming>,
         peer: SocketAddr,
     ) -> Result<(), RegistryError> {
+        if self.probes_only && !OPEN_PATHS.contains(&req.uri().path()) {
+            return Err(RegistryError::new(
+                StatusCode::NOT_FOUND,
+                ErrorCode::NameUnknown,
+                "this listener serves /metrics, /healthz and /readyz only",
+            ));
+        }
         let Some(auth) = &self.auth else {
             return Ok(());
         };
