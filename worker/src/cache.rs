@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 use http::Method;
 use tokio::sync::{mpsc, watch};
@@ -32,8 +33,10 @@ use crate::upstream::{self, Kind, Upstream, MANIFEST_ACCEPT};
 
 /// Largest manifest accepted from upstream (distribution's own limit).
 const MAX_MANIFEST_BYTES: u64 = 4 << 20;
-/// Read size when streaming a blob from disk.
+/// Read size when streaming a blob that is being filled.
 const READ_CHUNK: usize = 256 << 10;
+/// Read size when streaming a committed blob: large reads, few wake-ups.
+const SEQUENTIAL_CHUNK: usize = 512 << 10;
 /// Chunks queued between the upstream reader and the disk writer.
 const WRITE_QUEUE: usize = 64;
 
@@ -113,53 +116,111 @@ impl Blob {
 
     /// The bytes `start..end` (to the end of the blob when `end` is `None`),
     /// streamed as soon as they are on disk.
-    pub fn read(
-        self,
-        start: u64,
-        end: Option<u64>,
-    ) -> impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static {
-        let state = (self.file, self.progress, start);
-        futures_util::stream::unfold(Some(state), move |state| async move {
-            let (file, mut progress, pos) = state?;
-            loop {
-                let available = match &*progress.borrow_and_update() {
-                    Progress::Starting => 0,
-                    // The last byte waits for verification, so that a
-                    // failed fill can never look complete to a client.
-                    Progress::Writing { written, total } => {
-                        total.map_or(*written, |t| (*written).min(t.saturating_sub(1)))
-                    }
-                    Progress::Done { size } => *size,
-                    Progress::Failed(e) => {
-                        let err = io::Error::other(e.message.clone());
-                        return Some((Err(err), None));
-                    }
-                };
-                let limit = end.map_or(available, |e| e.min(available));
-                if pos < limit {
-                    let len = (limit - pos).min(READ_CHUNK as u64) as usize;
-                    let f = file.clone();
-                    let read = tokio::task::spawn_blocking(move || {
-                        let mut buf = BytesMut::zeroed(len);
-                        f.read_exact_at(&mut buf, pos).map(|()| buf.freeze())
-                    })
-                    .await
-                    .unwrap_or_else(|e| Err(io::Error::other(e)));
-                    return match read {
-                        Ok(bytes) => Some((Ok(bytes), Some((file, progress, pos + len as u64)))),
-                        Err(e) => Some((Err(e), None)),
-                    };
-                }
-                let finished = matches!(&*progress.borrow(), Progress::Done { .. });
-                if finished || end.is_some_and(|e| pos >= e) {
-                    return None;
-                }
-                if progress.changed().await.is_err() {
-                    return Some((Err(io::Error::other("blob fill abandoned")), None));
-                }
+    pub fn read(self, start: u64, end: Option<u64>) -> BoxStream<'static, io::Result<Bytes>> {
+        // A committed blob that only this reader holds: plain sequential reads,
+        // which (unlike positioned ones) need no zeroed buffer.
+        let done = match *self.progress.borrow() {
+            Progress::Done { size } => Some(size),
+            _ => None,
+        };
+        let Blob { file, progress, .. } = self;
+        match (done, Arc::try_unwrap(file)) {
+            (Some(size), Ok(file)) => {
+                read_sequential(file, start, end.map_or(size, |e| e.min(size))).boxed()
             }
-        })
+            (_, Ok(file)) => read_growing(Arc::new(file), progress, start, end).boxed(),
+            (_, Err(file)) => read_growing(file, progress, start, end).boxed(),
+        }
     }
+}
+
+/// Reads a file that a fill may still be writing, at explicit offsets (the
+/// writer owns the file position), as far as the fill's progress allows.
+fn read_growing(
+    file: Arc<File>,
+    progress: watch::Receiver<Progress>,
+    start: u64,
+    end: Option<u64>,
+) -> impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static {
+    let state = (file, progress, start);
+    futures_util::stream::unfold(Some(state), move |state| async move {
+        let (file, mut progress, pos) = state?;
+        loop {
+            let available = match &*progress.borrow_and_update() {
+                Progress::Starting => 0,
+                // The last byte waits for verification, so that a
+                // failed fill can never look complete to a client.
+                Progress::Writing { written, total } => {
+                    total.map_or(*written, |t| (*written).min(t.saturating_sub(1)))
+                }
+                Progress::Done { size } => *size,
+                Progress::Failed(e) => {
+                    let err = io::Error::other(e.message.clone());
+                    return Some((Err(err), None));
+                }
+            };
+            let limit = end.map_or(available, |e| e.min(available));
+            if pos < limit {
+                let len = (limit - pos).min(READ_CHUNK as u64) as usize;
+                let f = file.clone();
+                let read = tokio::task::spawn_blocking(move || {
+                    let mut buf = BytesMut::zeroed(len);
+                    f.read_exact_at(&mut buf, pos).map(|()| buf.freeze())
+                })
+                .await
+                .unwrap_or_else(|e| Err(io::Error::other(e)));
+                return match read {
+                    Ok(bytes) => Some((Ok(bytes), Some((file, progress, pos + len as u64)))),
+                    Err(e) => Some((Err(e), None)),
+                };
+            }
+            let finished = matches!(&*progress.borrow(), Progress::Done { .. });
+            if finished || end.is_some_and(|e| pos >= e) {
+                return None;
+            }
+            if progress.changed().await.is_err() {
+                return Some((Err(io::Error::other("blob fill abandoned")), None));
+            }
+        }
+    })
+}
+
+/// Streams `start..end` of a committed blob in large sequential reads.
+fn read_sequential(
+    file: File,
+    start: u64,
+    end: u64,
+) -> impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static {
+    use std::io::{Read, Seek, SeekFrom};
+    let state = Some((file, start, true));
+    futures_util::stream::unfold(state, move |state| async move {
+        let (file, pos, first) = state?;
+        if pos >= end {
+            return None;
+        }
+        let len = (end - pos).min(SEQUENTIAL_CHUNK as u64);
+        let read = tokio::task::spawn_blocking(move || {
+            let mut file = file;
+            if first {
+                file.seek(SeekFrom::Start(pos))?;
+            }
+            let mut buf = Vec::with_capacity(len as usize);
+            (&mut file).take(len).read_to_end(&mut buf)?;
+            if (buf.len() as u64) < len {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "blob file shorter than its size",
+                ));
+            }
+            Ok((file, Bytes::from(buf)))
+        })
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)));
+        match read {
+            Ok((file, bytes)) => Some((Ok(bytes), Some((file, pos + len, false)))),
+            Err(e) => Some((Err(e), None)),
+        }
+    })
 }
 
 fn abandoned() -> RegistryError {
