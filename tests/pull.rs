@@ -906,3 +906,34 @@ fn assert_config_message(label: &str, mode: &str, stderr: &str, item: Option<usi
         }
     }
 }
+
+/// tags/list is forwarded to the upstream; with the upstream down, the tags
+/// pulled through the cache are listed instead. (distribution 2.8 does not
+/// page tags; the `Link` rewrite is unit-tested in the supervisor.)
+#[test]
+fn tags_list_is_forwarded_and_falls_back_to_cached_tags() {
+    let mut up = Upstream::start();
+    for tag in ["1", "2", "3"] {
+        seed_image(&up, "org/tagged", tag, &[1_000]);
+    }
+    let storage_parent = temp_dir("regcache-tags-");
+    let rc = Regcache::start(
+        &config_json(&[(&up.url(), &["upstream.test"])]),
+        &storage_parent.path().join("storage"),
+    );
+    let list = get(rc.addr(), "/v2/upstream.test/org/tagged/tags/list");
+    assert_eq!(list.status, 200, "{}", list.describe());
+    let mut tags: Vec<String> = serde_json::from_value(list.json()["tags"].clone()).unwrap();
+    tags.sort();
+    assert_eq!(tags, ["1", "2", "3"]);
+
+    let r = get(rc.addr(), "/v2/upstream.test/org/tagged/manifests/2");
+    assert_eq!(r.status, 200, "{}", r.describe());
+    up.stop();
+    let cached = get(rc.addr(), "/v2/upstream.test/org/tagged/tags/list");
+    assert_eq!(cached.status, 200, "{}", cached.describe());
+    assert_eq!(cached.json()["name"], "org/tagged");
+    assert_eq!(cached.json()["tags"], serde_json::json!(["2"]));
+    let unknown = get(rc.addr(), "/v2/upstream.test/org/never/tags/list");
+    assert_eq!(unknown.status, 502, "{}", unknown.describe());
+}

@@ -162,6 +162,16 @@ impl Front {
                 if let Some(ns) = namespace.and_then(|n| HeaderValue::from_str(&n).ok()) {
                     resp.headers_mut().insert("oci-namespace", ns);
                 }
+                if let Some(link) = resp
+                    .headers()
+                    .get(header::LINK)
+                    .and_then(|v| v.to_str().ok())
+                {
+                    let rewritten = rewrite_link(link, &path_and_query, path);
+                    if let Ok(v) = HeaderValue::from_str(&rewritten) {
+                        resp.headers_mut().insert(header::LINK, v);
+                    }
+                }
                 Ok((resp, Some(name)))
             }
         }
@@ -282,6 +292,29 @@ impl Front {
     }
 }
 
+/// Points an upstream's paging `Link` (tags/list) back at the client's own
+/// name for the repository: the worker saw `/v2/org/img/...` where the client
+/// asked for `/v2/upstream.test/org/img/...`. Absolute links lose their host.
+fn rewrite_link(link: &str, worker_path: &str, client_path: &str) -> String {
+    let name = |p: &str| {
+        p.split('?')
+            .next()
+            .and_then(|p| p.strip_prefix("/v2/"))
+            .and_then(regcache_worker::routing::split)
+            .map(|(n, _)| format!("/v2/{n}/"))
+    };
+    let (Some(worker), Some(client)) = (name(worker_path), name(client_path)) else {
+        return link.to_string();
+    };
+    let mut out = link.to_string();
+    if let (Some(open), Some(at)) = (out.find('<'), out.find("/v2/")) {
+        if open < at {
+            out.replace_range(open + 1..at, "");
+        }
+    }
+    out.replacen(&format!("<{worker}"), &format!("<{client}"), 1)
+}
+
 fn text(status: StatusCode, body: &str) -> Response<Body> {
     let mut r = Response::new(full(Bytes::copy_from_slice(body.as_bytes())));
     *r.status_mut() = status;
@@ -296,4 +329,38 @@ fn pretty(v: &impl serde::Serialize) -> Response<Body> {
     json(Bytes::from(
         serde_json::to_vec_pretty(v).expect("serialisable"),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rewrite_link;
+
+    #[test]
+    fn paging_links_keep_the_client_name() {
+        let worker = "/v2/org/img/tags/list?n=2";
+        let client = "/v2/upstream.test/org/img/tags/list";
+        assert_eq!(
+            rewrite_link(
+                "</v2/org/img/tags/list?last=b&n=2>; rel=\"next\"",
+                worker,
+                client
+            ),
+            "</v2/upstream.test/org/img/tags/list?last=b&n=2>; rel=\"next\""
+        );
+        assert_eq!(
+            rewrite_link(
+                "<https://ghcr.io/v2/org/img/tags/list?last=b>; rel=\"next\"",
+                worker,
+                client
+            ),
+            "</v2/upstream.test/org/img/tags/list?last=b>; rel=\"next\""
+        );
+        // Docker Hub's added library/ is a name the client can use as is.
+        let hub = rewrite_link(
+            "</v2/library/debian/tags/list?last=b>; rel=\"next\"",
+            "/v2/library/debian/tags/list",
+            "/v2/library/debian/tags/list",
+        );
+        assert_eq!(hub, "</v2/library/debian/tags/list?last=b>; rel=\"next\"");
+    }
 }

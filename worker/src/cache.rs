@@ -556,17 +556,17 @@ impl Cache {
         &self,
         name: &Name,
         path_and_query: &str,
-    ) -> Result<reqwest::Response, RegistryError> {
+    ) -> Result<reqwest::Response, upstream::Error> {
         let up = &self.upstream;
         let resp = up
             .send(Method::GET, Some(name), path_and_query, None)
             .await?;
-        // A 401 after our own auth is upstream refusing us, not the client.
+        // A 401 after our own auth is upstream refusing us, not the client;
+        // a 5xx is upstream failing (the caller may answer from cache).
         match resp.status().as_u16() {
-            401 | 403 | 429 => Err(up
-                .check(resp, Kind::Other, name.as_str())
-                .unwrap_err()
-                .into()),
+            401 | 403 | 429 | 500..=599 => {
+                Err(up.check(resp, Kind::Other, name.as_str()).unwrap_err())
+            }
             _ => Ok(resp),
         }
     }

@@ -75,9 +75,8 @@ async fn route(cache: &Cache, req: &Request<Incoming>, parsed: routing::Request)
             Endpoint::Manifest(reference) => manifest(cache, req, &name, &reference).await,
             Endpoint::Blob(digest) if head => blob_head(cache, &name, &digest).await,
             Endpoint::Blob(digest) => blob_get(cache, req, &name, &digest).await,
-            Endpoint::TagsList | Endpoint::Referrers(_) => {
-                Ok((forward(cache, req, &name).await?, None))
-            }
+            Endpoint::TagsList => tags_list(cache, req, &name).await,
+            Endpoint::Referrers(_) => Ok((forward(cache, req, &name).await?, None)),
         },
     }
 }
@@ -255,14 +254,40 @@ async fn blob_get(cache: &Cache, req: &Request<Incoming>, name: &Name, digest: &
     Ok((resp, Some(outcome)))
 }
 
-/// tags/list and referrers go to upstream as they are, query included.
+/// tags/list goes upstream; when upstream cannot answer, the tags pulled
+/// through this cache are listed instead (as registry:2's proxy does).
+async fn tags_list(cache: &Cache, req: &Request<Incoming>, name: &Name) -> Answer {
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    match cache.forward(name, pq).await {
+        Ok(upstream) => Ok((pass_through(upstream), None)),
+        Err(e) if e.allows_stale() => {
+            let tags = cache.store().tags(name);
+            if tags.is_empty() {
+                return Err(e.into());
+            }
+            tracing::warn!(%name, error = %e, "upstream unavailable; listing cached tags");
+            let body = serde_json::json!({ "name": name.as_str(), "tags": tags });
+            Ok((
+                json_response(Bytes::from(body.to_string())),
+                Some(Outcome::Stale),
+            ))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// referrers go to upstream as they are, query included.
 async fn forward(
     cache: &Cache,
     req: &Request<Incoming>,
     name: &Name,
 ) -> Result<Response<Body>, RegistryError> {
     let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-    let upstream = cache.forward(name, pq).await?;
+    Ok(pass_through(cache.forward(name, pq).await?))
+}
+
+/// An upstream answer relayed as it is: status, type, paging and body.
+fn pass_through(upstream: reqwest::Response) -> Response<Body> {
     let mut resp = Response::new(empty());
     *resp.status_mut() = upstream.status();
     for h in [header::CONTENT_TYPE, header::LINK, header::CONTENT_LENGTH] {
@@ -278,5 +303,5 @@ async fn forward(
         .map_err(std::io::Error::other)
         .map_ok(Frame::data);
     *resp.body_mut() = StreamBody::new(stream).boxed_unsync();
-    Ok(resp)
+    resp
 }

@@ -295,6 +295,18 @@ impl Store {
         }
     }
 
+    /// The tags recorded for `name`, sorted.
+    pub fn tags(&self, name: &Name) -> Vec<String> {
+        let mut tags: Vec<String> = fs::read_dir(self.repo_dir(name).join("_tags"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        tags.sort();
+        tags
+    }
+
     /// Every repository with its tags and manifests, and the blob totals.
     pub fn inventory(&self) -> Inventory {
         let mut inv = Inventory::default();
