@@ -373,3 +373,131 @@ fn bad_front_settings_are_refused_at_start() {
         );
     }
 }
+
+/// A plain-HTTP forward proxy on loopback that records the first request
+/// line of every connection and relays the bytes both ways (Go's server, the upstream,
+/// accepts absolute-form request lines as they are).
+struct ForwardProxy {
+    addr: String,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl ForwardProxy {
+    fn start() -> ForwardProxy {
+        use std::io::{BufRead, BufReader, Write};
+        use std::net::{TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(client.try_clone().unwrap());
+                    let mut head = Vec::new();
+                    loop {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let end = line == "\r\n";
+                        head.push(line);
+                        if end {
+                            break;
+                        }
+                    }
+                    let first = head[0].trim().to_string();
+                    log.lock().unwrap().push(first.clone());
+                    let target = first.split_whitespace().nth(1).unwrap_or("");
+                    let authority = target
+                        .trim_start_matches("http://")
+                        .split('/')
+                        .next()
+                        .unwrap_or("");
+                    let Ok(mut upstream) = TcpStream::connect(authority) else {
+                        return;
+                    };
+                    let mut client_w = client;
+                    upstream.write_all(head.concat().as_bytes()).unwrap();
+                    let buffered = reader.buffer().to_vec();
+                    upstream.write_all(&buffered).unwrap();
+                    let mut up_r = upstream.try_clone().unwrap();
+                    let mut cl_r = reader.into_inner();
+                    let t = std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut cl_r, &mut upstream);
+                        let _ = upstream.shutdown(std::net::Shutdown::Write);
+                    });
+                    let _ = std::io::copy(&mut up_r, &mut client_w);
+                    let _ = client_w.shutdown(std::net::Shutdown::Both);
+                    let _ = t.join();
+                });
+            }
+        });
+        ForwardProxy { addr, seen }
+    }
+
+    fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// `http_proxy` carries the worker's upstream traffic through the proxy;
+/// `no_proxy` naming the upstream host takes it off again.
+#[test]
+fn upstream_traffic_goes_through_the_configured_proxy() {
+    let up = Upstream::start();
+    let img = seed_image(&up, "org/proxied", "1", &[20_000]);
+    let proxy = ForwardProxy::start();
+    let work = temp_dir("regcache-proxy-");
+    let config = config_json(&[(&up.url(), &["upstream.test"])]);
+    let proxy_url = format!("http://{}", proxy.addr);
+    let rc = Regcache::start_with_env(
+        &config,
+        &work.path().join("storage"),
+        &[
+            ("http_proxy", &proxy_url),
+            ("HTTP_PROXY", &proxy_url),
+            ("no_proxy", ""),
+            ("NO_PROXY", ""),
+        ],
+    );
+    let dest = work.path().join("pulled");
+    skopeo_copy(
+        &format!("{}/upstream.test/org/proxied:1", rc.addr()),
+        &dest,
+        false,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        read_dir_copy(&dest).manifest_digest,
+        img.image.manifest_digest
+    );
+    let seen = proxy.seen();
+    let via_proxy = format!("http://{}/v2/org/proxied/", up.addr());
+    assert!(
+        seen.iter().any(|l| l.contains(&via_proxy)),
+        "the proxy saw no upstream request: {seen:?}"
+    );
+    drop(rc);
+
+    let before = proxy.seen().len();
+    let direct = Regcache::start_with_env(
+        &config,
+        &work.path().join("storage2"),
+        &[("http_proxy", &proxy_url), ("no_proxy", "127.0.0.1")],
+    );
+    let dest = work.path().join("direct");
+    skopeo_copy(
+        &format!("{}/upstream.test/org/proxied:1", direct.addr()),
+        &dest,
+        false,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        proxy.seen().len(),
+        before,
+        "no_proxy was ignored: {:?}",
+        proxy.seen()
+    );
+}
