@@ -937,3 +937,30 @@ fn tags_list_is_forwarded_and_falls_back_to_cached_tags() {
     let unknown = get(rc.addr(), "/v2/upstream.test/org/never/tags/list");
     assert_eq!(unknown.status, 502, "{}", unknown.describe());
 }
+
+/// Workers die with their supervisor, even when it is SIGKILLed and can
+/// clean nothing up itself (the kernel's parent-death signal).
+#[test]
+fn workers_die_with_a_killed_supervisor() {
+    let one = Upstream::start();
+    let two = Upstream::start();
+    let storage_parent = temp_dir("regcache-orphans-");
+    let mut rc = Regcache::start(
+        &config_json(&[(&one.url(), &["one.test"]), (&two.url(), &["two.test"])]),
+        &storage_parent.path().join("storage"),
+    );
+    let workers = rc.worker_pids();
+    assert_eq!(workers.len(), 2);
+    kill(Pid::from_raw(rc.pid().unwrap()), Signal::SIGKILL).unwrap();
+    let gone = wait_for(Duration::from_secs(10), || {
+        workers
+            .iter()
+            .all(|&p| !Path::new(&format!("/proc/{p}")).exists() || is_zombie(p))
+            .then_some(())
+    });
+    assert!(
+        gone.is_some(),
+        "workers {workers:?} outlived their supervisor"
+    );
+    rc.kill();
+}
