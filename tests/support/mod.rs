@@ -1,7 +1,9 @@
 //! Shared support for the end-to-end tests: a real upstream registry
-//! (Debian's `docker-registry`, distribution 2.8), OCI images built from random
-//! bytes and pushed with skopeo, the `regcache` binary under test, a raw HTTP
-//! client and skopeo helpers.
+//! (Debian's `docker-registry`, distribution 2.8), an in-process fake upstream
+//! for misbehaviour on demand and exact request counts ([`fake`]), OCI images
+//! built from random bytes and pushed with skopeo, the `regcache` binary under
+//! test, a raw HTTP client (whole responses with [`http`], bodies read bit by
+//! bit with [`http_open`]), skopeo helpers and storage-layout checks.
 //!
 //! Everything is black-box: the tests see regcache only through its command
 //! line, its port, its child processes and its storage directory.
@@ -11,6 +13,8 @@
 //! storage) of a run for inspection; their paths are printed.
 
 #![allow(dead_code)]
+
+pub mod fake;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -263,6 +267,198 @@ pub fn http_with_body(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> std::io::Result<Response> {
+    let mut open = http_open_with_body(addr, method, path_and_query, headers, body)?;
+    let rest = open.read_rest();
+    match rest.error {
+        None => Ok(Response {
+            status: open.status,
+            headers: open.headers,
+            body: rest.bytes,
+        }),
+        Some(e) => Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, e)),
+    }
+}
+
+/// How the rest of a response body is delimited.
+#[derive(Debug)]
+enum Framing {
+    /// No body (HEAD, 204, 304) or already read to its end.
+    Done,
+    /// Content-Length: this many bytes still to come.
+    Length(u64),
+    /// Chunked: bytes left in the current chunk (0: a size line is next).
+    Chunked(u64),
+    /// Neither: the body ends when the server closes.
+    Eof,
+}
+
+/// A response whose headers have arrived and whose body the caller reads
+/// bit by bit: to cut a download after N bytes, to read while a fill is
+/// still running, or to tell a complete body from one the server aborted.
+pub struct OpenResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    reader: BufReader<TcpStream>,
+    framing: Framing,
+}
+
+/// The end of a body read with [`OpenResponse::read_rest`].
+#[derive(Debug)]
+pub struct BodyRead {
+    pub bytes: Vec<u8>,
+    /// `None`: the body ended as its framing said (Content-Length reached,
+    /// final chunk, or close for an unframed body). `Some`: why it did not
+    /// (connection closed early, reset, bad chunk).
+    pub error: Option<String>,
+}
+
+impl BodyRead {
+    pub fn complete(&self) -> bool {
+        self.error.is_none()
+    }
+}
+
+impl OpenResponse {
+    /// First value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The announced Content-Length, if any.
+    pub fn content_length(&self) -> Option<u64> {
+        self.header("content-length").and_then(|v| v.parse().ok())
+    }
+
+    /// Status and headers, for assertion messages.
+    pub fn describe(&self) -> String {
+        format!("{} {:?}", self.status, self.headers)
+    }
+
+    /// Up to `max` body bytes: fewer only when the body ends (empty at its
+    /// end) or breaks (the bytes before the break; the error comes with the
+    /// next call).
+    pub fn read_some(&mut self, max: usize) -> std::io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        match self.read_into(&mut out, max) {
+            Err(e) if out.is_empty() => Err(e),
+            _ => Ok(out),
+        }
+    }
+
+    fn read_into(&mut self, out: &mut Vec<u8>, max: usize) -> std::io::Result<()> {
+        while out.len() < max {
+            let want = max - out.len();
+            let n = match self.framing {
+                Framing::Done => break,
+                Framing::Length(0) => {
+                    self.framing = Framing::Done;
+                    break;
+                }
+                Framing::Length(left) => (left as usize).min(want),
+                Framing::Chunked(0) => {
+                    let mut line = String::new();
+                    if self.reader.read_line(&mut line)? == 0 {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "connection closed before the final chunk",
+                        ));
+                    }
+                    let size = line.trim().split(';').next().unwrap_or("");
+                    let size = u64::from_str_radix(size, 16).map_err(|_| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            format!("bad chunk size line {line:?}"),
+                        )
+                    })?;
+                    if size == 0 {
+                        // trailers until the empty line
+                        loop {
+                            let mut t = String::new();
+                            if self.reader.read_line(&mut t)? == 0 || t.trim().is_empty() {
+                                break;
+                            }
+                        }
+                        self.framing = Framing::Done;
+                        break;
+                    }
+                    self.framing = Framing::Chunked(size);
+                    continue;
+                }
+                Framing::Chunked(left) => (left as usize).min(want),
+                Framing::Eof => want.min(64 << 10),
+            };
+            let start = out.len();
+            out.resize(start + n, 0);
+            let got = self.reader.read(&mut out[start..])?;
+            out.truncate(start + got);
+            match &mut self.framing {
+                Framing::Eof if got == 0 => {
+                    self.framing = Framing::Done;
+                    break;
+                }
+                _ if got == 0 => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "connection closed inside the body ({:?} left)",
+                            self.framing
+                        ),
+                    ));
+                }
+                Framing::Length(left) => *left -= got as u64,
+                Framing::Chunked(left) => {
+                    *left -= got as u64;
+                    if *left == 0 {
+                        let mut crlf = [0u8; 2];
+                        self.reader.read_exact(&mut crlf)?;
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the rest of the body, keeping whatever arrived before an error.
+    pub fn read_rest(&mut self) -> BodyRead {
+        let mut bytes = Vec::new();
+        loop {
+            match self.read_some(256 << 10) {
+                Ok(b) if b.is_empty() => return BodyRead { bytes, error: None },
+                Ok(b) => bytes.extend_from_slice(&b),
+                Err(e) => {
+                    return BodyRead {
+                        error: Some(format!("{e} after {} body bytes", bytes.len())),
+                        bytes,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sends one request (fresh connection, `Connection: close` unless given)
+/// and returns once the status line and headers are in; the body is left to
+/// the caller. Interim 1xx responses are skipped.
+pub fn http_open(
+    addr: &str,
+    method: &str,
+    path_and_query: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<OpenResponse> {
+    http_open_with_body(addr, method, path_and_query, headers, &[])
+}
+
+fn http_open_with_body(
+    addr: &str,
+    method: &str,
+    path_and_query: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<OpenResponse> {
     let sock = addr.parse().map_err(|e| {
         std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{addr}: {e}"))
     })?;
@@ -333,53 +529,31 @@ pub fn http_with_body(
         break (status, headers);
     };
 
-    let mut resp = Response {
+    let mut open = OpenResponse {
         status,
         headers,
-        body: Vec::new(),
+        reader,
+        framing: Framing::Done,
     };
     if method.eq_ignore_ascii_case("HEAD") || status == 204 || status == 304 {
-        return Ok(resp);
+        return Ok(open);
     }
-    let chunked = resp
-        .header_all("transfer-encoding")
+    let chunked = open
+        .headers
         .iter()
-        .any(|v| v.to_ascii_lowercase().contains("chunked"));
-    if chunked {
-        loop {
-            let mut size_line = String::new();
-            if reader.read_line(&mut size_line)? == 0 {
-                return Err(bad("connection closed inside a chunked body".into()));
-            }
-            let size_str = size_line.trim().split(';').next().unwrap_or("");
-            let size = usize::from_str_radix(size_str, 16)
-                .map_err(|_| bad(format!("bad chunk size line {size_line:?}")))?;
-            if size == 0 {
-                // trailers until the empty line
-                loop {
-                    let mut t = String::new();
-                    if reader.read_line(&mut t)? == 0 || t.trim().is_empty() {
-                        break;
-                    }
-                }
-                break;
-            }
-            let start = resp.body.len();
-            resp.body.resize(start + size, 0);
-            reader.read_exact(&mut resp.body[start..])?;
-            let mut crlf = [0u8; 2];
-            reader.read_exact(&mut crlf)?;
-        }
-    } else if let Some(len) = resp.header("content-length") {
-        let len: usize = len
+        .filter(|(k, _)| k.eq_ignore_ascii_case("transfer-encoding"))
+        .any(|(_, v)| v.to_ascii_lowercase().contains("chunked"));
+    open.framing = if chunked {
+        Framing::Chunked(0)
+    } else if let Some(len) = open.header("content-length") {
+        let len: u64 = len
             .parse()
             .map_err(|_| bad(format!("bad Content-Length {len:?}")))?;
-        resp.body.resize(len, 0);
-        reader.read_exact(&mut resp.body)?;
+        Framing::Length(len)
     } else {
-        reader.read_to_end(&mut resp.body)?;
-    }
-    Ok(resp)
+        Framing::Eof
+    };
+    Ok(open)
 }
 
 /// `GET` with no extra headers; panics on a transport error.
@@ -1356,22 +1530,37 @@ impl Regcache {
     /// SIGTERM and wait up to 15 s for the exit status; SIGKILL after that
     /// (and then panics, since a clean shutdown was expected).
     pub fn stop(&mut self) -> ExitStatus {
+        self.sigterm();
+        match self.wait_exit(Duration::from_secs(15)) {
+            Some(st) => st,
+            None => {
+                let tail = self.log_tail(40);
+                self.kill();
+                panic!("regcache did not exit within 15 s of SIGTERM; log tail:\n{tail}");
+            }
+        }
+    }
+
+    /// SIGTERM to the supervisor only (as a container runtime sends it),
+    /// without waiting: for tests that act while regcache drains.
+    pub fn sigterm(&mut self) {
         self.remember_workers();
-        let mut child = self.child.take().expect("regcache not running");
-        let pid = child.id() as i32;
+        let pid = self.pid().expect("regcache not running");
         let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(15);
+    }
+
+    /// Waits up to `timeout` for the supervisor to exit: its status, or
+    /// `None` when it is still running (it is left running).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
         loop {
+            let child = self.child.as_mut().expect("regcache not running");
             if let Some(st) = child.try_wait().unwrap() {
-                return st;
+                self.child = None;
+                return Some(st);
             }
             if Instant::now() >= deadline {
-                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-                let _ = child.wait();
-                panic!(
-                    "regcache did not exit within 15 s of SIGTERM; log tail:\n{}",
-                    self.log_tail(40)
-                );
+                return None;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -1492,4 +1681,35 @@ pub fn walk(root: &Path) -> Vec<PathBuf> {
     }
     out.sort();
     out
+}
+
+/// The cache root regcache gives the upstream at `addr` (`host:port`) under
+/// its storage: `<storage>/<host>_<port>` (README, storage layout).
+pub fn upstream_root(storage: &Path, addr: &str) -> PathBuf {
+    storage.join(addr.replace(':', "_"))
+}
+
+/// Where a committed blob lives in an upstream's cache root:
+/// `blobs/sha256/<first two hex>/<hex>`.
+pub fn blob_file(root: &Path, digest: &str) -> PathBuf {
+    let hex = digest_hex(digest);
+    root.join("blobs/sha256").join(&hex[..2]).join(hex)
+}
+
+/// Entries in an upstream cache root's `tmp/` (in-progress writes).
+pub fn tmp_entries(root: &Path) -> Vec<PathBuf> {
+    walk(&root.join("tmp"))
+}
+
+/// Waits (up to 10 s) until `root/tmp` is empty; panics naming what is left.
+pub fn wait_tmp_empty(root: &Path, what: &str) {
+    let left = wait_for(Duration::from_secs(10), || {
+        tmp_entries(root).is_empty().then_some(())
+    });
+    assert!(
+        left.is_some(),
+        "{what}: {}/tmp still holds {:?} after 10 s",
+        root.display(),
+        tmp_entries(root)
+    );
 }

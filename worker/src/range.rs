@@ -34,15 +34,10 @@ pub fn plan(header: Option<&str>, size: Option<u64>) -> Plan {
     };
     let (a, b) = (a.trim(), b.trim());
     let parse = |s: &str| s.parse::<u64>().ok();
+    // Unknown length (an upstream fill without Content-Length): a 206 needs
+    // Content-Range, which needs the length, so send everything with 200.
     let Some(size) = size else {
-        // Unknown length: only an open range from a known offset is possible.
-        return match (parse(a), b.is_empty()) {
-            (Some(start), true) => Plan::Partial(ByteRange {
-                start,
-                end: u64::MAX,
-            }),
-            _ => Plan::Full,
-        };
+        return Plan::Full;
     };
     let range = match (a.is_empty(), parse(a), parse(b)) {
         (true, _, Some(n)) if n > 0 => ByteRange {
@@ -93,7 +88,7 @@ mod tests {
             (Some("bytes=0-1,4-5"), Some(10), Plan::Full),
             (Some("items=0-1"), Some(10), Plan::Full),
             (Some("bytes=x-"), Some(10), Plan::Full),
-            (Some("bytes=3-"), None, p(3, u64::MAX)),
+            (Some("bytes=3-"), None, Plan::Full),
             (Some("bytes=3-4"), None, Plan::Full),
             (Some("bytes=-3"), None, Plan::Full),
         ];

@@ -222,7 +222,6 @@ async fn blob_get(cache: &Cache, req: &Request<Incoming>, name: &Name, digest: &
             return Ok((resp, Some(outcome)));
         }
     };
-    let end = end.filter(|&e| e != u64::MAX);
     let metrics = cache.metrics().clone();
     let source = source_of(outcome);
     let stream = blob
@@ -232,20 +231,17 @@ async fn blob_get(cache: &Cache, req: &Request<Incoming>, name: &Name, digest: &
     let mut resp = Response::new(StreamBody::new(stream).boxed_unsync());
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    match (status, size, end) {
-        (StatusCode::PARTIAL_CONTENT, total, end) => {
-            let total_s = total.map_or("*".to_string(), |t| t.to_string());
-            let last = end.or(total).map(|e| e - 1);
-            if let Some(last) = last {
-                h.insert(header::CONTENT_LENGTH, HeaderValue::from(last + 1 - start));
-                let cr = format!("bytes {start}-{last}/{total_s}");
-                h.insert(
-                    header::CONTENT_RANGE,
-                    HeaderValue::from_str(&cr).expect("ascii"),
-                );
-            }
+    match (end, size) {
+        // A partial range is only planned when the size is known.
+        (Some(end), Some(total)) => {
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(end - start));
+            let cr = format!("bytes {start}-{}/{total}", end - 1);
+            h.insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&cr).expect("ascii"),
+            );
         }
-        (_, Some(size), _) => {
+        (None, Some(size)) => {
             h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
         }
         _ => {}
