@@ -1,0 +1,995 @@
+#!/usr/bin/env python3
+"""regcache benchmark (issue 4): driven by bench/run, which installs the tools,
+builds regcache and owns the work directory.
+
+Starts, all on loopback ports BENCH_PORT_BASE.. (default 19000..19030):
+  - three docker-registry (distribution 2.8) processes on one shared storage
+    root: the upstream proper (seeding, direct pulls) and one upstream front
+    per cache, each with its own access log, so every upstream request a cache
+    makes is counted exactly and attributed to that cache;
+  - regcache (supervisor + one worker) in front of its upstream front;
+  - docker-registry in proxy mode (registry:2 proxy) in front of its front;
+  - nginx serving the same blob and manifest files statically (the ceiling).
+Then measures and prints one table. Standard library only.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+MIB = 1024 * 1024
+
+
+def env_int(name, default, lo, hi):
+    raw = os.environ.get(name, "")
+    if raw == "":
+        return default
+    try:
+        v = int(raw)
+    except ValueError:
+        sys.exit(f"bench: {name}={raw!r} is not an integer")
+    if not lo <= v <= hi:
+        sys.exit(f"bench: {name}={v} out of range {lo}..{hi}")
+    return v
+
+
+BLOB_MIB = env_int("BENCH_BLOB_MIB", 256, 1, 4096)
+COLD_MIB = env_int("BENCH_COLD_MIB", BLOB_MIB, 1, 4096)
+PASSES = env_int("BENCH_PASSES", 3, 1, 20)
+WRK_SECONDS = env_int("BENCH_WRK_SECONDS", 5, 1, 60)
+WRK_THREADS = env_int("BENCH_WRK_THREADS", 2, 1, 64)
+WRK_CONNS = env_int("BENCH_WRK_CONNS", 32, 1, 1024)
+COLD_CLIENTS = env_int("BENCH_COLD_CLIENTS", 16, 1, 64)
+TAG_FRESHNESS = env_int("BENCH_TAG_FRESHNESS", 60, 1, 600)
+AFTER_WINDOW = env_int("BENCH_AFTER_WINDOW", 1, 0, 1)
+PORT_BASE = env_int("BENCH_PORT_BASE", 19000, 19000, 19060)
+
+P_UP = PORT_BASE + 0  # upstream: seeding and direct pulls
+P_UP_RC = PORT_BASE + 1  # upstream front counted for regcache
+P_UP_R2 = PORT_BASE + 2  # upstream front counted for registry:2 proxy
+P_RC = PORT_BASE + 10  # regcache
+P_R2 = PORT_BASE + 20  # registry:2 proxy
+P_NGX = PORT_BASE + 30  # nginx static
+
+REPO = "bench/app"
+COLD_REPO = "bench/cold"
+RC_PREFIX = "upstream.test"
+
+WORK = None
+REGCACHE = None
+PIDFILE = None
+PROCS = []  # (name, Popen)
+T0 = time.monotonic()
+
+
+def log(msg):
+    print(f"[{time.monotonic() - T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+class BenchError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------
+# processes
+# ---------------------------------------------------------------------------
+
+
+def start(name, argv, env=None, stdout=None, stderr=None):
+    """Start a service in its own process group; bench/run's trap kills the
+    groups listed in PIDFILE if this script dies without cleaning up."""
+    out = open(stdout or os.path.join(WORK, "logs", f"{name}.out"), "ab")
+    err = open(stderr, "ab") if stderr else subprocess.STDOUT
+    p = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=err,
+        env=env,
+        start_new_session=True,
+    )
+    out.close()
+    if err is not subprocess.STDOUT:
+        err.close()
+    PROCS.append((name, p))
+    with open(PIDFILE, "a") as f:
+        f.write(f"{p.pid}\n")
+    return p
+
+
+def stop_all():
+    for _, p in PROCS:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + 10
+    for _, p in PROCS:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for _, p in PROCS:
+        try:  # the group too: children that outlived their parent
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if p.poll() is None:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+    PROCS.clear()
+
+
+def check_alive():
+    for name, p in PROCS:
+        if p.poll() is not None:
+            raise BenchError(f"{name} exited with {p.returncode}; see {WORK}/logs/")
+
+
+def port_free(port):
+    import socket
+
+    s = socket.socket()
+    try:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) != 0
+    finally:
+        s.close()
+
+
+def http_status(url, method="GET", headers=None, timeout=2):
+    req = urllib.request.Request(url, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def wait_ready(name, url, proc, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{name} exited with {proc.returncode} while starting; see {WORK}/logs/")
+        try:
+            st, _, _ = http_status(url, timeout=1)
+            if st == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise BenchError(f"{name} not ready at {url} after {timeout}s")
+
+
+def run(argv, timeout, env=None, check=True):
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"timed out after {timeout}s: {' '.join(argv)}")
+    if check and r.returncode != 0:
+        raise BenchError(f"failed ({r.returncode}): {' '.join(argv)}\n{r.stderr.strip()}")
+    return r
+
+
+def tree_pids(root):
+    """root and all its descendants (by ppid)."""
+    children = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def vm_hwm_kib(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def status_kib(pid, *keys):
+    got = dict.fromkeys(keys, 0)
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                k = line.split(":", 1)[0]
+                if k in got:
+                    got[k] = int(line.split()[1])
+    except OSError:
+        pass
+    return [got[k] for k in keys]
+
+
+def tree_hwm_mib(root):
+    return sum(vm_hwm_kib(p) for p in tree_pids(root)) / 1024
+
+
+def cpu_ticks(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            v = f.read().rsplit(")", 1)[1].split()
+        return int(v[11]) + int(v[12])  # utime + stime
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def cpu_snapshot(root):
+    """{pid: CPU seconds} for root and its descendants."""
+    clk = os.sysconf("SC_CLK_TCK")
+    return {p: cpu_ticks(p) / clk for p in tree_pids(root)}
+
+
+def cpu_delta(before, after):
+    """[(pid, seconds)] in tree order (root first)."""
+    return [(p, after[p] - before.get(p, 0.0)) for p in after]
+
+
+def cpu_busy_jiffies():
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal
+    return v[0] + v[1] + v[2], sum(v[:8])
+
+
+def own_cpu_seconds():
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+# ---------------------------------------------------------------------------
+# test data: an OCI layout written directly, pushed with skopeo
+# ---------------------------------------------------------------------------
+
+
+class Layout:
+    def __init__(self, path):
+        self.path = path
+        self.blobs = os.path.join(path, "blobs", "sha256")
+        os.makedirs(self.blobs, exist_ok=True)
+        with open(os.path.join(path, "oci-layout"), "w") as f:
+            f.write('{"imageLayoutVersion":"1.0.0"}')
+        self.refs = []
+
+    def put_bytes(self, data):
+        hexd = hashlib.sha256(data).hexdigest()
+        with open(os.path.join(self.blobs, hexd), "wb") as f:
+            f.write(data)
+        return "sha256:" + hexd, len(data)
+
+    def put_random_tar(self, name, size):
+        """An uncompressed tar holding one file of `size` random bytes,
+        streamed to disk and hashed on the way (its digest is its diff_id)."""
+        tmp = os.path.join(self.path, "tmp-layer")
+        h = hashlib.sha256()
+        total = 0
+        ti = tarfile.TarInfo(name)
+        ti.size = size
+        ti.mtime = 1704067200
+        ti.mode = 0o644
+        with open(tmp, "wb") as f:
+
+            def w(b):
+                nonlocal total
+                f.write(b)
+                h.update(b)
+                total += len(b)
+
+            w(ti.tobuf(format=tarfile.USTAR_FORMAT))
+            left = size
+            while left:
+                n = min(left, 4 * MIB)
+                w(os.urandom(n))
+                left -= n
+            w(b"\0" * ((512 - size % 512) % 512 + 1024))
+        hexd = h.hexdigest()
+        os.rename(tmp, os.path.join(self.blobs, hexd))
+        return "sha256:" + hexd, total
+
+    def image(self, tag, layer_sizes):
+        layers = [self.put_random_tar(f"{tag}-layer{i}.bin", s) for i, s in enumerate(layer_sizes)]
+        config = json.dumps(
+            {
+                "created": "2024-01-01T00:00:00Z",
+                "architecture": "amd64",
+                "os": "linux",
+                "config": {"Env": ["PATH=/usr/bin:/bin"], "Labels": {"regcache.bench": tag + os.urandom(8).hex()}},
+                "rootfs": {"type": "layers", "diff_ids": [d for d, _ in layers]},
+                "history": [{"created": "2024-01-01T00:00:00Z", "created_by": "regcache bench"} for _ in layers],
+            }
+        ).encode()
+        cdig, csize = self.put_bytes(config)
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": OCI_CONFIG, "digest": cdig, "size": csize},
+                "layers": [{"mediaType": OCI_LAYER, "digest": d, "size": s} for d, s in layers],
+            }
+        ).encode()
+        mdig, msize = self.put_bytes(manifest)
+        self.refs.append({"mediaType": OCI_MANIFEST, "digest": mdig, "size": msize,
+                          "annotations": {"org.opencontainers.image.ref.name": tag}})
+        with open(os.path.join(self.path, "index.json"), "w") as f:
+            json.dump({"schemaVersion": 2, "manifests": self.refs}, f)
+        return {"tag": tag, "manifest": mdig, "manifest_size": msize, "config": cdig, "layers": layers}
+
+    def blob_path(self, digest):
+        return os.path.join(self.blobs, digest.split(":", 1)[1])
+
+
+def skopeo_base():
+    d = os.path.join(WORK, "skopeo")
+    return ["skopeo", "--registries-conf", os.path.join(d, "registries.conf"),
+            "--policy", os.path.join(d, "policy.json"), "--tmpdir", os.path.join(d, "tmp")]
+
+
+def skopeo_env():
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy")}
+    env["REGISTRY_AUTH_FILE"] = os.path.join(WORK, "skopeo", "auth.json")
+    return env
+
+
+def setup_skopeo():
+    d = os.path.join(WORK, "skopeo")
+    os.makedirs(os.path.join(d, "tmp"), exist_ok=True)
+    with open(os.path.join(d, "registries.conf"), "w") as f:
+        f.write('unqualified-search-registries = []\nshort-name-mode = "disabled"\n')
+    with open(os.path.join(d, "policy.json"), "w") as f:
+        f.write('{"default":[{"type":"insecureAcceptAnything"}]}')
+
+
+def push(layout, tag, repo):
+    run(skopeo_base() + ["copy", "-q", "--preserve-digests", "--dest-tls-verify=false", "--dest-no-creds",
+                         f"oci:{layout.path}:{tag}", f"docker://127.0.0.1:{P_UP}/{repo}:{tag}"],
+        timeout=600, env=skopeo_env())
+
+
+def pull(ref, label):
+    """skopeo copy docker://REF dir:fresh; returns seconds. Verifies the
+    manifest digest and the blob sizes that landed."""
+    dest = os.path.join(WORK, "pulls", label)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    argv = skopeo_base() + ["copy", "-q", "--src-tls-verify=false", "--src-no-creds",
+                            f"docker://{ref}", f"dir:{dest}"]
+    t = time.monotonic()
+    run(argv, timeout=600, env=skopeo_env())
+    secs = time.monotonic() - t
+    shutil.rmtree(dest, ignore_errors=True)
+    return secs
+
+
+# ---------------------------------------------------------------------------
+# services
+# ---------------------------------------------------------------------------
+
+
+def registry_config(path, port, root, access_log, proxy=None):
+    # The registry:2 image's own config (cmd/registry/config-example.yml) with
+    # paths and port adapted; the upstream fronts keep the access log.
+    cfg = (
+        "version: 0.1\n"
+        "log:\n  level: info\n  fields:\n    service: registry\n"
+        f"  accesslog:\n    disabled: {'false' if access_log else 'true'}\n"
+        "storage:\n  cache:\n    blobdescriptor: inmemory\n"
+        f"  filesystem:\n    rootdirectory: {root}\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n  secret: regcache-bench-secret\n"
+        "  headers:\n    X-Content-Type-Options: [nosniff]\n"
+    )
+    if proxy:
+        cfg += f"proxy:\n  remoteurl: {proxy}\n"
+    with open(path, "w") as f:
+        f.write(cfg)
+
+
+def start_registry(name, port, root, proxy=None, access_log=True):
+    d = os.path.join(WORK, name)
+    os.makedirs(d, exist_ok=True)
+    cfg = os.path.join(d, "config.yml")
+    registry_config(cfg, port, root, access_log, proxy)
+    # distribution writes the access log (combined format) to stdout and its
+    # own log to stderr.
+    p = start(name, ["docker-registry", "serve", cfg],
+              stdout=os.path.join(d, "access.log"), stderr=os.path.join(WORK, "logs", f"{name}.log"))
+    wait_ready(name, f"http://127.0.0.1:{port}/v2/", p, timeout=30)
+    return p
+
+
+ACCESS_RE = re.compile(r'"([A-Z]+) (\S+) HTTP/[0-9.]+" (\d{3})')
+
+
+def access_entries(name):
+    """(method, path, status) of every request the registry `name` answered."""
+    try:
+        with open(os.path.join(WORK, name, "access.log"), errors="replace") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return []
+    return [m.groups() for m in ACCESS_RE.finditer(text)]
+
+
+def settled_entries(name, quiet=0.6, timeout=15):
+    """Access entries once the log has stopped growing for `quiet` s: a line is
+    written when a request completes, shortly after the client saw the end."""
+    last, since = None, time.monotonic()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        e = access_entries(name)
+        if last is None or len(e) != len(last):
+            last, since = e, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return e
+        time.sleep(0.1)
+    return last
+
+
+def describe_requests(entries):
+    """'GET /v2/ + HEAD manifests/p1' style summary."""
+    parts = []
+    for m, path, st in entries:
+        p = re.sub(r"^/v2/[^?]*?/(manifests|blobs)/", r"\1/", path)
+        p = re.sub(r"sha256:([0-9a-f]{8})[0-9a-f]+", r"sha256:\1..", p)
+        parts.append(f"{m} {p}" + ("" if st.startswith("2") else f" ->{st}"))
+    return " + ".join(parts) if parts else "none"
+
+
+def group_requests(entries):
+    """'GET /v2/ x9, HEAD blobs x4, ...' in order of first appearance."""
+    counts = {}
+    for m, path, st in entries:
+        if path.split("?")[0] == "/v2/":
+            kind = "/v2/"
+        elif "/manifests/sha256:" in path:
+            kind = "manifests/<digest>"
+        elif "/manifests/" in path:
+            kind = "manifests/<tag>"
+        elif "/blobs/" in path:
+            kind = "blobs"
+        else:
+            kind = path
+        key = f"{m} {kind}" + ("" if st.startswith("2") else f" ->{st}")
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{k} x{n}" for k, n in counts.items()) or "none"
+
+
+def start_regcache():
+    d = os.path.join(WORK, "regcache")
+    os.makedirs(d, exist_ok=True)
+    env = dict(os.environ)
+    env["CONFIG"] = json.dumps([{"registry": f"http://127.0.0.1:{P_UP_RC}", "aliases": [RC_PREFIX, "docker.io"]}])
+    env["REGCACHE_TAG_FRESHNESS"] = f"{TAG_FRESHNESS}s"
+    for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "REGCACHE_LISTEN", "REGCACHE_STORAGE"):
+        env.pop(k, None)
+    p = start("regcache", [REGCACHE, "--listen", f"127.0.0.1:{P_RC}", "--storage", os.path.join(d, "data")],
+              env=env, stdout=os.path.join(WORK, "logs", "regcache.log"))
+    wait_ready("regcache", f"http://127.0.0.1:{P_RC}/v2/", p, timeout=60)
+    return p
+
+
+def start_nginx(layout, image):
+    d = os.path.join(WORK, "nginx")
+    root = os.path.join(d, "root")
+    for sub in ("blobs", "manifests"):
+        os.makedirs(os.path.join(root, "v2", REPO, sub), exist_ok=True)
+    big = image["layers"][0][0]
+    os.link(layout.blob_path(big), os.path.join(root, "v2", REPO, "blobs", big))
+    os.link(layout.blob_path(image["manifest"]), os.path.join(root, "v2", REPO, "manifests", image["manifest"]))
+    for t in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        os.makedirs(os.path.join(d, "tmp", t), exist_ok=True)
+    conf = os.path.join(d, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(f"""# nginx serving the blob and the manifest as static files: the ceiling.
+user root;
+worker_processes auto;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    client_body_temp_path {d}/tmp/client_body;
+    proxy_temp_path {d}/tmp/proxy;
+    fastcgi_temp_path {d}/tmp/fastcgi;
+    uwsgi_temp_path {d}/tmp/uwsgi;
+    scgi_temp_path {d}/tmp/scgi;
+    types {{ }}
+    server {{
+        listen 127.0.0.1:{P_NGX};
+        root {root};
+        location /v2/ {{ default_type application/octet-stream; }}
+        location ~ /manifests/ {{ default_type {OCI_MANIFEST}; }}
+    }}
+}}
+""")
+    p = start("nginx", ["nginx", "-p", d, "-e", os.path.join(d, "error.log"), "-c", conf, "-g", "daemon off;"])
+    wait_ready("nginx", f"http://127.0.0.1:{P_NGX}/v2/{REPO}/manifests/{image['manifest']}", p, timeout=15)
+    return p
+
+
+# ---------------------------------------------------------------------------
+# measurements
+# ---------------------------------------------------------------------------
+
+CURL_W = "%{http_code} %{size_download} %{speed_download} %{time_starttransfer} %{time_total}"
+
+
+def curl_args(url, headers=()):
+    a = ["curl", "-s", "--noproxy", "*", "-o", "/dev/null", "-w", CURL_W]
+    for h in headers:
+        a += ["-H", h]
+    return a + [url]
+
+
+def parse_curl(out, url, size):
+    code, got, speed, ttfb, total = out.split()
+    if code != "200" or int(got) != size:
+        raise BenchError(f"GET {url}: status {code}, {got} bytes (want 200, {size})")
+    return {"speed": float(speed), "ttfb": float(ttfb), "total": float(total)}
+
+
+def blob_get(url, size, dump_headers=None):
+    a = curl_args(url)
+    if dump_headers:
+        a[1:1] = ["-D", dump_headers]
+    return parse_curl(run(a, timeout=600).stdout, url, size)
+
+
+def x_cache(header_file):
+    try:
+        with open(header_file, errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("x-cache:"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "-"
+
+
+def warm_blobs(targets, size):
+    """targets: {name: (url, process tree root)}. Per target one untimed GET
+    (warms the cache and the page cache), then PASSES rounds of one timed GET
+    per target, interleaved so a busy moment hits all alike. Returns
+    {name: (median MB/s, all MB/s, X-Cache of the last GET, CPU s/GB per process)}."""
+    hf = {k: os.path.join(WORK, "logs", f"headers-{k}") for k in targets}
+    for k, (url, _) in targets.items():
+        blob_get(url, size, dump_headers=hf[k] + "-warmup")
+    speeds = {k: [] for k in targets}
+    cpu = {k: {} for k in targets}
+    for _ in range(PASSES):
+        for k, (url, root) in targets.items():
+            c0 = cpu_snapshot(root)
+            speeds[k].append(blob_get(url, size, dump_headers=hf[k])["speed"] / 1e6)
+            for j, (_, t) in enumerate(cpu_delta(c0, cpu_snapshot(root))):
+                cpu[k][j] = cpu[k].get(j, 0.0) + t
+    gb = PASSES * size / 1e9
+    return {k: (statistics.median(speeds[k]), speeds[k], x_cache(hf[k]), [cpu[k][j] / gb for j in sorted(cpu[k])])
+            for k in targets}
+
+
+def concurrent_cold(url, size):
+    """COLD_CLIENTS GETs started together by one `curl --parallel` (no process
+    spawn stagger between clients); each transfer's first byte is timed from
+    its own start. Returns (results, errors)."""
+    argv = ["curl", "-s", "--noproxy", "*", "-Z", "--parallel-max", str(COLD_CLIENTS), "--parallel-immediate",
+            "-w", CURL_W + "\\n"]
+    for _ in range(COLD_CLIENTS):
+        argv += ["-o", "/dev/null", url]
+    r = run(argv, timeout=600, check=False)
+    res, errors = [], []
+    lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
+    if len(lines) != COLD_CLIENTS:
+        errors.append(f"curl exit {r.returncode}, {len(lines)} of {COLD_CLIENTS} transfers reported")
+    for ln in lines:
+        try:
+            res.append(parse_curl(ln, url, size))
+        except (BenchError, ValueError) as e:
+            errors.append(str(e).splitlines()[0])
+    return res, errors
+
+
+WRK_RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
+WRK_P99 = re.compile(r"^\s*99%\s+([\d.]+)(us|ms|s)\s*$", re.M)
+WRK_REQS = re.compile(r"(\d+) requests in")
+WRK_NON2XX = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
+WRK_ERR = re.compile(r"Socket errors:.*")
+
+
+def wrk(url, headers=()):
+    argv = ["wrk", f"-t{WRK_THREADS}", f"-c{WRK_CONNS}", f"-d{WRK_SECONDS}s", "--latency"]
+    for h in headers:
+        argv += ["-H", h]
+    out = run(argv + [url], timeout=WRK_SECONDS + 60).stdout
+    rps = WRK_RPS.search(out)
+    p99 = WRK_P99.search(out)
+    if not rps or not p99:
+        raise BenchError(f"cannot parse wrk output:\n{out}")
+    mult = {"us": 1e-3, "ms": 1.0, "s": 1e3}[p99.group(2)]
+    non2xx = WRK_NON2XX.search(out)
+    err = WRK_ERR.search(out)
+    reqs = WRK_REQS.search(out)
+    return {"rps": float(rps.group(1)), "requests": int(reqs.group(1)) if reqs else 0, "p99_ms": float(p99.group(1)) * mult,
+            "non2xx": int(non2xx.group(1)) if non2xx else 0, "socket_errors": err.group(0) if err else ""}
+
+
+def manifest_check(url, digest):
+    st, h, body = http_status(url, headers={"Accept": OCI_MANIFEST}, timeout=10)
+    got = "sha256:" + hashlib.sha256(body).hexdigest()
+    if st != 200 or got != digest:
+        raise BenchError(f"GET {url}: status {st}, body digest {got} (want 200, {digest})")
+
+
+# ---------------------------------------------------------------------------
+# the run
+# ---------------------------------------------------------------------------
+
+
+def main():
+    global WORK, REGCACHE, PIDFILE
+    WORK = os.environ["BENCH_WORK"]
+    REGCACHE = os.environ["REGCACHE_BIN"]
+    PIDFILE = os.environ.get("BENCH_PIDFILE", os.path.join(WORK, "pids"))
+    os.makedirs(os.path.join(WORK, "logs"), exist_ok=True)
+
+    ports = [P_UP, P_UP_RC, P_UP_R2, P_RC, P_R2, P_NGX]
+    busy = [p for p in ports if not port_free(p)]
+    if busy:
+        raise BenchError(f"ports already in use: {busy} (set BENCH_PORT_BASE)")
+
+    cond = {"load_start": os.getloadavg()}
+    b0, t0 = cpu_busy_jiffies()
+    time.sleep(1.0)
+    b1, t1 = cpu_busy_jiffies()
+    cond["idle_probe_busy"] = (b1 - b0) / max(1, t1 - t0)  # fraction of all cores, before we start anything
+    busy_start, own_start = b1, own_cpu_seconds()
+    clk = os.sysconf("SC_CLK_TCK")
+    wall_start = time.monotonic()
+
+    # --- data --------------------------------------------------------------
+    setup_skopeo()
+    log(f"building test data: {PASSES} images with a {BLOB_MIB} MiB layer, {PASSES} cold blobs of {COLD_MIB} MiB")
+    layout = Layout(os.path.join(WORK, "layout"))
+    images = [layout.image(f"p{i + 1}", [BLOB_MIB * MIB, 200_000, 20_000]) for i in range(PASSES)]
+    colds = [layout.image(f"c{i + 1}", [COLD_MIB * MIB]) for i in range(PASSES)]
+
+    up_root = os.path.join(WORK, "upstream-data")
+    start_registry("upstream", P_UP, up_root)
+    log("pushing to the upstream")
+    for im in images:
+        push(layout, im["tag"], REPO)
+    for im in colds:
+        push(layout, im["tag"], COLD_REPO)
+    for im in images:
+        manifest_check(f"http://127.0.0.1:{P_UP}/v2/{REPO}/manifests/{im['tag']}", im["manifest"])
+    start_registry("upstream-rc", P_UP_RC, up_root)
+    start_registry("upstream-r2", P_UP_R2, up_root)
+
+    # --- services -----------------------------------------------------------
+    log("starting regcache, registry:2 proxy, nginx")
+    rc = start_regcache()
+    r2 = start_registry("registry2-proxy", P_R2, os.path.join(WORK, "registry2-proxy", "data"),
+                        proxy=f"http://127.0.0.1:{P_UP_R2}", access_log=True)
+    ngx = start_nginx(layout, images[0])
+
+    caches = {
+        "regcache": {"base": f"http://127.0.0.1:{P_RC}/v2/{RC_PREFIX}", "ref": f"127.0.0.1:{P_RC}/{RC_PREFIX}",
+                     "up": "upstream-rc"},
+        "registry2": {"base": f"http://127.0.0.1:{P_R2}/v2", "ref": f"127.0.0.1:{P_R2}", "up": "upstream-r2"},
+    }
+    R = {"direct": {}, "nginx": {}, "regcache": {}, "registry2": {}}
+    for k in ("regcache", "registry2"):
+        R[k].update(cold=[], warm=[], warm_reqs=[], warm_desc="", fetches=[], heads=[], cold_reqs=[],
+                    ttfb=[], cold_done=[], cold_errors=[])
+    R["direct"]["pull"] = []
+    rss_steps = [("started", tree_hwm_mib(rc.pid))]
+    R["nginx"]["ttfb"] = []
+    R["nginx"]["cold_done"] = []
+    last_tag_fetch = {}
+
+    # --- pulls: direct, cold and warm through each cache ----------------------
+    log("warm-up: one untimed direct pull")
+    pull(f"127.0.0.1:{P_UP}/{REPO}:{images[0]['tag']}", "warmup")
+    for i, im in enumerate(images):
+        tag = im["tag"]
+        check_alive()
+        R["direct"]["pull"].append(pull(f"127.0.0.1:{P_UP}/{REPO}:{tag}", "direct"))
+        for k, c in caches.items():
+            n0 = len(settled_entries(c["up"]))
+            R[k]["cold"].append(pull(f"{c['ref']}/{REPO}:{tag}", f"{k}-cold"))
+            last_tag_fetch[(k, tag)] = time.monotonic()  # the tag was fetched before this
+            n1 = len(settled_entries(c["up"]))
+            R[k]["warm"].append(pull(f"{c['ref']}/{REPO}:{tag}", f"{k}-warm"))
+            e = settled_entries(c["up"])
+            R[k]["cold_reqs"].append(n1 - n0)
+            R[k]["cold_desc"] = group_requests(e[n0:n1])
+            R[k]["warm_reqs"].append(len(e) - n1)
+            R[k]["warm_desc"] = describe_requests(e[n1:])
+        log(f"pass {i + 1}: direct {R['direct']['pull'][-1]:.2f}s, "
+            + ", ".join(f"{k} cold {R[k]['cold'][-1]:.2f}s warm {R[k]['warm'][-1]:.2f}s "
+                        f"({R[k]['warm_reqs'][-1]} upstream req)" for k in caches))
+
+    rss_steps.append(("pulls", tree_hwm_mib(rc.pid)))
+
+    # --- warm blob throughput -----------------------------------------------
+    big, big_size = images[0]["layers"][0]
+    log(f"warm blob GET ({big_size} bytes) x{PASSES}")
+    roots = {"nginx": ngx.pid, "regcache": rc.pid, "registry2": r2.pid}
+    targets = {"nginx": (f"http://127.0.0.1:{P_NGX}/v2/{REPO}/blobs/{big}", ngx.pid)}
+    for k, c in caches.items():
+        targets[k] = (f"{c['base']}/{REPO}/blobs/{big}", roots[k])
+    for k, (med_, all_, xc, cpu) in warm_blobs(targets, big_size).items():
+        R[k].update(blob=med_, blob_all=all_, blob_xcache=xc, blob_cpu=cpu)
+    log("warm blob MB/s: " + ", ".join(f"{k} {R[k]['blob']:.0f}" for k in ("nginx", *caches)))
+
+    rss_steps.append(("warm blob", tree_hwm_mib(rc.pid)))
+
+    # --- manifest by digest under wrk ---------------------------------------
+    mdig = images[0]["manifest"]
+    urls = {"nginx": f"http://127.0.0.1:{P_NGX}/v2/{REPO}/manifests/{mdig}"}
+    for k, c in caches.items():
+        urls[k] = f"{c['base']}/{REPO}/manifests/{mdig}"
+    for k, u in urls.items():
+        manifest_check(u, mdig)
+        R[k]["wrk"] = []
+    log(f"manifest by digest: wrk -t{WRK_THREADS} -c{WRK_CONNS} -d{WRK_SECONDS}s x{PASSES} per target")
+    for i in range(PASSES):  # interleaved, so a busy moment hits all alike
+        for k, u in urls.items():
+            check_alive()
+            c0 = cpu_snapshot(roots[k])
+            w = wrk(u, headers=[f"Accept: {OCI_MANIFEST}"])
+            w["cpu"] = cpu_delta(c0, cpu_snapshot(roots[k]))
+            R[k]["wrk"].append(w)
+    for k in urls:
+        R[k]["rps"] = statistics.median(w["rps"] for w in R[k]["wrk"])
+        R[k]["p99"] = statistics.median(w["p99_ms"] for w in R[k]["wrk"])
+        R[k]["non2xx"] = sum(w["non2xx"] for w in R[k]["wrk"])
+        R[k]["sockerr"] = [w["socket_errors"] for w in R[k]["wrk"] if w["socket_errors"]]
+        nreq = sum(w["requests"] for w in R[k]["wrk"])
+        per = {}
+        for w in R[k]["wrk"]:
+            for j, (_, t) in enumerate(w["cpu"]):
+                per[j] = per.get(j, 0.0) + t
+        R[k]["wrk_cpu_us"] = [per[j] / max(1, nreq) * 1e6 for j in sorted(per)]
+    log("manifest req/s: " + ", ".join(f"{k} {R[k]['rps']:.0f} (p99 {R[k]['p99']:.1f} ms)" for k in urls))
+
+    rss_steps.append(("wrk", tree_hwm_mib(rc.pid)))
+
+    # --- N concurrent cold GETs of one blob ---------------------------------
+    log(f"{COLD_CLIENTS} concurrent cold GETs x{PASSES}")
+    for i, cim in enumerate(colds):
+        cdig, csize = cim["layers"][0]
+        res, errs = concurrent_cold(f"http://127.0.0.1:{P_NGX}/v2/{REPO}/blobs/{big}", big_size)
+        if errs:
+            raise BenchError(f"nginx concurrent GETs failed: {errs[:3]}")
+        R["nginx"]["ttfb"].append(max(r["ttfb"] for r in res))
+        R["nginx"]["cold_done"].append(max(r["total"] for r in res))
+        for k, c in caches.items():
+            check_alive()
+            n0 = len(settled_entries(c["up"]))
+            res, errs = concurrent_cold(f"{c['base']}/{COLD_REPO}/blobs/{cdig}", csize)
+            e = settled_entries(c["up"])[n0:]
+            blob_path = f"/blobs/{cdig}"
+            R[k]["fetches"].append(sum(1 for m, p, _ in e if m == "GET" and p.endswith(blob_path)))
+            R[k]["heads"].append(sum(1 for m, p, _ in e if m == "HEAD" and p.endswith(blob_path)))
+            R[k]["cold_errors"] += errs
+            R[k]["ttfb"].append(max(r["ttfb"] for r in res) if res else float("nan"))
+            R[k]["cold_done"].append(max(r["total"] for r in res) if res else float("nan"))
+        log(f"pass {i + 1}: " + ", ".join(f"{k} {R[k]['fetches'][-1]} GET + {R[k]['heads'][-1]} HEAD upstream, "
+                                           f"slowest first byte {R[k]['ttfb'][-1]:.3f}s" for k in caches))
+
+    rss_steps.append((f"{COLD_CLIENTS} cold GETs", tree_hwm_mib(rc.pid)))
+
+    # --- warm pull after the tag freshness window ---------------------------
+    if AFTER_WINDOW:
+        tag = images[0]["tag"]
+        wait = last_tag_fetch[("regcache", tag)] + TAG_FRESHNESS + 1 - time.monotonic()
+        if wait > 0:
+            log(f"waiting {wait:.0f}s for regcache's {TAG_FRESHNESS}s tag freshness window to pass")
+            time.sleep(min(wait, TAG_FRESHNESS + 2))
+        for k, c in caches.items():
+            n1 = len(settled_entries(c["up"]))
+            R[k]["late_pull"] = pull(f"{c['ref']}/{REPO}:{tag}", f"{k}-late")
+            e = settled_entries(c["up"])[n1:]
+            R[k]["late_reqs"] = len(e)
+            R[k]["late_desc"] = describe_requests(e)
+
+    # --- peak RSS -----------------------------------------------------------
+    check_alive()
+    pids = tree_pids(rc.pid)
+    R["regcache"]["rss_parts"] = [(pid, vm_hwm_kib(pid)) for pid in pids]
+    R["regcache"]["rss"] = sum(v for _, v in R["regcache"]["rss_parts"]) / 1024
+    R["regcache"]["rss_steps"] = rss_steps
+    R["regcache"]["rss_now"] = [(pid, *status_kib(pid, "VmRSS", "RssAnon", "RssFile", "Threads")) for pid in pids]
+    R["registry2"]["rss"] = sum(vm_hwm_kib(p) for p in tree_pids(r2.pid)) / 1024
+    R["nginx"]["rss"] = sum(vm_hwm_kib(p) for p in tree_pids(ngx.pid)) / 1024
+    R["nginx"]["procs"] = len(tree_pids(ngx.pid))
+
+    stop_all()
+    b2, _ = cpu_busy_jiffies()
+    wall = time.monotonic() - wall_start
+    ours = own_cpu_seconds() - own_start
+    others = (b2 - busy_start) / clk - ours
+    cond.update(load_end=os.getloadavg(), wall=wall, others_cpu=max(0.0, others),
+                ncpu=os.cpu_count(), ours_cpu=ours)
+    report(R, images, colds, cond)
+
+
+# ---------------------------------------------------------------------------
+# the table
+# ---------------------------------------------------------------------------
+
+
+def fmt_mb(v):
+    return f"{v:,.0f} MB/s"
+
+
+def report(R, images, colds, cond):
+    med = statistics.median
+    ng, rc, r2, dr = R["nginx"], R["regcache"], R["registry2"], R["direct"]
+    big_size = images[0]["layers"][0][1]
+    direct = med(dr["pull"])
+    rows = []  # measure, baseline, regcache, registry2, target, mark
+
+    def mark(ok):
+        return "PASS" if ok else "MISS"
+
+    rows.append((f"warm {BLOB_MIB} MiB blob GET (curl, 1 stream)", fmt_mb(ng["blob"]),
+                 f"{fmt_mb(rc['blob'])} ({rc['blob'] / ng['blob']:.0%})",
+                 f"{fmt_mb(r2['blob'])} ({r2['blob'] / ng['blob']:.0%})",
+                 ">= 95 % of nginx", mark(rc["blob"] >= 0.95 * ng["blob"])))
+    rows.append((f"manifest by digest, wrk -t{WRK_THREADS} -c{WRK_CONNS}: req/s",
+                 f"{ng['rps']:,.0f}", f"{rc['rps']:,.0f} ({rc['rps'] / ng['rps']:.0%})",
+                 f"{r2['rps']:,.0f} ({r2['rps'] / ng['rps']:.0%})",
+                 ">= 50 % of nginx", mark(rc["rps"] >= 0.5 * ng["rps"] and rc["non2xx"] == 0)))
+    rows.append(("  same: p99 latency", f"{ng['p99']:.1f} ms", f"{rc['p99']:.1f} ms", f"{r2['p99']:.1f} ms", "", ""))
+
+    def fetches(d):
+        s = f"{med(d['fetches']):g}"
+        if len(set(d["fetches"])) > 1:
+            s += f" ({'/'.join(str(x) for x in d['fetches'])})"
+        if any(d["heads"]):
+            s += f" (+{med(d['heads']):g} HEAD)"
+        return s
+
+    rows.append((f"{COLD_CLIENTS} clients GET one cold {COLD_MIB} MiB blob: upstream GETs", "-", fetches(rc),
+                 fetches(r2), "exactly 1", mark(all(f == 1 for f in rc["fetches"]) and not rc["cold_errors"])))
+    rows.append(("  same: slowest client's first byte", f"{med(ng['ttfb']):.3f} s", f"{med(rc['ttfb']):.3f} s",
+                 f"{med(r2['ttfb']):.3f} s", "<= 0.1 s", mark(med(rc["ttfb"]) <= 0.1)))
+    rows.append(("cold skopeo pull (direct = from upstream)", f"{direct:.2f} s",
+                 f"{med(rc['cold']):.2f} s ({med(rc['cold']) / direct:.2f}x)",
+                 f"{med(r2['cold']):.2f} s ({med(r2['cold']) / direct:.2f}x)",
+                 "<= 1.1x direct", mark(med(rc["cold"]) <= 1.1 * direct)))
+    rows.append(("warm skopeo pull", f"{direct:.2f} s",
+                 f"{med(rc['warm']):.2f} s ({med(rc['warm']) / direct:.2f}x)",
+                 f"{med(r2['warm']):.2f} s ({med(r2['warm']) / direct:.2f}x)", "", ""))
+    rows.append((f"upstream requests per warm pull (tag < {TAG_FRESHNESS} s old)", "-",
+                 f"{med(rc['warm_reqs']):g}", f"{med(r2['warm_reqs']):g}", "", ""))
+    if AFTER_WINDOW:
+        rows.append((f"  same, tag > {TAG_FRESHNESS} s old", "-", f"{rc['late_reqs']}", f"{r2['late_reqs']}", "", ""))
+    rows.append(("peak RSS (VmHWM, all processes)", f"{ng['rss']:.1f} MiB", f"{rc['rss']:.1f} MiB",
+                 f"{r2['rss']:.1f} MiB", "<= 40 MiB", mark(rc["rss"] <= 40)))
+
+    head = ("measure", "nginx static / direct", "regcache", "registry:2 proxy", "regcache target", "")
+    table = [head] + rows
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+
+    def line(r):
+        return "| " + " | ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) if i in (1, 2, 3)
+                                 else c.ljust(widths[i]) for i, c in enumerate(r)) + " |"
+
+    out = []
+    out.append("")
+    out.append(f"regcache benchmark: {BLOB_MIB} MiB blob, {COLD_MIB} MiB cold blob, medians of {PASSES} passes, "
+               f"wrk {WRK_SECONDS} s, tag freshness {TAG_FRESHNESS} s")
+    out.append(line(head))
+    out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        out.append(line(r))
+    out.append("")
+    out.append("details:")
+    out.append(f"  warm blob MB/s per pass: " + "; ".join(
+        f"{k} {', '.join(f'{x:.0f}' for x in R[k]['blob_all'])}" for k in ("nginx", "regcache", "registry2"))
+        + f"; regcache X-Cache {rc['blob_xcache']}")
+    out.append(f"  manifest req/s per pass: " + "; ".join(
+        f"{k} {', '.join(format(w['rps'], '.0f') for w in R[k]['wrk'])}" for k in ("nginx", "regcache", "registry2")))
+    for k in ("nginx", "regcache", "registry2"):
+        if R[k]["non2xx"] or R[k]["sockerr"]:
+            out.append(f"  wrk {k}: {R[k]['non2xx']} non-2xx responses; {'; '.join(R[k]['sockerr'])}")
+    out.append(f"  slowest first byte per pass: " + "; ".join(
+        f"{k} {', '.join(f'{x:.3f}' for x in R[k]['ttfb'])}" for k in ("nginx", "regcache", "registry2")))
+    def cpu_parts(v, unit):
+        return " + ".join(f"{x:.2f}" if unit == "s/GB" else f"{x:.0f}" for x in v) + f" {unit}"
+
+    coarse = " (coarse: 10 ms ticks over little data)" if PASSES * big_size < 500e6 else ""
+    out.append(f"  CPU per warm blob GB served{coarse} (per process, regcache: supervisor + worker): "
+               + "; ".join(f"{k} {cpu_parts(R[k]['blob_cpu'], 's/GB')}"
+                           for k in ("nginx", "regcache", "registry2")))
+    out.append("  CPU per manifest request under wrk: "
+               + "; ".join(f"{k} {cpu_parts(R[k]['wrk_cpu_us'], 'us')}" for k in ("nginx", "regcache", "registry2")))
+    out.append(f"  {COLD_CLIENTS} cold GETs, last client done (s) per pass: " + "; ".join(
+        f"{k} {', '.join(f'{x:.2f}' for x in R[k]['cold_done'])}" for k in ("nginx", "regcache", "registry2")))
+    for k in ("regcache", "registry2"):
+        if R[k]["cold_errors"]:
+            out.append(f"  {k} concurrent cold GET failures: {len(R[k]['cold_errors'])}: {R[k]['cold_errors'][0]}")
+    out.append(f"  pull seconds per pass: direct {', '.join(f'{x:.2f}' for x in dr['pull'])}; " + "; ".join(
+        f"{k} cold {', '.join(f'{x:.2f}' for x in R[k]['cold'])} warm {', '.join(f'{x:.2f}' for x in R[k]['warm'])}"
+        for k in ("regcache", "registry2")))
+    out.append(f"  upstream requests per cold pull: regcache {', '.join(map(str, rc['cold_reqs']))}; "
+               f"registry2 {', '.join(map(str, r2['cold_reqs']))}")
+    for k in ("regcache", "registry2"):
+        out.append(f"  {k} upstream requests in the last cold pull: {R[k]['cold_desc']}")
+    out.append(f"  warm pull upstream requests: regcache {rc['warm_desc']}; registry2 {r2['warm_desc']}")
+    if AFTER_WINDOW:
+        out.append(f"  warm pull after the window: regcache {rc['late_desc']}; registry2 {r2['late_desc']}")
+    parts = ", ".join(f"pid {p} {kib / 1024:.1f}" for p, kib in rc["rss_parts"])
+    out.append(f"  regcache VmHWM MiB: {parts} (supervisor first; {len(rc['rss_parts']) - 1} worker(s)); "
+               f"nginx {ng['procs']} processes")
+    out.append("  regcache at the end (MiB): " + "; ".join(
+        f"pid {p} VmRSS {a / 1024:.1f} (anon {b / 1024:.1f}, file {c / 1024:.1f}), {t} threads"
+        for p, a, b, c, t in rc["rss_now"]))
+    out.append("  regcache VmHWM sum (MiB) after each phase: "
+               + ", ".join(f"{name} {v:.1f}" for name, v in rc["rss_steps"]))
+    busy = cond["others_cpu"] / (cond["wall"] * cond["ncpu"])
+    out.append(f"  machine: {cond['ncpu']} cores; load avg {cond['load_start'][0]:.2f} at start, "
+               f"{cond['load_end'][0]:.2f} at end; CPU busy before start {cond['idle_probe_busy']:.0%}; "
+               f"other processes used ~{cond['others_cpu']:.0f} CPU-s during the {cond['wall']:.0f} s run "
+               f"(~{busy:.0%} of the machine){' -> MACHINE WAS BUSY, figures are noisy' if busy > 0.1 else ''}")
+    text = "\n".join(out) + "\n"
+    sys.stdout.write(text)
+    res = os.environ.get("BENCH_RESULTS")
+    if res:
+        with open(res, "w") as f:
+            f.write(text)
+        with open(res + ".json", "w") as f:
+            json.dump({"results": R, "conditions": cond}, f, indent=1, default=str)
+
+
+def on_signal(signum, _frame):
+    raise SystemExit(128 + signum)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    code = 0
+    try:
+        main()
+    except BenchError as e:
+        log(f"FAILED: {e}")
+        code = 1
+    finally:
+        stop_all()
+    sys.exit(code)
