@@ -187,6 +187,15 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     let local = listener.local_addr().unwrap_or(settings.listen);
     tracing::info!(listen = %local, upstreams = settings.upstreams.len(), "regcache ready");
 
+    let local = workers
+        .iter()
+        .map(|w| server::LocalHits {
+            store: regcache_worker::storage::Store::view(&w.storage),
+            metrics: Arc::new(regcache_worker::metrics::Metrics::for_front(
+                &w.upstream.authority(),
+            )),
+        })
+        .collect();
     let front = Arc::new(server::Front {
         routes: routing::Routes::new(&settings.upstreams),
         proxy: proxy::Proxy::new(workers.iter().map(|w| w.socket.clone()).collect()),
@@ -194,6 +203,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         metrics,
         auth: settings.auth.clone(),
         probes_only: false,
+        local: Arc::new(local),
     });
     let tls = settings.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let graceful = GracefulShutdown::new();

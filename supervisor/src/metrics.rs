@@ -90,10 +90,27 @@ struct Family {
     name: String,
     help: Option<String>,
     kind: Option<String>,
-    samples: Vec<String>,
+    /// `name{labels}` and value, in first-seen order.
+    samples: Vec<(String, f64)>,
 }
 
-/// Merges text expositions: one HELP/TYPE per family, samples of all pages.
+impl Family {
+    /// Adds a sample line; the same series from another page is summed (the
+    /// supervisor counts the hits it serves under the worker's labels).
+    fn add(&mut self, line: &str) {
+        let (series, value) = match line.rsplit_once(' ') {
+            Some((s, v)) => (s.trim_end(), v.parse::<f64>().unwrap_or(f64::NAN)),
+            None => (line, f64::NAN),
+        };
+        match self.samples.iter_mut().find(|(s, _)| s == series) {
+            Some((_, total)) => *total += value,
+            None => self.samples.push((series.to_string(), value)),
+        }
+    }
+}
+
+/// Merges text expositions: one HELP/TYPE per family, samples of all pages,
+/// identical series summed.
 pub fn merge<'a>(pages: impl IntoIterator<Item = &'a str>) -> String {
     let mut families: Vec<Family> = Vec::new();
     let index_of = |families: &mut Vec<Family>, name: &str| -> usize {
@@ -133,15 +150,18 @@ pub fn merge<'a>(pages: impl IntoIterator<Item = &'a str>) -> String {
                         index_of(&mut families, name)
                     }
                 };
-                families[i].samples.push(line.to_string());
+                families[i].add(line);
             }
         }
     }
     let mut out = String::new();
     for f in families {
-        for l in f.help.iter().chain(f.kind.iter()).chain(f.samples.iter()) {
+        for l in f.help.iter().chain(f.kind.iter()) {
             out.push_str(l);
             out.push('\n');
+        }
+        for (series, value) in &f.samples {
+            out.push_str(&format!("{series} {value}\n"));
         }
     }
     out
@@ -162,5 +182,14 @@ mod tests {
         let h = m.find("# HELP h").unwrap();
         assert!(x < y && y < h, "samples of a family stay together:\n{m}");
         assert!(m.contains("h_count{upstream=\"a\"} 1"));
+    }
+
+    #[test]
+    fn the_same_series_from_two_pages_is_summed() {
+        let a = "# TYPE x_total counter\nx_total{upstream=\"a\"} 2\n";
+        let b = "# TYPE x_total counter\nx_total{upstream=\"a\"} 3\nx_total{upstream=\"b\"} 1\n";
+        let m = merge([a, b]);
+        assert!(m.contains("x_total{upstream=\"a\"} 5\n"), "{m}");
+        assert!(m.contains("x_total{upstream=\"b\"} 1\n"), "{m}");
     }
 }

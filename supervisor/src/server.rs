@@ -13,7 +13,11 @@ use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use regcache_worker::body::{full, Body};
 use regcache_worker::error::{ErrorCode, RegistryError};
-use regcache_worker::server::{json_response as json, API_VERSION, INVENTORY_PATH, METRICS_PATH};
+use regcache_worker::metrics::Metrics as WorkerMetrics;
+use regcache_worker::server::{
+    answer_from_store, json_response as json, API_VERSION, INVENTORY_PATH, METRICS_PATH,
+};
+use regcache_worker::storage::Store;
 
 use crate::access_log::{Entry, Logged};
 use crate::client_auth::{Check, Htpasswd};
@@ -37,6 +41,15 @@ pub struct Front {
     pub auth: Option<Arc<Htpasswd>>,
     /// The metrics listener: `/metrics` and the probes, nothing else.
     pub probes_only: bool,
+    /// Per worker: its committed content, read here to answer hits by digest
+    /// without the hop (see `answer_from_store`), and the series for them.
+    pub local: Arc<Vec<LocalHits>>,
+}
+
+/// What the front needs to answer one upstream's hits itself.
+pub struct LocalHits {
+    pub store: Store,
+    pub metrics: Arc<WorkerMetrics>,
 }
 
 /// Paths open without client credentials: probes and scrapes.
@@ -140,6 +153,13 @@ impl Front {
             } => {
                 let worker = &self.workers[index];
                 let name = worker.upstream.authority();
+                let local = &self.local[index];
+                let worker_path = path_and_query.split('?').next().unwrap_or("");
+                if let Some(resp) =
+                    answer_from_store(&local.store, &local.metrics, req, worker_path).await
+                {
+                    return Ok((resp, Some(name)));
+                }
                 let unavailable = || {
                     RegistryError::new(
                         StatusCode::SERVICE_UNAVAILABLE,
@@ -205,6 +225,7 @@ impl Front {
                 .set(up);
         }
         let own = self.metrics.render();
+        let hits: Vec<String> = self.local.iter().map(|l| l.metrics.render()).collect();
         let pages = futures_util::future::join_all(
             (0..self.workers.len())
                 .filter(|&i| self.workers[i].is_ready())
@@ -216,8 +237,11 @@ impl Front {
             .flatten()
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .collect();
-        let merged =
-            metrics::merge(std::iter::once(own.as_str()).chain(pages.iter().map(String::as_str)));
+        let merged = metrics::merge(
+            std::iter::once(own.as_str())
+                .chain(hits.iter().map(String::as_str))
+                .chain(pages.iter().map(String::as_str)),
+        );
         let mut r = Response::new(full(merged));
         r.headers_mut().insert(
             header::CONTENT_TYPE,

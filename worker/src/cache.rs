@@ -98,6 +98,35 @@ pub struct Blob {
 }
 
 impl Blob {
+    /// A committed blob from `store`, or `None` when it is not there.
+    pub fn stored(store: &Store, digest: &Digest) -> Result<Option<Blob>, storage::Error> {
+        let path = store.blob_path(digest);
+        match File::open(&path) {
+            Ok(f) => {
+                let size = f
+                    .metadata()
+                    .map_err(|source| storage::Error::Io {
+                        op: "stat",
+                        path: path.clone(),
+                        source,
+                    })?
+                    .len();
+                let (_, rx) = watch::channel(Progress::Done { size });
+                Ok(Some(Blob {
+                    file: Arc::new(f),
+                    progress: rx,
+                    outcome: Outcome::Hit,
+                }))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(storage::Error::Io {
+                op: "open",
+                path,
+                source,
+            }),
+        }
+    }
+
     /// Waits until the size is known or the fill failed before sending a
     /// byte; `Ok(None)` means upstream sent no length.
     pub async fn size(&mut self) -> Result<Option<u64>, RegistryError> {
@@ -332,33 +361,8 @@ impl Cache {
     }
 
     fn stored_blob(&self, digest: &Digest) -> Result<Option<Blob>, storage::Error> {
-        let path = self.store.blob_path(digest);
-        match File::open(&path) {
-            Ok(f) => {
-                let size = f
-                    .metadata()
-                    .map_err(|source| storage::Error::Io {
-                        op: "stat",
-                        path: path.clone(),
-                        source,
-                    })?
-                    .len();
-                let (_, rx) = watch::channel(Progress::Done { size });
-                Ok(Some(Blob {
-                    file: Arc::new(f),
-                    progress: rx,
-                    outcome: Outcome::Hit,
-                }))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(storage::Error::Io {
-                op: "open",
-                path,
-                source,
-            }),
-        }
+        Blob::stored(&self.store, digest)
     }
-
     /// A blob's size for HEAD, without downloading it: from disk, a fill in
     /// flight, or an upstream HEAD.
     pub async fn blob_size(

@@ -54,32 +54,29 @@ pub struct Metrics {
     proxy_misses: IntCounterVec,
     pub stale_served: IntCounter,
     pub fill_failures: IntCounter,
-    _fill_seconds: Histogram,
+    fill_duration: Histogram,
 }
 
 impl Metrics {
+    /// All of a worker's metrics, its process metrics included.
     pub fn new(upstream: &str) -> Metrics {
+        Self::build(upstream, true)
+    }
+
+    /// The request series only, for hits the supervisor answers for this
+    /// upstream: the supervisor's page sums them with the worker's.
+    pub fn for_front(upstream: &str) -> Metrics {
+        Self::build(upstream, false)
+    }
+
+    fn build(upstream: &str, worker: bool) -> Metrics {
         let labels = [("upstream".to_string(), upstream.to_string())].into();
         let registry = Registry::new_custom(None, Some(labels)).expect("valid labels");
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
+            IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
         };
-        let gauge = |name: &str, help: &str| {
-            let g = IntGauge::new(name, help).expect("valid metric");
-            registry
-                .register(Box::new(g.clone()))
-                .expect("unique metric");
-            g
-        };
-        let requests = counter(
-            "regcache_requests_total",
-            "Registry requests answered, by what was asked and how it was answered.",
-            &["type", "result"],
-        );
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
+        let single = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
         // Buckets from a page-cache manifest hit (~100 us) to a slow cold blob.
         let duration = HistogramVec::new(
             HistogramOpts::new(
@@ -93,22 +90,27 @@ impl Metrics {
             &["type"],
         )
         .expect("valid metric");
-        registry
-            .register(Box::new(duration.clone()))
-            .expect("unique metric");
-        let fill_seconds = Histogram::with_opts(HistogramOpts::new(
-            "regcache_fill_duration_seconds",
-            "Time to fetch, verify and commit one blob from upstream.",
-        ))
-        .expect("valid metric");
-        registry
-            .register(Box::new(fill_seconds.clone()))
-            .expect("unique metric");
         let m = Metrics {
+            requests: counter(
+                "regcache_requests_total",
+                "Registry requests answered, by what was asked and how it was answered.",
+                &["type", "result"],
+            ),
+            duration,
             served_bytes: counter(
                 "regcache_served_bytes_total",
                 "Blob and manifest bytes sent to clients, by where they came from.",
                 &["source"],
+            ),
+            proxy_hits: counter(
+                "registry_proxy_hits_total",
+                "registry:2 compatible: requests answered from cache.",
+                &["type"],
+            ),
+            proxy_misses: counter(
+                "registry_proxy_misses_total",
+                "registry:2 compatible: requests that went upstream.",
+                &["type"],
             ),
             upstream_requests: counter(
                 "regcache_upstream_requests_total",
@@ -128,46 +130,55 @@ impl Metrics {
                 "regcache_upstream_ratelimit_remaining",
                 "Last ratelimit-remaining seen from upstream (Docker Hub pulls left), -1 if never seen.",
             ),
-            stored_bytes: gauge("regcache_cache_size_bytes", "Bytes of blobs and manifests in the cache."),
+            stored_bytes: gauge(
+                "regcache_cache_size_bytes",
+                "Bytes of blobs and manifests in the cache.",
+            ),
             stored_blobs: gauge("regcache_cache_blobs", "Number of blobs in the cache."),
-            proxy_hits: counter(
-                "registry_proxy_hits_total",
-                "registry:2 compatible: requests answered from cache.",
-                &["type"],
-            ),
-            proxy_misses: counter(
-                "registry_proxy_misses_total",
-                "registry:2 compatible: requests that went upstream.",
-                &["type"],
-            ),
-            stale_served: IntCounter::new(
+            stale_served: single(
                 "regcache_stale_served_total",
                 "Tags answered from cache because upstream could not be asked.",
-            )
-            .expect("valid metric"),
-            fill_failures: IntCounter::new(
+            ),
+            fill_failures: single(
                 "regcache_fill_failures_total",
                 "Blob fills that failed and committed nothing.",
-            )
+            ),
+            fill_duration: Histogram::with_opts(HistogramOpts::new(
+                "regcache_fill_duration_seconds",
+                "Time to fetch, verify and commit one blob from upstream.",
+            ))
             .expect("valid metric"),
-            requests,
-            duration,
-            _fill_seconds: fill_seconds,
             registry,
         };
-        m.registry
-            .register(Box::new(m.stale_served.clone()))
-            .expect("unique metric");
-        m.registry
-            .register(Box::new(m.fill_failures.clone()))
-            .expect("unique metric");
-        m.ratelimit_remaining.set(-1);
-        #[cfg(target_os = "linux")]
-        m.registry
-            .register(Box::new(
+        let mut collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(m.requests.clone()),
+            Box::new(m.duration.clone()),
+            Box::new(m.served_bytes.clone()),
+            Box::new(m.proxy_hits.clone()),
+            Box::new(m.proxy_misses.clone()),
+        ];
+        // Everything else belongs to the worker process alone.
+        if worker {
+            collectors.extend([
+                Box::new(m.upstream_requests.clone()) as Box<dyn prometheus::core::Collector>,
+                Box::new(m.fills_in_flight.clone()),
+                Box::new(m.tokens.clone()),
+                Box::new(m.ratelimit_remaining.clone()),
+                Box::new(m.stored_bytes.clone()),
+                Box::new(m.stored_blobs.clone()),
+                Box::new(m.stale_served.clone()),
+                Box::new(m.fill_failures.clone()),
+                Box::new(m.fill_duration.clone()),
+            ]);
+            #[cfg(target_os = "linux")]
+            collectors.push(Box::new(
                 prometheus::process_collector::ProcessCollector::for_self(),
-            ))
-            .expect("unique metric");
+            ));
+        }
+        for c in collectors {
+            m.registry.register(c).expect("unique metric");
+        }
+        m.ratelimit_remaining.set(-1);
         m
     }
 
@@ -223,7 +234,7 @@ impl Metrics {
     }
 
     pub fn fill_seconds(&self, s: f64) {
-        self._fill_seconds.observe(s);
+        self.fill_duration.observe(s);
     }
 
     /// The text exposition of everything above.

@@ -5,6 +5,7 @@
 //! error leaves through [`RegistryError::into_response`].
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::TryStreamExt;
@@ -15,10 +16,11 @@ use hyper::body::{Frame, Incoming};
 use crate::body::{empty, full, Body};
 use crate::cache::{Blob, Cache, Outcome};
 use crate::error::RegistryError;
-use crate::metrics::{Kind, Source};
+use crate::metrics::{Kind, Metrics, Source};
 use crate::range::{self, Plan};
 use crate::reference::{Digest, Name, Reference};
 use crate::routing::{self, Endpoint};
+use crate::storage::{Manifest, Store};
 
 pub const API_VERSION: (&str, &str) = ("docker-distribution-api-version", "registry/2.0");
 
@@ -29,15 +31,64 @@ pub const INVENTORY_PATH: &str = "/_regcache/inventory";
 
 /// Answers one request.
 pub async fn handle(cache: Arc<Cache>, req: Request<Incoming>) -> Response<Body> {
-    let started = std::time::Instant::now();
-    let method = req.method().clone();
+    let started = Instant::now();
     match req.uri().path() {
         METRICS_PATH => return metrics(&cache),
         INVENTORY_PATH => return inventory(&cache).await,
         _ => {}
     }
     let parsed = routing::parse(req.method(), req.uri().path());
-    let kind = match &parsed {
+    let kind = kind_of(&parsed);
+    let answer = match parsed {
+        Ok(r) => route(&cache, &req, r).await,
+        Err(e) => Err(e.into()),
+    };
+    finish(cache.metrics(), kind, answer, started, req.method())
+}
+
+/// Answers from committed content alone when it can: blobs and manifests by
+/// digest are immutable and never need the upstream. The supervisor serves
+/// such hits this way, without the hop to the worker and even while the
+/// worker restarts; `None` means the worker must answer. `path` is the
+/// request's path as the worker would see it.
+pub async fn answer_from_store(
+    store: &Store,
+    metrics: &Arc<Metrics>,
+    req: &Request<Incoming>,
+    path: &str,
+) -> Option<Response<Body>> {
+    let started = Instant::now();
+    let parsed = routing::parse(req.method(), path);
+    let answer = match &parsed {
+        Ok(routing::Request::Repo { endpoint, .. }) => match endpoint {
+            Endpoint::Blob(d) => {
+                let blob = Blob::stored(store, d).ok()??;
+                send_blob(req, d, blob, metrics).await
+            }
+            Endpoint::Manifest(Reference::Digest(d)) => {
+                let m = store.read_manifest(d).ok()??;
+                Ok((
+                    send_manifest(req, &m, Outcome::Hit, metrics),
+                    Some(Outcome::Hit),
+                ))
+            }
+            _ => return None,
+        },
+        _ => return None,
+    };
+    Some(finish(
+        metrics,
+        kind_of(&parsed),
+        answer,
+        started,
+        req.method(),
+    ))
+}
+
+type Answer = Result<(Response<Body>, Option<Outcome>), RegistryError>;
+
+fn kind_of(parsed: &Result<routing::Request, routing::Error>) -> Kind {
+    match parsed {
         Ok(routing::Request::Repo { endpoint, .. }) => match endpoint {
             Endpoint::Manifest(_) => Kind::Manifest,
             Endpoint::Blob(_) => Kind::Blob,
@@ -45,18 +96,22 @@ pub async fn handle(cache: Arc<Cache>, req: Request<Incoming>) -> Response<Body>
             Endpoint::Referrers(_) => Kind::Other,
         },
         _ => Kind::Other,
-    };
-    let answer = match parsed {
-        Ok(r) => route(&cache, &req, r).await,
-        Err(e) => Err(e.into()),
-    };
+    }
+}
+
+/// Records the request and gives the response its last touches.
+fn finish(
+    metrics: &Metrics,
+    kind: Kind,
+    answer: Answer,
+    started: Instant,
+    method: &Method,
+) -> Response<Body> {
     let (mut resp, outcome, error) = match answer {
         Ok((resp, outcome)) => (resp, outcome, false),
         Err(e) => (e.into_response(), None, true),
     };
-    cache
-        .metrics()
-        .request(kind, outcome, error, started.elapsed().as_secs_f64());
+    metrics.request(kind, outcome, error, started.elapsed().as_secs_f64());
     if method == Method::HEAD {
         *resp.body_mut() = empty();
     }
@@ -64,8 +119,6 @@ pub async fn handle(cache: Arc<Cache>, req: Request<Incoming>) -> Response<Body>
         .insert(API_VERSION.0, HeaderValue::from_static(API_VERSION.1));
     resp
 }
-
-type Answer = Result<(Response<Body>, Option<Outcome>), RegistryError>;
 
 async fn route(cache: &Cache, req: &Request<Incoming>, parsed: routing::Request) -> Answer {
     let head = req.method() == Method::HEAD;
@@ -145,6 +198,18 @@ async fn manifest(
     reference: &Reference,
 ) -> Answer {
     let (m, outcome) = cache.manifest(name, reference).await?;
+    Ok((
+        send_manifest(req, &m, outcome, cache.metrics()),
+        Some(outcome),
+    ))
+}
+
+fn send_manifest(
+    req: &Request<Incoming>,
+    m: &Manifest,
+    outcome: Outcome,
+    metrics: &Metrics,
+) -> Response<Body> {
     let mut resp = if not_modified(req, &m.digest) {
         let mut r = Response::new(empty());
         *r.status_mut() = StatusCode::NOT_MODIFIED;
@@ -154,9 +219,7 @@ async fn manifest(
         r.headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from(m.bytes.len()));
         if req.method() == Method::GET {
-            cache
-                .metrics()
-                .served(source_of(outcome), m.bytes.len() as u64);
+            metrics.served(source_of(outcome), m.bytes.len() as u64);
         }
         r
     };
@@ -164,7 +227,7 @@ async fn manifest(
         resp.headers_mut().insert(header::CONTENT_TYPE, ct);
     }
     content_headers(&mut resp, &m.digest, outcome);
-    Ok((resp, Some(outcome)))
+    resp
 }
 
 fn source_of(outcome: Outcome) -> Source {
@@ -200,7 +263,17 @@ async fn blob_head(cache: &Cache, name: &Name, digest: &Digest) -> Answer {
 }
 
 async fn blob_get(cache: &Cache, req: &Request<Incoming>, name: &Name, digest: &Digest) -> Answer {
-    let mut blob: Blob = cache.blob(name, digest)?;
+    let blob = cache.blob(name, digest)?;
+    send_blob(req, digest, blob, cache.metrics()).await
+}
+
+/// A blob response: HEAD, the whole blob, or a range of it.
+async fn send_blob(
+    req: &Request<Incoming>,
+    digest: &Digest,
+    mut blob: Blob,
+    metrics: &Arc<Metrics>,
+) -> Answer {
     let size = blob.size().await?;
     let outcome = blob.outcome;
     let range_header = req
@@ -222,7 +295,16 @@ async fn blob_get(cache: &Cache, req: &Request<Incoming>, name: &Name, digest: &
             return Ok((resp, Some(outcome)));
         }
     };
-    let metrics = cache.metrics().clone();
+    if req.method() == Method::HEAD {
+        let mut resp = Response::new(empty());
+        if let Some(size) = size {
+            resp.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+        }
+        blob_headers(&mut resp, digest, outcome);
+        return Ok((resp, Some(outcome)));
+    }
+    let metrics = metrics.clone();
     let source = source_of(outcome);
     let stream = blob
         .read(start, end)

@@ -135,6 +135,18 @@ impl Store {
         })
     }
 
+    /// A read-only view of the store at `root`, for reading committed content
+    /// from another process (the supervisor's hit path): nothing is created,
+    /// cleaned or counted, and nothing is ever written through it.
+    pub fn view(root: impl Into<PathBuf>) -> Store {
+        Store {
+            root: root.into(),
+            tmp_seq: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            blobs: AtomicU64::new(0),
+        }
+    }
+
     /// (bytes, blob count) committed so far.
     pub fn usage(&self) -> (u64, u64) {
         (
