@@ -28,11 +28,15 @@
 //! assert_eq!(fake.count("GET", &blob.path), 1, "{}", fake.describe_requests());
 //! ```
 //!
-//! Built for later use (auth tests) without further machinery: a token
-//! endpoint is a route added with [`FakeRegistry::add_raw`] answering JSON, a
-//! Bearer challenge is [`Serve::status`]`(401)` with a `WWW-Authenticate`
-//! [`Serve::header`], a redirect is a raw route answering 307 with
-//! `Location`; recorded [`Recorded::header`]s show what regcache sent.
+//! For auth tests: a fixed token endpoint is a route added with
+//! [`FakeRegistry::add_raw`] answering JSON, a Bearer challenge is
+//! [`Serve::status`]`(401)` with a `WWW-Authenticate` [`Serve::header`], a
+//! redirect is a raw route answering 307 with `Location`; recorded
+//! [`Recorded::header`]s show what regcache sent. Answers that depend on the
+//! request (a token server checking `scope` and Basic credentials, a registry
+//! accepting only the tokens it issued) come from an
+//! [`FakeRegistry::intercept`] hook, which sees every request first and may
+//! answer it with a [`Reply`] instead of the route.
 //!
 //! Not modelled: `Range` requests to the fake (always answered in full with
 //! 200; regcache fetches whole blobs), uploads, `tags/list`.
@@ -295,6 +299,65 @@ impl Serve {
     }
 }
 
+/// A whole response chosen by an [`FakeRegistry::intercept`] hook: status,
+/// headers (repeats kept, in order), body (Content-Length is added), and the
+/// [`Serve`] knobs to send it with (e.g. [`Serve::pause_at`] to hold a token
+/// response at a [`Gate`]).
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub serve: Serve,
+}
+
+impl Reply {
+    /// `status` with no headers and an empty body.
+    pub fn new(status: u16) -> Reply {
+        Reply {
+            status,
+            headers: Vec::new(),
+            body: Vec::new(),
+            serve: Serve::ok(),
+        }
+    }
+
+    /// `status` with a JSON body (`Content-Type: application/json`).
+    pub fn json(status: u16, value: &serde_json::Value) -> Reply {
+        Reply::new(status)
+            .header("Content-Type", "application/json")
+            .body(value.to_string())
+    }
+
+    /// `status` with a registry error body for `path`, as [`Serve::status`]
+    /// sends it (401 `UNAUTHORIZED`, 403 `DENIED`, ...).
+    pub fn error(status: u16, path: &str) -> Reply {
+        Reply::new(status)
+            .header("Content-Type", "application/json")
+            .body(error_body(status, path))
+    }
+
+    /// An extra header; call again for a repeated one.
+    pub fn header(mut self, name: &str, value: &str) -> Reply {
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub fn body(mut self, body: impl Into<Vec<u8>>) -> Reply {
+        self.body = body.into();
+        self
+    }
+
+    /// Send with these knobs (its `status`, if set, wins over the reply's).
+    pub fn serve(mut self, serve: Serve) -> Reply {
+        self.serve = serve;
+        self
+    }
+}
+
+/// See [`FakeRegistry::intercept`].
+type Hook = Arc<dyn Fn(&Recorded) -> Option<Reply> + Send + Sync>;
+
 // ---------------------------------------------------------------------------
 // the server
 // ---------------------------------------------------------------------------
@@ -318,6 +381,7 @@ struct State {
     routes: HashMap<String, Route>,
     requests: Vec<Recorded>,
     conns: HashMap<u64, TcpStream>,
+    hook: Option<Hook>,
 }
 
 #[derive(Default)]
@@ -459,6 +523,22 @@ impl FakeRegistry {
         }
         self.add_manifest(repo, Some(tag), OCI_MANIFEST, &image.manifest);
         image
+    }
+
+    /// Every later request (already recorded) is first shown to `hook`: a
+    /// `Some(reply)` is sent instead of whatever the route would answer (the
+    /// route's [`FakeRegistry::once`] queue is left alone), `None` lets the
+    /// route answer as usual. Replaces an earlier hook. The hook runs on the
+    /// connection's thread without the fake's lock held, so it may keep its
+    /// own state and call the fake's methods; it must not block for long
+    /// (hold a reply with [`Reply::serve`] and a [`Gate`] instead).
+    ///
+    /// For answers that depend on the request: a token endpoint that checks
+    /// the query and Basic credentials, a registry that accepts only the
+    /// tokens it issued and challenges otherwise, a CDN that refuses
+    /// `Authorization`.
+    pub fn intercept(&self, hook: impl Fn(&Recorded) -> Option<Reply> + Send + Sync + 'static) {
+        self.shared.state.lock().unwrap().hook = Some(Arc::new(hook));
     }
 
     /// Every later request to `path` is answered this way (until changed).
@@ -664,17 +744,31 @@ fn read_head(reader: &mut BufReader<TcpStream>) -> io::Result<Option<Head>> {
 }
 
 impl Shared {
-    /// Records the request and chooses what to answer.
+    /// Records the request and chooses what to answer: the hook's reply if
+    /// it has one, else the route's.
     fn pick(&self, head: &Head) -> (Content, Serve) {
-        let mut st = self.state.lock().unwrap();
-        st.requests.push(Recorded {
+        let recorded = Recorded {
             method: head.method.clone(),
             path: head.path.clone(),
             query: head.query.clone(),
             headers: head.headers.clone(),
             at: Instant::now(),
-        });
-        self.changed.notify_all();
+        };
+        let hook = {
+            let mut st = self.state.lock().unwrap();
+            st.requests.push(recorded.clone());
+            self.changed.notify_all();
+            st.hook.clone()
+        };
+        if let Some(reply) = hook.and_then(|h| h(&recorded)) {
+            let content = Content {
+                status: reply.status,
+                headers: reply.headers,
+                body: reply.body.into(),
+            };
+            return (content, reply.serve);
+        }
+        let mut st = self.state.lock().unwrap();
         match st.routes.get_mut(&head.path) {
             Some(route) => {
                 let serve = match route.once.iter().position(|s| s.applies_to(&head.method)) {
@@ -727,6 +821,7 @@ fn reason(status: u16) -> &'static str {
         206 => "Partial Content",
         301 => "Moved Permanently",
         302 => "Found",
+        303 => "See Other",
         307 => "Temporary Redirect",
         308 => "Permanent Redirect",
         400 => "Bad Request",

@@ -227,6 +227,8 @@ struct TokenKey {
     realm: String,
     service: Option<String>,
     scope: String,
+    /// Asked for with this upstream's credentials (else anonymously).
+    authenticated: bool,
 }
 
 /// Per-upstream authentication state: the credentials, what each host asked
@@ -234,6 +236,8 @@ struct TokenKey {
 pub struct Auth {
     credentials: Option<Credentials>,
     hosts: Mutex<HashMap<String, HostAuth>>,
+    /// (host, our scope) -> the scope that host's challenge named instead.
+    scopes: Mutex<HashMap<(String, String), String>>,
     tokens: Mutex<HashMap<TokenKey, Token>>,
     /// Serialises token requests so concurrent misses for one scope make one.
     fetching: tokio::sync::Mutex<()>,
@@ -272,6 +276,7 @@ impl Auth {
         Auth {
             credentials,
             hosts: Mutex::new(HashMap::new()),
+            scopes: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
             fetching: tokio::sync::Mutex::new(()),
             metrics,
@@ -283,15 +288,23 @@ impl Auth {
     }
 
     /// The `Authorization` value to send to `host` up front, if we know one.
-    pub fn header_for(&self, host: &str, scope: &str) -> Option<String> {
+    pub fn header_for(&self, host: &str, scope: &str, own_host: bool) -> Option<String> {
         let hosts = self.hosts.lock().unwrap();
         match hosts.get(host)? {
-            HostAuth::Basic => self.credentials.as_ref().map(Credentials::basic_header),
+            HostAuth::Basic if own_host => self.credentials.as_ref().map(Credentials::basic_header),
+            HostAuth::Basic => None,
             HostAuth::Bearer { realm, service } => {
+                // A host may name its own scope for our repository (a
+                // redirect hop mirroring it under another path).
+                let scopes = self.scopes.lock().unwrap();
+                let scope = scopes
+                    .get(&(host.to_owned(), scope.to_owned()))
+                    .map_or(scope, String::as_str);
                 let key = TokenKey {
                     realm: realm.clone(),
                     service: service.clone(),
                     scope: scope.to_owned(),
+                    authenticated: own_host && self.credentials.is_some(),
                 };
                 let tokens = self.tokens.lock().unwrap();
                 let t = tokens.get(&key)?;
@@ -303,10 +316,14 @@ impl Auth {
     /// Learns from a 401's challenges and returns the header to retry with,
     /// or `None` when there is nothing we can answer with. `stale` is the
     /// header that was just refused: its token is dropped, never reused.
+    ///
+    /// SECURITY: credentials go only to the upstream's own host and the token
+    /// realm it names; a host reached by redirect gets anonymous tokens.
     pub async fn answer(
         &self,
         http: &reqwest::Client,
         host: &str,
+        own_host: bool,
         challenges: &[Challenge],
         default_scope: &str,
         stale: Option<&str>,
@@ -314,10 +331,11 @@ impl Auth {
         let Some(challenge) = challenges.first() else {
             return Ok(None);
         };
+        let credentials = self.credentials.as_ref().filter(|_| own_host);
         match challenge {
             Challenge::Basic => {
                 self.remember(host, HostAuth::Basic);
-                let header = self.credentials.as_ref().map(Credentials::basic_header);
+                let header = credentials.map(Credentials::basic_header);
                 // Re-sending refused credentials cannot help.
                 Ok(header.filter(|h| Some(h.as_str()) != stale))
             }
@@ -333,10 +351,18 @@ impl Auth {
                         service: service.clone(),
                     },
                 );
+                let scope = scope.clone().unwrap_or_else(|| default_scope.to_owned());
+                if scope != default_scope {
+                    self.scopes
+                        .lock()
+                        .unwrap()
+                        .insert((host.to_owned(), default_scope.to_owned()), scope.clone());
+                }
                 let key = TokenKey {
                     realm: realm.clone(),
                     service: service.clone(),
-                    scope: scope.clone().unwrap_or_else(|| default_scope.to_owned()),
+                    scope,
+                    authenticated: credentials.is_some(),
                 };
                 let token = self.token(http, key, stale).await?;
                 Ok(Some(format!("Bearer {}", token.expose())))
@@ -386,7 +412,7 @@ impl Auth {
             }
         }
         let mut req = http.get(url);
-        if let Some(c) = &self.credentials {
+        if let Some(c) = self.credentials.as_ref().filter(|_| key.authenticated) {
             req = req.header(reqwest::header::AUTHORIZATION, c.basic_header());
         }
         let realm = key.realm.clone();

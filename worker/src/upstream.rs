@@ -163,7 +163,8 @@ impl Upstream {
             Some(p) => format!("{}:{p}", url.host_str().unwrap_or_default()),
             None => url.host_str().unwrap_or_default().to_owned(),
         };
-        let mut authorization = self.auth.header_for(&host, scope);
+        let own_host = host == self.name;
+        let mut authorization = self.auth.header_for(&host, scope, own_host);
         for attempt in 0..2 {
             let mut req = self.http.request(method.clone(), url.clone());
             if let Some(a) = accept {
@@ -196,6 +197,7 @@ impl Upstream {
                 .answer(
                     &self.http,
                     &host,
+                    own_host,
                     &challenges,
                     scope,
                     authorization.as_deref(),
