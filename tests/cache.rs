@@ -171,9 +171,12 @@ fn get_with(cache: &str, path: &str, headers: &[(&str, &str)]) -> Response {
     http(cache, "GET", path, headers).unwrap_or_else(|e| panic!("GET {path} {headers:?}: {e}"))
 }
 
-/// Asserts the committed blob file exists and holds exactly `blob`.
+/// Asserts the committed blob file exists (within a few seconds: clients get
+/// their last byte once the digest checks out, the rename follows) and holds
+/// exactly `blob`.
 fn assert_committed(root: &Path, blob: &FakeBlob, what: &str) {
     let file = blob_file(root, &blob.digest);
+    wait_for(Duration::from_secs(5), || file.exists().then_some(()));
     let data = std::fs::read(&file)
         .unwrap_or_else(|e| panic!("{what}: blob file {}: {e}", file.display()));
     assert_eq!(
@@ -602,7 +605,6 @@ fn range_requests_on_a_cached_blob() {
     let warm = get_with(&cache, &path, &[]);
     assert_eq!(warm.status, 200, "warming GET: {}", warm.describe());
     assert_eq!(sha256_digest(&warm.body), blob.digest);
-    // The blob is committed before the last byte reaches a client.
     assert_committed(&s.root(), &blob, "after the warming GET");
     let l = blob.len();
 

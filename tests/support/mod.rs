@@ -238,7 +238,11 @@ impl Response {
     pub fn describe(&self) -> String {
         let mut body = self.text();
         if body.len() > 600 {
-            body.truncate(600);
+            let mut at = 600;
+            while !body.is_char_boundary(at) {
+                at -= 1;
+            }
+            body.truncate(at);
             body.push_str("...");
         }
         format!("{} {:?} body={:?}", self.status, self.headers, body)

@@ -90,6 +90,23 @@ struct Fill {
     progress: watch::Receiver<Progress>,
 }
 
+impl Fill {
+    /// A reader of this fill's bytes. A fill that is verified and only
+    /// waiting for its rename counts as a hit: its bytes are local and checked.
+    fn attach(&self) -> Blob {
+        let verified = matches!(*self.progress.borrow(), Progress::Done { .. });
+        Blob {
+            file: self.file.clone(),
+            progress: self.progress.clone(),
+            outcome: if verified {
+                Outcome::Hit
+            } else {
+                Outcome::Miss
+            },
+        }
+    }
+}
+
 /// A readable blob: committed on disk or being filled.
 pub struct Blob {
     file: Arc<File>,
@@ -266,6 +283,8 @@ pub struct Cache {
     fills: Arc<Mutex<HashMap<Digest, Arc<Fill>>>>,
     tag_freshness: Duration,
     metrics: Arc<Metrics>,
+    /// The fill tasks, so that shutdown can wait for them.
+    fill_tasks: tokio_util::task::TaskTracker,
 }
 
 impl Cache {
@@ -281,6 +300,7 @@ impl Cache {
             fills: Arc::default(),
             tag_freshness,
             metrics,
+            fill_tasks: tokio_util::task::TaskTracker::new(),
         }
     }
 
@@ -296,26 +316,11 @@ impl Cache {
         &self.metrics
     }
 
-    /// Waits until no blob fill is in flight, so that shutdown does not
-    /// throw away a download that has started.
+    /// Waits until every blob fill that has started is committed or has
+    /// failed, so that shutdown does not throw away a download.
     pub async fn drain_fills(&self) {
-        loop {
-            let pending: Vec<_> = self
-                .fills
-                .lock()
-                .unwrap()
-                .values()
-                .map(|f| f.progress.clone())
-                .collect();
-            if pending.is_empty() {
-                return;
-            }
-            for mut p in pending {
-                let _ = p
-                    .wait_for(|s| matches!(s, Progress::Done { .. } | Progress::Failed(_)))
-                    .await;
-            }
-        }
+        self.fill_tasks.close();
+        self.fill_tasks.wait().await;
     }
 
     /// A blob for GET: from disk, from a fill in flight, or from a new fill.
@@ -325,11 +330,7 @@ impl Cache {
         }
         let mut fills = self.fills.lock().unwrap();
         if let Some(fill) = fills.get(digest) {
-            return Ok(Blob {
-                file: fill.file.clone(),
-                progress: fill.progress.clone(),
-                outcome: Outcome::Miss,
-            });
+            return Ok(fill.attach());
         }
         // A fill commits before it leaves the map: check disk again under the lock.
         if let Some(blob) = self.stored_blob(digest)? {
@@ -339,25 +340,22 @@ impl Cache {
         let (tx, rx) = watch::channel(Progress::Starting);
         let fill = Arc::new(Fill {
             file: tmp.file().clone(),
-            progress: rx.clone(),
+            progress: rx,
         });
         fills.insert(digest.clone(), fill.clone());
         drop(fills);
-        tokio::spawn(tracing::Instrument::in_current_span(run_fill(
-            self.store.clone(),
-            self.upstream.clone(),
-            self.fills.clone(),
-            self.metrics.clone(),
-            name.clone(),
-            digest.clone(),
-            tmp,
-            tx,
-        )));
-        Ok(Blob {
-            file: fill.file.clone(),
-            progress: rx,
-            outcome: Outcome::Miss,
-        })
+        self.fill_tasks
+            .spawn(tracing::Instrument::in_current_span(run_fill(
+                self.store.clone(),
+                self.upstream.clone(),
+                self.fills.clone(),
+                self.metrics.clone(),
+                name.clone(),
+                digest.clone(),
+                tmp,
+                tx,
+            )));
+        Ok(fill.attach())
     }
 
     fn stored_blob(&self, digest: &Digest) -> Result<Option<Blob>, storage::Error> {
@@ -375,12 +373,8 @@ impl Cache {
         }
         let fill = self.fills.lock().unwrap().get(digest).cloned();
         if let Some(fill) = fill {
-            let mut blob = Blob {
-                file: fill.file.clone(),
-                progress: fill.progress.clone(),
-                outcome: Outcome::Miss,
-            };
-            return Ok((blob.size().await?, Outcome::Miss));
+            let mut blob = fill.attach();
+            return Ok((blob.size().await?, blob.outcome));
         }
         let up = &self.upstream;
         let path = format!("/v2/{name}/blobs/{digest}");
@@ -603,10 +597,7 @@ async fn run_fill(
     let result = fill(&store, &upstream, &name, &digest, tmp, &progress).await;
     metrics.fills_in_flight.dec();
     match result {
-        Ok(size) => {
-            metrics.fill_seconds(started.elapsed().as_secs_f64());
-            progress.send_replace(Progress::Done { size });
-        }
+        Ok(_) => metrics.fill_seconds(started.elapsed().as_secs_f64()),
         Err(e) => {
             metrics.fill_failures.inc();
             tracing::warn!(%name, %digest, error = %e.message, "blob fill failed");
@@ -617,6 +608,10 @@ async fn run_fill(
     fills.lock().unwrap().remove(&digest);
 }
 
+/// Fetches the blob into `tmp`: written and hashed in parallel, off the
+/// async threads. Readers follow what is written; the last byte is released
+/// (Done) as soon as size and digest check out, before the fsync and rename
+/// that make the blob visible to later requests.
 async fn fill(
     store: &Arc<Store>,
     up: &Upstream,
@@ -631,23 +626,33 @@ async fn fill(
     let total = resp.content_length();
     progress.send_replace(Progress::Writing { written: 0, total });
 
-    // Hashing and writing happen off the async threads, fed through a
-    // bounded queue: a slow disk slows the upstream read, never a client.
-    let (tx, mut rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+    // Bounded queues: a slow disk slows the upstream read, never a client.
+    let (to_disk, mut disk_rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+    let (to_hash, mut hash_rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
     let file = tmp.file().clone();
-    let algorithm = digest.algorithm();
     let watcher = progress.clone();
-    let writer = tokio::task::spawn_blocking(move || -> io::Result<(Hasher, u64)> {
+    let writer = tokio::task::spawn_blocking(move || -> io::Result<u64> {
         use std::io::Write;
-        let mut hasher = Hasher::new(algorithm);
         let mut written = 0u64;
-        while let Some(chunk) = rx.blocking_recv() {
+        while let Some(chunk) = disk_rx.blocking_recv() {
             (&*file).write_all(&chunk)?;
-            hasher.update(&chunk);
             written += chunk.len() as u64;
+            // Wake readers once per batch, not once per network chunk.
+            while let Ok(more) = disk_rx.try_recv() {
+                (&*file).write_all(&more)?;
+                written += more.len() as u64;
+            }
             watcher.send_replace(Progress::Writing { written, total });
         }
-        Ok((hasher, written))
+        Ok(written)
+    });
+    let algorithm = digest.algorithm();
+    let hasher = tokio::task::spawn_blocking(move || {
+        let mut hasher = Hasher::new(algorithm);
+        while let Some(chunk) = hash_rx.blocking_recv() {
+            hasher.update(&chunk);
+        }
+        hasher.finish()
     });
     let mut stream = resp.bytes_stream();
     let mut received = 0u64;
@@ -660,7 +665,8 @@ async fn fill(
                     failure = Some(up.garbage("blob longer than its Content-Length"));
                     break;
                 }
-                if tx.send(chunk).await.is_err() {
+                let queued = to_hash.send(chunk.clone()).await.is_ok();
+                if !queued || to_disk.send(chunk).await.is_err() {
                     break; // the writer failed; its error is reported below
                 }
             }
@@ -670,8 +676,8 @@ async fn fill(
             }
         }
     }
-    drop(tx);
-    let (hasher, written) = writer
+    drop((to_disk, to_hash));
+    let written = writer
         .await
         .map_err(io::Error::other)
         .and_then(|r| r)
@@ -680,13 +686,17 @@ async fn fill(
             path: tmp.path().to_owned(),
             source,
         })?;
+    let actual = hasher.await.map_err(|e| storage::Error::Io {
+        op: "hash",
+        path: tmp.path().to_owned(),
+        source: io::Error::other(e),
+    })?;
     if let Some(f) = failure {
         return Err(f.into());
     }
     if total.is_some_and(|t| written != t) {
         return Err(up.garbage("blob shorter than its Content-Length").into());
     }
-    let actual = hasher.finish();
     if actual != *digest {
         return Err(upstream::Error::Mismatch {
             upstream: up.name().to_owned(),
@@ -695,6 +705,8 @@ async fn fill(
         }
         .into());
     }
+    // Verified: attached clients may have their last byte now.
+    progress.send_replace(Progress::Done { size: written });
     let store = store.clone();
     let expected = digest.clone();
     tokio::task::spawn_blocking(move || store.commit_blob(tmp, &expected, actual))
