@@ -38,7 +38,7 @@ const READ_CHUNK: usize = 256 << 10;
 /// Read size when streaming a committed blob: large reads, few wake-ups.
 const SEQUENTIAL_CHUNK: usize = 512 << 10;
 /// Chunks queued between the upstream reader and the disk writer.
-const WRITE_QUEUE: usize = 64;
+const WRITE_QUEUE: usize = 16;
 
 /// How a response was produced, for `X-Cache` and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
