@@ -964,3 +964,46 @@ fn workers_die_with_a_killed_supervisor() {
     );
     rc.kill();
 }
+
+/// The front speaks HTTP/2 (cleartext, prior knowledge) as well as HTTP/1.1:
+/// a manifest and a blob come back whole over h2.
+#[test]
+fn http2_clients_are_served() {
+    let up = Upstream::start();
+    let img = seed_image(&up, "org/h2", "1", &[50_000]);
+    let storage_parent = temp_dir("regcache-h2-");
+    let rc = Regcache::start(
+        &config_json(&[(&up.url(), &["upstream.test"])]),
+        &storage_parent.path().join("storage"),
+    );
+    let layer = &img.image.layer_digests[0];
+    for (path, digest) in [
+        (
+            "/v2/upstream.test/org/h2/manifests/1".to_string(),
+            &img.image.manifest_digest,
+        ),
+        (format!("/v2/upstream.test/org/h2/blobs/{layer}"), layer),
+    ] {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-sS",
+                "--http2-prior-knowledge",
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_version} %{http_code}",
+            ])
+            .arg(format!("http://{}{path}", rc.addr()))
+            .output()
+            .expect("run curl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let split = out.stdout.iter().rposition(|&b| b == b'\n').unwrap();
+        let (body, meta) = out.stdout.split_at(split);
+        assert_eq!(String::from_utf8_lossy(&meta[1..]), "2 200", "{path}");
+        assert_eq!(&sha256_digest(body), digest, "{path}: bytes over h2");
+    }
+}
