@@ -1194,3 +1194,60 @@ fn fake_upstream_knobs_do_what_they_say() {
         assert_eq!(body, b"{}");
     }
 }
+
+/// Clients asking for one manifest at once share one upstream exchange: 8
+/// by tag and 4 by digest, all cold, make one HEAD of the tag and one GET of
+/// the digest (Docker Hub counts each manifest GET against its pull limit).
+#[test]
+fn concurrent_manifest_requests_share_one_upstream_exchange() {
+    let s = Setup::start();
+    let image = s.fake.add_image("org/m", "1", &[1_000]);
+    let by_tag = "/v2/org/m/manifests/1".to_string();
+    let by_digest = format!("/v2/org/m/manifests/{}", image.manifest_digest);
+    // Slow answers, so that every client arrives while the first exchange runs.
+    s.fake.set(&by_tag, Serve::ok().delay(ms(400)));
+    s.fake.set(&by_digest, Serve::ok().delay(ms(400)));
+    let (tx, rx) = mpsc::channel();
+    let accept = vec![(
+        "Accept",
+        "application/vnd.oci.image.manifest.v1+json".to_string(),
+    )];
+    let clients: Vec<_> = (0..12)
+        .map(|i| {
+            let reference = if i < 8 {
+                "1".to_string()
+            } else {
+                image.manifest_digest.clone()
+            };
+            let path = format!("/v2/{PREFIX}/org/m/manifests/{reference}");
+            client(&s.cache(), "GET", &path, accept.clone(), tx.clone())
+        })
+        .collect();
+    for (i, h) in clients.into_iter().enumerate() {
+        let r = join(h, &format!("client {i}"));
+        assert_eq!(r.status, 200, "client {i}");
+        assert!(r.body.complete(), "client {i}: {}", r.describe());
+        assert_eq!(
+            sha256_digest(&r.body.bytes),
+            image.manifest_digest,
+            "client {i}"
+        );
+    }
+    drop(rx);
+    let requests = s.fake.describe_requests();
+    assert_eq!(
+        s.fake.count("HEAD", &by_tag),
+        1,
+        "HEADs of the tag:\n{requests}"
+    );
+    assert_eq!(
+        s.fake.count("GET", &by_tag),
+        0,
+        "GETs of the tag:\n{requests}"
+    );
+    assert_eq!(
+        s.fake.count("GET", &by_digest),
+        1,
+        "GETs of the digest:\n{requests}"
+    );
+}

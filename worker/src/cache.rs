@@ -20,9 +20,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::future::{BoxFuture, FutureExt, Shared};
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 use http::Method;
+use std::future::Future;
 use tokio::sync::{mpsc, watch};
 
 use crate::error::RegistryError;
@@ -285,6 +287,40 @@ pub struct Cache {
     metrics: Arc<Metrics>,
     /// The fill tasks, so that shutdown can wait for them.
     fill_tasks: tokio_util::task::TaskTracker,
+    /// Manifest fetches and tag revalidations in flight, by digest or name:tag.
+    manifest_flights: Flights<Result<(Manifest, Outcome), upstream::Error>>,
+}
+
+/// Concurrent callers with the same key share one run of the work (the
+/// first caller's); later callers start afresh once it has finished.
+struct Flights<T> {
+    running: Mutex<HashMap<String, Shared<BoxFuture<'static, T>>>>,
+}
+
+impl<T> Default for Flights<T> {
+    fn default() -> Self {
+        Flights {
+            running: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<T: Clone + Send + Sync + 'static> Flights<T> {
+    async fn run(&self, key: String, work: impl Future<Output = T> + Send + 'static) -> T {
+        let flight = self
+            .running
+            .lock()
+            .unwrap()
+            .entry(key.clone())
+            .or_insert_with(|| work.boxed().shared())
+            .clone();
+        let out = flight.clone().await;
+        let mut running = self.running.lock().unwrap();
+        if running.get(&key).is_some_and(|f| f.ptr_eq(&flight)) {
+            running.remove(&key);
+        }
+        out
+    }
 }
 
 impl Cache {
@@ -301,6 +337,7 @@ impl Cache {
             tag_freshness,
             metrics,
             fill_tasks: tokio_util::task::TaskTracker::new(),
+            manifest_flights: Flights::default(),
         }
     }
 
@@ -391,7 +428,7 @@ impl Cache {
 
     /// A manifest by tag or digest.
     pub async fn manifest(
-        &self,
+        self: &Arc<Self>,
         name: &Name,
         reference: &Reference,
     ) -> Result<(Manifest, Outcome), RegistryError> {
@@ -401,15 +438,14 @@ impl Cache {
                 if let Some(m) = self.store.read_manifest(d)? {
                     return Ok((m, Outcome::Hit));
                 }
-                let m = self.fetch_manifest(name, &d.to_string(), Some(d)).await?;
-                Ok((m, Outcome::Miss))
+                Ok((self.fetch_by_digest(name, d).await?, Outcome::Miss))
             }
             Reference::Tag(tag) => self.manifest_by_tag(name, tag).await,
         }
     }
 
     async fn manifest_by_tag(
-        &self,
+        self: &Arc<Self>,
         name: &Name,
         tag: &Tag,
     ) -> Result<(Manifest, Outcome), RegistryError> {
@@ -426,7 +462,16 @@ impl Cache {
                 return Ok((m.clone(), Outcome::Hit));
             }
         }
-        match self.revalidate(name, tag, cached_manifest.as_ref()).await {
+        // Clients asking for one tag at once share one upstream revalidation.
+        let (cache, n, t, m) = (
+            self.clone(),
+            name.clone(),
+            tag.clone(),
+            cached_manifest.clone(),
+        );
+        let revalidate = async move { cache.revalidate(&n, &t, m.as_ref()).await };
+        let key = format!("{name}:{tag}");
+        match self.manifest_flights.run(key, revalidate).await {
             Ok(found) => Ok(found),
             Err(e) if e.allows_stale() && cached_manifest.is_some() => {
                 self.metrics.stale_served.inc();
@@ -437,10 +482,27 @@ impl Cache {
         }
     }
 
+    /// GETs a manifest by digest; concurrent callers share one request.
+    async fn fetch_by_digest(
+        self: &Arc<Self>,
+        name: &Name,
+        d: &Digest,
+    ) -> Result<Manifest, upstream::Error> {
+        let (cache, name, digest) = (self.clone(), name.clone(), d.clone());
+        let fetch = async move {
+            let m = cache
+                .fetch_manifest(&name, &digest.to_string(), Some(&digest))
+                .await?;
+            Ok((m, Outcome::Miss))
+        };
+        let (m, _) = self.manifest_flights.run(d.to_string(), fetch).await?;
+        Ok(m)
+    }
+
     /// Asks upstream what `tag` points to now (a HEAD, which Docker Hub does not
     /// count as a pull) and GETs the manifest only if we do not have it.
     async fn revalidate(
-        &self,
+        self: &Arc<Self>,
         name: &Name,
         tag: &Tag,
         cached: Option<&Manifest>,
@@ -461,7 +523,7 @@ impl Cache {
             }
             Some(d) => match self.store.read_manifest(&d).ok().flatten() {
                 Some(m) => m,
-                None => self.fetch_manifest(name, &d.to_string(), Some(&d)).await?,
+                None => self.fetch_by_digest(name, &d).await?,
             },
             // No digest in the HEAD answer: fetch by tag and hash what we got.
             None => self.fetch_manifest(name, tag.as_str(), None).await?,

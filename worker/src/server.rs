@@ -120,7 +120,7 @@ fn finish(
     resp
 }
 
-async fn route(cache: &Cache, req: &Request<Incoming>, parsed: routing::Request) -> Answer {
+async fn route(cache: &Arc<Cache>, req: &Request<Incoming>, parsed: routing::Request) -> Answer {
     let head = req.method() == Method::HEAD;
     match parsed {
         routing::Request::Base => Ok((json_response(Bytes::from_static(b"{}")), None)),
@@ -192,7 +192,7 @@ fn not_modified(req: &Request<Incoming>, digest: &Digest) -> bool {
 }
 
 async fn manifest(
-    cache: &Cache,
+    cache: &Arc<Cache>,
     req: &Request<Incoming>,
     name: &Name,
     reference: &Reference,

@@ -36,7 +36,7 @@ pub enum Kind {
     Other,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     #[error("{what} not found on {upstream}")]
     NotFound {
