@@ -38,31 +38,12 @@ const TOKEN_PREFIX: &str = "tkn-";
 // small helpers
 // ---------------------------------------------------------------------------
 
-/// Standard base64 with padding, to build the Basic header we expect.
-fn base64(input: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 /// `Basic base64(user:pass)`.
 fn basic(user: &str, pass: &str) -> String {
-    format!("Basic {}", base64(format!("{user}:{pass}").as_bytes()))
+    format!(
+        "Basic {}",
+        base64_encode(format!("{user}:{pass}").as_bytes())
+    )
 }
 
 /// `application/x-www-form-urlencoded` decoding (`+` is a space).
@@ -484,8 +465,8 @@ fn secrets(token_servers: &[&TokenServer]) -> Vec<String> {
     let mut s = vec![
         PASS.to_owned(),
         WRONG_PASS.to_owned(),
-        base64(format!("{USER}:{PASS}").as_bytes()),
-        base64(format!("{USER}:{WRONG_PASS}").as_bytes()),
+        base64_encode(format!("{USER}:{PASS}").as_bytes()),
+        base64_encode(format!("{USER}:{WRONG_PASS}").as_bytes()),
     ];
     for t in token_servers {
         s.extend(t.issued().into_iter().map(|i| i.value));
@@ -582,10 +563,10 @@ fn scrape(cache: &str) -> String {
 /// The helpers the expectations are built with are right.
 #[test]
 fn helpers_are_sound() {
-    assert_eq!(base64(b""), "");
-    assert_eq!(base64(b"f"), "Zg==");
-    assert_eq!(base64(b"fo"), "Zm8=");
-    assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
+    assert_eq!(base64_encode(b""), "");
+    assert_eq!(base64_encode(b"f"), "Zg==");
+    assert_eq!(base64_encode(b"fo"), "Zm8=");
+    assert_eq!(base64_encode(b"user:pass"), "dXNlcjpwYXNz");
     assert_eq!(
         query_pairs(Some(
             "service=a+b&scope=repository%3Aorg%2Fimg%3Apull&scope=x&empty="
@@ -901,7 +882,8 @@ fn blob_redirect_to_a_cdn_host_carries_no_authorization_and_is_never_cached() {
         );
         for (k, v) in &c.headers {
             assert!(
-                !v.contains(&t1) && !v.contains(&base64(format!("{USER}:{PASS}").as_bytes())),
+                !v.contains(&t1)
+                    && !v.contains(&base64_encode(format!("{USER}:{PASS}").as_bytes())),
                 "{what}: header {k}: {v} sent to the CDN"
             );
         }
@@ -1254,7 +1236,7 @@ fn denied_credentials_become_403_naming_the_upstream_without_secrets() {
     let img = reg.add_image("org/private", "1", &[10_000]);
     let (rc, _storage) = start_regcache(&reg, Some((USER, WRONG_PASS)), &[]);
     let cache = rc.addr().to_owned();
-    let wrong_b64 = base64(format!("{USER}:{WRONG_PASS}").as_bytes());
+    let wrong_b64 = base64_encode(format!("{USER}:{WRONG_PASS}").as_bytes());
 
     let responses = [
         ("manifest", get_manifest(&cache, "org/private", "1")),
@@ -1625,7 +1607,10 @@ fn redirect_hop_that_challenges_gets_its_own_token() {
         "repository:mirror/org/img:pull",
         None,
     );
-    let basic = format!("Basic {}", base64(format!("{USER}:{PASS}").as_bytes()));
+    let basic = format!(
+        "Basic {}",
+        base64_encode(format!("{USER}:{PASS}").as_bytes())
+    );
     assert_eq!(
         auth(&s.tokens.requests()[0]),
         Some(basic.as_str()),

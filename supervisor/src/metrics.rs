@@ -5,7 +5,7 @@
 //! only once in a page, so families are merged by name rather than the texts
 //! concatenated. The supervisor's process metrics carry no `upstream` label.
 
-use prometheus::{Encoder, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 
 pub struct Metrics {
     registry: Registry,
@@ -77,11 +77,7 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        let mut out = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .expect("text encoding cannot fail");
-        String::from_utf8(out).expect("exposition is UTF-8")
+        regcache_worker::metrics::render(&self.registry)
     }
 }
 

@@ -1079,26 +1079,9 @@ pub fn seed_index(up: &Upstream, repo: &str, tag: &str) -> SeededIndex {
     }
 }
 
-/// Minimal standard base64 (for a Basic auth header), std-only.
+/// Standard base64 (for Basic auth headers): the crate's own encoder.
 pub fn base64_encode(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = ((b[0] as u32) << 16) | ((b[1] as u32) << 8) | b[2] as u32;
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    regcache_worker::auth::base64(data)
 }
 
 // ---------------------------------------------------------------------------

@@ -58,7 +58,7 @@ pub fn basic_header(user: &str, password: &str) -> String {
 }
 
 /// Standard base64 with padding (small enough not to need a crate).
-fn base64(input: &[u8]) -> String {
+pub fn base64(input: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
     for chunk in input.chunks(3) {

@@ -239,12 +239,17 @@ impl Metrics {
 
     /// The text exposition of everything above.
     pub fn render(&self) -> String {
-        let mut out = Vec::new();
-        TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .expect("text encoding cannot fail");
-        String::from_utf8(out).expect("exposition is UTF-8")
+        render(&self.registry)
     }
+}
+
+/// A registry's metrics as Prometheus text.
+pub fn render(registry: &Registry) -> String {
+    let mut out = Vec::new();
+    TextEncoder::new()
+        .encode(&registry.gather(), &mut out)
+        .expect("text encoding cannot fail");
+    String::from_utf8(out).expect("exposition is UTF-8")
 }
 
 #[cfg(test)]
