@@ -153,7 +153,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     }
     // Route only once every worker is up (a worker never needs its upstream
     // to start); a slow one answers 503 until it is.
-    let all_ready = futures_all(workers.iter().map(|w| w.wait_ready()));
+    let all_ready = futures_util::future::join_all(workers.iter().map(|w| w.wait_ready()));
     if tokio::time::timeout(Duration::from_secs(30), all_ready)
         .await
         .is_err()
@@ -302,12 +302,6 @@ fn serve_watched<S>(
         }
         None => tokio::spawn(async move { log(conn.await) }),
     };
-}
-
-async fn futures_all(futs: impl Iterator<Item = impl Future<Output = ()>>) {
-    for f in futs {
-        f.await;
-    }
 }
 
 /// A private directory for the worker sockets, removed on drop. Kept short:
