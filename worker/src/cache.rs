@@ -2,18 +2,21 @@
 //! miss is filled exactly once.
 //!
 //! A blob miss starts one [`Fill`]: a task that streams the upstream body into
-//! a temp file, hashing as it writes, and commits only a verified blob. Every
-//! request for that digest, first or later, GET or HEAD, with or without
-//! Range, attaches to the fill and reads the growing file as bytes land; the
-//! fill does not depend on any client staying. If it fails, attached readers
-//! get an error (an aborted body), never wrong bytes presented as complete.
+//! a temp file, hashing beside the write, and commits only a verified blob.
+//! Every request for that digest, first or later, GET or HEAD, with or
+//! without Range, attaches to the fill and reads the growing file as bytes
+//! land; the fill does not depend on any client staying. The last byte is
+//! held back until size and digest check out: if the fill fails, attached
+//! readers get an error (an aborted body), never wrong bytes as complete.
 //!
 //! Manifests by digest are immutable and served from disk. Tags map to a
 //! digest on disk, revalidated with one upstream HEAD once older than the
 //! freshness window; when upstream cannot answer, the cached digest is served.
+//! Concurrent requests for one tag or one missing digest share one exchange.
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::future::Future;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
@@ -24,7 +27,6 @@ use futures_util::future::{BoxFuture, FutureExt, Shared};
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 use http::Method;
-use std::future::Future;
 use tokio::sync::{mpsc, watch};
 
 use crate::error::RegistryError;
@@ -272,10 +274,11 @@ fn read_sequential(
 }
 
 fn abandoned() -> RegistryError {
-    RegistryError::from(upstream::Error::Garbage {
-        upstream: "upstream".into(),
-        reason: "blob fill abandoned".into(),
-    })
+    RegistryError::new(
+        http::StatusCode::BAD_GATEWAY,
+        crate::error::ErrorCode::Unavailable,
+        "the blob's upstream fetch ended without a result",
+    )
 }
 
 /// The cache of one worker: its store, its upstream and the fills in flight.
