@@ -47,6 +47,9 @@ struct HealthArgs {
     /// The address regcache listens on; 0.0.0.0 and [::] are probed on loopback.
     #[arg(long, env = "REGCACHE_LISTEN", default_value = "0.0.0.0:5000")]
     listen: SocketAddr,
+    /// regcache's metrics listener, probed instead of the front when set.
+    #[arg(long, env = "REGCACHE_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Args, Clone)]
@@ -96,40 +99,50 @@ fn main() -> ExitCode {
     }
 }
 
-/// `GET /readyz` on the local listener.
+/// `GET /readyz` on the local listener: the metrics listener when there is
+/// one (plain HTTP, never behind client auth), else the front, over HTTPS
+/// when it serves TLS (loopback: the certificate's name is not checked).
 async fn healthcheck(args: HealthArgs) -> ExitCode {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut addr = args.listen;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(match addr {
-            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
-    }
-    let probe = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        Ok::<_, std::io::Error>(buf)
+    let loopback = |mut addr: SocketAddr| {
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        addr
     };
-    match tokio::time::timeout(Duration::from_secs(5), probe).await {
-        Ok(Ok(buf)) if buf.starts_with(b"HTTP/1.1 200") => ExitCode::SUCCESS,
-        Ok(Ok(buf)) => {
-            let text = String::from_utf8_lossy(&buf);
-            eprintln!(
-                "regcache healthcheck: not ready: {}",
-                text.lines().last().unwrap_or("")
-            );
+    let tls = std::env::var_os("REGISTRY_HTTP_TLS_CERTIFICATE").is_some_and(|v| !v.is_empty());
+    let url = match (args.metrics_listen, tls) {
+        (Some(m), _) => format!("http://{}/readyz", loopback(m)),
+        (None, true) => format!("https://{}/readyz", loopback(args.listen)),
+        (None, false) => format!("http://{}/readyz", loopback(args.listen)),
+    };
+    regcache_worker::init_tls();
+    let client = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .timeout(Duration::from_secs(5))
+        .no_proxy()
+        .build();
+    let answer = match client {
+        Ok(c) => c.get(&url).send().await,
+        Err(e) => Err(e),
+    };
+    match answer {
+        Ok(r) if r.status().is_success() => ExitCode::SUCCESS,
+        Ok(r) => {
+            let status = r.status();
+            let body = r.text().await.unwrap_or_default();
+            eprintln!("regcache healthcheck: {url}: {status}: {}", body.trim());
             ExitCode::FAILURE
         }
-        Ok(Err(e)) => {
-            eprintln!("regcache healthcheck: {addr}: {e}");
-            ExitCode::FAILURE
-        }
-        Err(_) => {
-            eprintln!("regcache healthcheck: {addr}: no answer within 5 s");
+        Err(e) => {
+            let hint = if tls && std::env::var_os("REGISTRY_HTTP_TLS_CLIENTCAS_0").is_some() {
+                " (the front wants client certificates: set REGCACHE_METRICS_LISTEN for probes)"
+            } else {
+                ""
+            };
+            eprintln!("regcache healthcheck: {url}: {}{hint}", e.without_url());
             ExitCode::FAILURE
         }
     }
@@ -177,6 +190,9 @@ fn settings(args: FrontArgs) -> Result<regcache_supervisor::Settings, String> {
         ),
     };
     let upstreams = config::parse(&text).map_err(|e| format!("{e} (from {source})"))?;
+    let inherited: Vec<(String, String)> = std::env::vars().collect();
+    regcache_supervisor::workers::check_worker_env(&inherited, &upstreams)
+        .map_err(|e| e.to_string())?;
     let storage = args
         .storage
         .or_else(|| {

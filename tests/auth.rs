@@ -300,6 +300,25 @@ fn htpasswd_and_https_front() {
         img.image.manifest_digest
     );
 
+    // The container HEALTHCHECK speaks TLS to a TLS front (and /readyz
+    // needs no login); plain HTTP to it fails.
+    let health = |tls: bool| {
+        let mut cmd = Command::new(regcache_bin());
+        cmd.args(["healthcheck", "--listen", rc.addr()])
+            .env_remove("REGCACHE_METRICS_LISTEN")
+            .env_remove("REGISTRY_HTTP_TLS_CERTIFICATE");
+        if tls {
+            cmd.env("REGISTRY_HTTP_TLS_CERTIFICATE", pki.path("server.crt"));
+        }
+        run_with_timeout(&mut cmd, Duration::from_secs(20))
+    };
+    let ok = health(true);
+    assert!(ok.success(), "healthcheck over TLS: {}", ok.stderr);
+    assert!(
+        !health(false).success(),
+        "plain HTTP to a TLS front cannot be healthy"
+    );
+
     let log = std::fs::read_to_string(rc.log_path()).unwrap();
     assert!(
         log.contains("authentication failed"),
@@ -351,6 +370,50 @@ fn client_certificates_required_when_configured() {
         &url,
     ]);
     assert!(ok && out.contains(" 200"), "{out}");
+}
+
+/// What a worker would refuse stops regcache before anything starts: a
+/// credentials file it cannot read, a storage driver it does not have.
+#[test]
+fn worker_settings_are_checked_before_start() {
+    let config = serde_json::json!([
+        "ghcr.io",
+        {"registry": "quay.io", "variables": {
+            "REGISTRY_PROXY_USERNAME": "u",
+            "REGISTRY_PROXY_PASSWORD_FILE": "/nonexistent/regcache-password"}},
+    ])
+    .to_string();
+    let out = run_with_timeout(
+        Command::new(regcache_bin())
+            .arg("check-config")
+            .env("CONFIG", &config),
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        out.status.and_then(|s| s.code()),
+        Some(64),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("item 1") && out.stderr.contains("/nonexistent/regcache-password"),
+        "{}",
+        out.stderr
+    );
+    let out = run_with_timeout(
+        Command::new(regcache_bin())
+            .arg("check-config")
+            .env("CONFIG", r#"["ghcr.io"]"#)
+            .env("REGISTRY_STORAGE", "s3"),
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        out.status.and_then(|s| s.code()),
+        Some(64),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("REGISTRY_STORAGE=s3"), "{}", out.stderr);
 }
 
 /// An invalid front configuration stops regcache before it binds: a missing

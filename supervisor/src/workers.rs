@@ -83,6 +83,34 @@ pub fn worker_env(
     env
 }
 
+/// Checks, before anything starts, what each worker would refuse at start:
+/// credential files it cannot read, half a username/password pair, a bad
+/// freshness duration, a storage driver other than the filesystem. A
+/// worker failing on these would only restart in a loop.
+pub fn check_worker_env(
+    inherited: &[(String, String)],
+    upstreams: &[Upstream],
+) -> Result<(), crate::config::Error> {
+    use regcache_worker::config as wconfig;
+    for up in upstreams {
+        let env = worker_env(inherited.iter().cloned(), up);
+        let get = |k: &str| env.get(k).cloned();
+        let fail = |reason: String| crate::config::Error {
+            item: Some(up.index),
+            reason: format!("{}: {reason}", up.authority()),
+        };
+        wconfig::credentials_from(get).map_err(|e| fail(e.to_string()))?;
+        wconfig::duration_from(get, "REGCACHE_TAG_FRESHNESS", Duration::ZERO)
+            .map_err(|e| fail(e.to_string()))?;
+        if let Some(driver) = get("REGISTRY_STORAGE").filter(|d| d != "filesystem") {
+            return Err(fail(format!(
+                "REGISTRY_STORAGE={driver} is not supported (yet): regcache stores on the filesystem"
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn command(exe: &Path, w: &Worker) -> Command {
     let mut cmd = Command::new(exe);
     cmd.arg("worker")
@@ -198,6 +226,28 @@ async fn terminate(child: &mut Child, grace: Duration) {
 mod tests {
     use super::*;
     use crate::config;
+
+    #[test]
+    fn worker_env_problems_are_found_before_start() {
+        let ups = config::parse(
+            r#"["ok.io",
+                {"registry": "b.io", "variables": {"REGISTRY_PROXY_USERNAME": "u",
+                  "REGISTRY_PROXY_PASSWORD_FILE": "/nonexistent/pw"}}]"#,
+        )
+        .unwrap();
+        let e = check_worker_env(&[], &ups).unwrap_err();
+        assert_eq!(e.item, Some(1));
+        assert!(
+            e.reason.contains("b.io") && e.reason.contains("/nonexistent/pw"),
+            "{e}"
+        );
+        let s3 = [("REGISTRY_STORAGE".to_string(), "s3".to_string())];
+        let e = check_worker_env(&s3, &ups[..1]).unwrap_err();
+        assert!(e.reason.contains("REGISTRY_STORAGE=s3"), "{e}");
+        let half = [("REGISTRY_PROXY_USERNAME".to_string(), "u".to_string())];
+        assert!(check_worker_env(&half, &ups[..1]).is_err());
+        assert!(check_worker_env(&[], &ups[..1]).is_ok());
+    }
 
     #[test]
     fn env_contract() {
