@@ -190,9 +190,6 @@ fn settings(args: FrontArgs) -> Result<regcache_supervisor::Settings, String> {
         ),
     };
     let upstreams = config::parse(&text).map_err(|e| format!("{e} (from {source})"))?;
-    let inherited: Vec<(String, String)> = std::env::vars().collect();
-    regcache_supervisor::workers::check_worker_env(&inherited, &upstreams)
-        .map_err(|e| e.to_string())?;
     let storage = args
         .storage
         .or_else(|| {
@@ -233,9 +230,22 @@ fn warn_unused_variables(settings: &regcache_supervisor::Settings) {
     }
 }
 
+/// What each worker would refuse at start, found before anything starts.
+fn check_worker_env(settings: &regcache_supervisor::Settings) -> Result<(), String> {
+    let inherited: Vec<(String, String)> = std::env::vars().collect();
+    regcache_supervisor::workers::check_worker_env(&inherited, &settings.upstreams)
+        .map_err(|e| e.to_string())
+}
+
+/// Checks CONFIG; what depends on the machine it runs on (credential files,
+/// storage driver) is reported as a warning, since CONFIGs are often checked
+/// away from where they run.
 fn check_config(args: FrontArgs) -> ExitCode {
     match settings(args) {
         Ok(s) => {
+            if let Err(e) = check_worker_env(&s) {
+                eprintln!("regcache: warning (on this machine): {e}");
+            }
             print!("{}", regcache_supervisor::describe(&s));
             ExitCode::SUCCESS
         }
@@ -254,6 +264,10 @@ async fn serve(args: FrontArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let Err(e) = check_worker_env(&settings) {
+        eprintln!("regcache: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     warn_unused_variables(&settings);
     match regcache_supervisor::run(settings, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,

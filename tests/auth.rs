@@ -372,8 +372,10 @@ fn client_certificates_required_when_configured() {
     assert!(ok && out.contains(" 200"), "{out}");
 }
 
-/// What a worker would refuse stops regcache before anything starts: a
-/// credentials file it cannot read, a storage driver it does not have.
+/// What a worker would refuse stops regcache before anything starts (exit
+/// 64 naming the item, nothing listening): a credentials file it cannot
+/// read, a storage driver it does not have. `check-config` only warns about
+/// these, since CONFIGs are often checked away from where they run.
 #[test]
 fn worker_settings_are_checked_before_start() {
     let config = serde_json::json!([
@@ -383,12 +385,18 @@ fn worker_settings_are_checked_before_start() {
             "REGISTRY_PROXY_PASSWORD_FILE": "/nonexistent/regcache-password"}},
     ])
     .to_string();
-    let out = run_with_timeout(
-        Command::new(regcache_bin())
-            .arg("check-config")
-            .env("CONFIG", &config),
-        Duration::from_secs(20),
-    );
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let work = temp_dir("regcache-workerenv-");
+    let serve = |config: &str, env: &[(&str, &str)]| {
+        let mut cmd = Command::new(regcache_bin());
+        cmd.args(["--listen", &listen, "--storage"])
+            .arg(work.path().join("storage"))
+            .env("CONFIG", config)
+            .envs(env.iter().copied());
+        run_with_timeout(&mut cmd, Duration::from_secs(20))
+    };
+    let out = serve(&config, &[]);
     assert_eq!(
         out.status.and_then(|s| s.code()),
         Some(64),
@@ -400,13 +408,7 @@ fn worker_settings_are_checked_before_start() {
         "{}",
         out.stderr
     );
-    let out = run_with_timeout(
-        Command::new(regcache_bin())
-            .arg("check-config")
-            .env("CONFIG", r#"["ghcr.io"]"#)
-            .env("REGISTRY_STORAGE", "s3"),
-        Duration::from_secs(20),
-    );
+    let out = serve(r#"["ghcr.io"]"#, &[("REGISTRY_STORAGE", "s3")]);
     assert_eq!(
         out.status.and_then(|s| s.code()),
         Some(64),
@@ -414,6 +416,24 @@ fn worker_settings_are_checked_before_start() {
         out.stderr
     );
     assert!(out.stderr.contains("REGISTRY_STORAGE=s3"), "{}", out.stderr);
+    assert!(!port_is_open(&listen));
+    assert!(
+        !work.path().join("storage").exists(),
+        "nothing may be created"
+    );
+
+    let out = run_with_timeout(
+        Command::new(regcache_bin())
+            .arg("check-config")
+            .env("CONFIG", &config),
+        Duration::from_secs(20),
+    );
+    assert!(out.success(), "check-config: {}", out.stderr);
+    assert!(
+        out.stderr.contains("/nonexistent/regcache-password"),
+        "{}",
+        out.stderr
+    );
 }
 
 /// An invalid front configuration stops regcache before it binds: a missing
