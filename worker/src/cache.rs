@@ -39,6 +39,8 @@ use crate::upstream::{self, Kind, Upstream, MANIFEST_ACCEPT};
 const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 /// Read size when streaming a blob that is being filled.
 const READ_CHUNK: usize = 256 << 10;
+/// Least a reader of a growing blob reads at once, unless at its end.
+const MIN_GROWING_READ: u64 = 64 << 10;
 /// Read size when streaming a committed blob: large reads, few wake-ups.
 const SEQUENTIAL_CHUNK: usize = 512 << 10;
 /// Chunks queued between the upstream reader and the disk writer.
@@ -196,6 +198,7 @@ fn read_growing(
     futures_util::stream::unfold(Some(state), move |state| async move {
         let (file, mut progress, pos) = state?;
         loop {
+            let mut finished = false;
             let available = match &*progress.borrow_and_update() {
                 Progress::Starting => 0,
                 // The last byte waits for verification, so that a
@@ -203,14 +206,20 @@ fn read_growing(
                 Progress::Writing { written, total } => {
                     total.map_or(*written, |t| (*written).min(t.saturating_sub(1)))
                 }
-                Progress::Done { size } => *size,
+                Progress::Done { size } => {
+                    finished = true;
+                    *size
+                }
                 Progress::Failed(e) => {
                     let err = io::Error::other(e.message.clone());
                     return Some((Err(err), None));
                 }
             };
             let limit = end.map_or(available, |e| e.min(available));
-            if pos < limit {
+            // Chasing the writer chunk by chunk costs a thread hop per few
+            // KiB: wait for a useful amount unless nothing more will come.
+            let last = finished || end.is_some_and(|e| limit >= e);
+            if pos < limit && (last || limit - pos >= MIN_GROWING_READ) {
                 let len = (limit - pos).min(READ_CHUNK as u64) as usize;
                 let f = file.clone();
                 let read = tokio::task::spawn_blocking(move || {
@@ -224,7 +233,6 @@ fn read_growing(
                     Err(e) => Some((Err(e), None)),
                 };
             }
-            let finished = matches!(&*progress.borrow(), Progress::Done { .. });
             if finished || end.is_some_and(|e| pos >= e) {
                 return None;
             }
