@@ -287,7 +287,11 @@ fn serve_watched<S>(
         let front = front.clone();
         async move { Ok::<_, std::convert::Infallible>(front.handle(req, peer).await) }
     });
-    let conn = auto::Builder::new(TokioExecutor::new())
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .max_buf_size(regcache_worker::MAX_CONNECTION_BUFFER);
+    let conn = builder
         .serve_connection(TokioIo::new(stream), svc)
         .into_owned();
     let log = |r: Result<(), _>| {

@@ -77,6 +77,9 @@ impl Proxy {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(std::time::Duration::from_secs(30))
             .pool_max_idle_per_host(64)
+            // Bounds what each relayed stream may buffer (hyper's default
+            // grows to ~400 KiB per connection).
+            .http1_max_buf_size(regcache_worker::MAX_CONNECTION_BUFFER)
             .build(connector);
         Proxy { client }
     }

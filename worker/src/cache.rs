@@ -38,7 +38,7 @@ use crate::upstream::{self, Kind, Upstream, MANIFEST_ACCEPT};
 /// Largest manifest accepted from upstream (distribution's own limit).
 const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 /// Read size when streaming a blob that is being filled.
-const READ_CHUNK: usize = 256 << 10;
+const READ_CHUNK: usize = 128 << 10;
 /// Least a reader of a growing blob reads at once, unless at its end.
 const MIN_GROWING_READ: u64 = 64 << 10;
 /// Read size when streaming a committed blob: large reads, few wake-ups.

@@ -173,7 +173,10 @@ fn serve<S>(
         let cache = cache.clone();
         async move { Ok::<_, std::convert::Infallible>(server::handle(cache, req).await) }
     });
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Bounds what each connection queues for writing (hyper's default is
+    // ~400 KiB): memory stays flat with many slow clients.
+    builder.http1().max_buf_size(MAX_CONNECTION_BUFFER);
     let conn = builder
         .serve_connection(TokioIo::new(stream), svc)
         .into_owned();
@@ -184,6 +187,9 @@ fn serve<S>(
         }
     }));
 }
+
+/// Per-connection HTTP/1 buffer limit, on the worker and the front.
+pub const MAX_CONNECTION_BUFFER: usize = 128 << 10;
 
 /// Default wait for in-flight work at shutdown.
 pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
