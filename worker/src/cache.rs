@@ -221,13 +221,11 @@ fn read_growing(
             let last = finished || end.is_some_and(|e| limit >= e);
             if pos < limit && (last || limit - pos >= MIN_GROWING_READ) {
                 let len = (limit - pos).min(READ_CHUNK as u64) as usize;
-                let f = file.clone();
-                let read = tokio::task::spawn_blocking(move || {
-                    let mut buf = BytesMut::zeroed(len);
-                    f.read_exact_at(&mut buf, pos).map(|()| buf.freeze())
-                })
-                .await
-                .unwrap_or_else(|e| Err(io::Error::other(e)));
+                // These bytes were just written: the read is a copy from the
+                // page cache, cheaper here than a hop to the blocking pool
+                // (whose many threads each keep their own malloc arena).
+                let mut buf = BytesMut::zeroed(len);
+                let read = file.read_exact_at(&mut buf, pos).map(|()| buf.freeze());
                 return match read {
                     Ok(bytes) => Some((Ok(bytes), Some((file, progress, pos + len as u64)))),
                     Err(e) => Some((Err(e), None)),
