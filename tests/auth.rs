@@ -62,16 +62,10 @@ fn basic_auth_upstream_and_worker_isolation() {
     let anon = Regcache::start(&anon_config, &work.path().join("anon-storage"));
 
     // The right credentials, read from the _FILE variable, pull the image.
-    let dest = work.path().join("good");
-    skopeo_copy(
+    pull_and_check_image(
         &format!("{}/good.test/org/private:1", rc.addr()),
-        &dest,
-        false,
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(
-        read_dir_copy(&dest).manifest_digest,
-        img.image.manifest_digest
+        &img.image,
+        &work.path().join("good"),
     );
 
     // Wrong and missing credentials: 403 DENIED naming the upstream and the
@@ -545,16 +539,10 @@ fn upstream_traffic_goes_through_the_configured_proxy() {
             ("NO_PROXY", ""),
         ],
     );
-    let dest = work.path().join("pulled");
-    skopeo_copy(
+    pull_and_check_image(
         &format!("{}/upstream.test/org/proxied:1", rc.addr()),
-        &dest,
-        false,
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(
-        read_dir_copy(&dest).manifest_digest,
-        img.image.manifest_digest
+        &img.image,
+        &work.path().join("pulled"),
     );
     let seen = proxy.seen();
     let via_proxy = format!("http://{}/v2/org/proxied/", up.addr());
@@ -570,13 +558,11 @@ fn upstream_traffic_goes_through_the_configured_proxy() {
         &work.path().join("storage2"),
         &[("http_proxy", &proxy_url), ("no_proxy", "127.0.0.1")],
     );
-    let dest = work.path().join("direct");
-    skopeo_copy(
+    pull_and_check_image(
         &format!("{}/upstream.test/org/proxied:1", direct.addr()),
-        &dest,
-        false,
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+        &img.image,
+        &work.path().join("direct"),
+    );
     assert_eq!(
         proxy.seen().len(),
         before,

@@ -11,7 +11,6 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::Path;
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
@@ -26,19 +25,6 @@ struct OpenOnDrop(Gate);
 impl Drop for OpenOnDrop {
     fn drop(&mut self) {
         self.0.open();
-    }
-}
-
-/// skopeo-copy `reference` into `dest` and check the manifest digest.
-fn pull(reference: &str, expected: &ImageParts, dest: &Path) {
-    skopeo_copy(reference, dest, false).unwrap_or_else(|e| panic!("{e}"));
-    let copy = read_dir_copy(dest);
-    assert_eq!(
-        copy.manifest_digest, expected.manifest_digest,
-        "{reference}: manifest digest"
-    );
-    for d in expected.blob_digests() {
-        assert!(copy.has_blob(&d), "{reference}: blob {d} missing");
     }
 }
 
@@ -544,7 +530,7 @@ fn metrics_follow_pulls_per_upstream() {
     }
 
     // Cold pull from a.
-    pull(
+    pull_and_check_image(
         &format!("{cache}/a.test/org/img:1.0"),
         &img_a,
         &work.path().join("a-cold"),
@@ -610,7 +596,7 @@ fn metrics_follow_pulls_per_upstream() {
 
     // Warm pull from a: hits, cache bytes, no upstream traffic.
     let seen_by_a = a.request_count();
-    pull(
+    pull_and_check_image(
         &format!("{cache}/a.test/org/img:1.0"),
         &img_a,
         &work.path().join("a-warm"),
@@ -670,7 +656,7 @@ fn metrics_follow_pulls_per_upstream() {
     );
 
     // Pull from b: only b's series move.
-    pull(
+    pull_and_check_image(
         &format!("{cache}/small:1"),
         &img_b,
         &work.path().join("b-cold"),
@@ -1230,22 +1216,22 @@ fn inventory_and_catalog_list_exactly_what_was_pulled() {
     );
     let cache = rc.addr().to_owned();
     let work = temp_dir("regcache-ops-");
-    pull(
+    pull_and_check_image(
         &format!("{cache}/upstream.test/org/img:1.0"),
         &img,
         &work.path().join("img"),
     );
-    pull(
+    pull_and_check_image(
         &format!("{cache}/upstream.test/org/other@{}", other.manifest_digest),
         &other,
         &work.path().join("other"),
     );
-    pull(
+    pull_and_check_image(
         &format!("{cache}/small:1"),
         &small,
         &work.path().join("small"),
     );
-    pull(
+    pull_and_check_image(
         &format!("{cache}/team/app:3"),
         &app,
         &work.path().join("app"),

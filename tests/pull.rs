@@ -18,39 +18,6 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use support::*;
 
-/// Pull `reference` (without `docker://`) with skopeo into `dest` and check
-/// that the result is exactly `expected`: same manifest digest, layers in
-/// order, config, and every blob file hashing to its name.
-fn pull_and_check_image(reference: &str, expected: &ImageParts, dest: &Path) {
-    skopeo_copy(reference, dest, false).unwrap_or_else(|e| panic!("{e}"));
-    let copy = read_dir_copy(dest);
-    assert_eq!(
-        copy.manifest_digest, expected.manifest_digest,
-        "{reference}: manifest digest differs from the upstream's"
-    );
-    assert_eq!(
-        copy.manifest, expected.manifest,
-        "{reference}: manifest bytes changed"
-    );
-    assert_eq!(
-        copy.layer_digests(),
-        expected.layer_digests,
-        "{reference}: layer digests"
-    );
-    assert_eq!(
-        copy.config_digest(),
-        expected.config_digest,
-        "{reference}: config digest"
-    );
-    for (digest, size) in expected.layer_digests.iter().zip(&expected.layer_sizes) {
-        assert_eq!(
-            copy.blobs.get(digest),
-            Some(size),
-            "{reference}: layer {digest} size"
-        );
-    }
-}
-
 /// Pull `reference` with `--all` and check the index and every platform's
 /// manifest and blobs arrived unchanged.
 fn pull_and_check_index(reference: &str, expected: &SeededIndex, dest: &Path) {

@@ -1164,6 +1164,39 @@ pub fn skopeo_copy(src_ref: &str, dest_dir: &Path, all: bool) -> Result<(), Stri
     }
 }
 
+/// Pull `reference` (without `docker://`) with skopeo into `dest` and check
+/// that the result is exactly `expected`: same manifest digest, layers in
+/// order, config, and every blob file hashing to its name.
+pub fn pull_and_check_image(reference: &str, expected: &ImageParts, dest: &Path) {
+    skopeo_copy(reference, dest, false).unwrap_or_else(|e| panic!("{e}"));
+    let copy = read_dir_copy(dest);
+    assert_eq!(
+        copy.manifest_digest, expected.manifest_digest,
+        "{reference}: manifest digest differs from the upstream's"
+    );
+    assert_eq!(
+        copy.manifest, expected.manifest,
+        "{reference}: manifest bytes changed"
+    );
+    assert_eq!(
+        copy.layer_digests(),
+        expected.layer_digests,
+        "{reference}: layer digests"
+    );
+    assert_eq!(
+        copy.config_digest(),
+        expected.config_digest,
+        "{reference}: config digest"
+    );
+    for (digest, size) in expected.layer_digests.iter().zip(&expected.layer_sizes) {
+        assert_eq!(
+            copy.blobs.get(digest),
+            Some(size),
+            "{reference}: layer {digest} size"
+        );
+    }
+}
+
 /// `skopeo inspect --raw docker://REF`: the manifest or index bytes as served.
 pub fn skopeo_inspect_raw(reference: &str) -> Result<Vec<u8>, String> {
     let mut cmd = skopeo_command();
