@@ -62,6 +62,26 @@ impl Setup {
     fn root(&self) -> PathBuf {
         upstream_root(&self.storage, &self.fake.addr())
     }
+
+    /// A blob of `len` random bytes whose upstream body, served as `serve`,
+    /// stops after `at` bytes until the returned gate opens (the guard opens
+    /// it if the test fails first).
+    fn held_blob(&self, len: usize, serve: Serve, at: usize) -> (FakeBlob, Gate, OpenOnDrop) {
+        let blob = self.fake.add_blob("org/img", &random_bytes(len));
+        let gate = Gate::new();
+        self.fake.set(&blob.path, serve.pause_at(at, &gate));
+        let guard = OpenOnDrop(gate.clone());
+        (blob, gate, guard)
+    }
+
+    /// Waits until an upstream body has reached `gate`.
+    fn wait_held(&self, gate: &Gate) {
+        assert!(
+            gate.wait_reached(1, Duration::from_secs(20)),
+            "the upstream body never reached its gate\n{}",
+            self.fake.describe_requests()
+        );
+    }
 }
 
 /// Opens `gate` when dropped, so that a failing test never leaves a fill
@@ -249,23 +269,14 @@ fn sixteen_concurrent_gets_make_one_upstream_get() {
 #[test]
 fn client_disconnect_does_not_stop_the_fill() {
     let s = Setup::start();
-    let blob = s.fake.add_blob("org/img", &random_bytes((2 << 20) + 5));
-    let gate = Gate::new();
-    let _open = OpenOnDrop(gate.clone());
-    s.fake.set(
-        &blob.path,
-        Serve::ok().slow(64 << 10, ms(5)).pause_at(512 << 10, &gate),
-    );
+    let (blob, gate, _open) =
+        s.held_blob((2 << 20) + 5, Serve::ok().slow(64 << 10, ms(5)), 512 << 10);
     let path = blob.path_via(PREFIX);
 
     let mut r =
         http_open(&s.cache(), "GET", &path, &[]).unwrap_or_else(|e| panic!("GET {path}: {e}"));
     assert_eq!(r.status, 200, "GET {path}: {}", r.describe());
-    assert!(
-        gate.wait_reached(1, Duration::from_secs(20)),
-        "upstream never got to 512 KiB of the blob\n{}",
-        s.fake.describe_requests()
-    );
+    s.wait_held(&gate);
     let first = r.read_some(100_000).expect("read the first bytes");
     assert_eq!(
         first[..],
@@ -671,22 +682,12 @@ fn range_requests_attach_to_an_in_flight_fill() {
     let s = Setup::start();
     let cache = s.cache();
     let l = (2 << 20) + 3;
-    let blob = s.fake.add_blob("org/img", &random_bytes(l));
-    let gate = Gate::new();
-    let _open = OpenOnDrop(gate.clone());
-    s.fake.set(
-        &blob.path,
-        Serve::ok().slow(64 << 10, ms(2)).pause_at(256 << 10, &gate),
-    );
+    let (blob, gate, _open) = s.held_blob(l, Serve::ok().slow(64 << 10, ms(2)), 256 << 10);
     let path = blob.path_via(PREFIX);
 
     let (tx, rx) = mpsc::channel();
     let first = client(&cache, "GET", &path, vec![], tx.clone());
-    assert!(
-        gate.wait_reached(1, Duration::from_secs(20)),
-        "upstream never got to 256 KiB\n{}",
-        s.fake.describe_requests()
-    );
+    s.wait_held(&gate);
     let n = 1 << 20;
     let ranges = [
         (format!("bytes={n}-"), n, l - 1),
@@ -744,24 +745,12 @@ fn range_on_an_in_flight_fill_without_content_length() {
     let s = Setup::start();
     let cache = s.cache();
     let l = (1 << 20) + 3;
-    let blob = s.fake.add_blob("org/img", &random_bytes(l));
-    let gate = Gate::new();
-    let _open = OpenOnDrop(gate.clone());
-    s.fake.set(
-        &blob.path,
-        Serve::ok()
-            .chunked()
-            .slow(64 << 10, ms(2))
-            .pause_at(256 << 10, &gate),
-    );
+    let serve = Serve::ok().chunked().slow(64 << 10, ms(2));
+    let (blob, gate, _open) = s.held_blob(l, serve, 256 << 10);
     let path = blob.path_via(PREFIX);
     let (tx, rx) = mpsc::channel();
     let first = client(&cache, "GET", &path, vec![], tx.clone());
-    assert!(
-        gate.wait_reached(1, Duration::from_secs(20)),
-        "upstream never got to 256 KiB\n{}",
-        s.fake.describe_requests()
-    );
+    s.wait_held(&gate);
     let n = 600_000;
     let range = format!("bytes={n}-");
     let partial = client(&cache, "GET", &path, vec![("Range", range.clone())], tx);
@@ -861,19 +850,11 @@ fn head_on_a_cold_blob_never_gets_it() {
     );
 
     // During a fill.
-    let other = s.fake.add_blob("org/img", &random_bytes(900_001));
-    let gate = Gate::new();
-    let _open = OpenOnDrop(gate.clone());
-    s.fake
-        .set(&other.path, Serve::ok().pause_at(100_000, &gate));
+    let (other, gate, _open) = s.held_blob(900_001, Serve::ok(), 100_000);
     let other_path = other.path_via(PREFIX);
     let (tx, _rx) = mpsc::channel();
     let filling = client(&cache, "GET", &other_path, vec![], tx);
-    assert!(
-        gate.wait_reached(1, Duration::from_secs(20)),
-        "upstream never got to 100 kB\n{}",
-        s.fake.describe_requests()
-    );
+    s.wait_held(&gate);
     let r = http(&cache, "HEAD", &other_path, &[])
         .unwrap_or_else(|e| panic!("HEAD {other_path} during its fill: {e}"));
     gate.open();
