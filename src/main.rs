@@ -7,9 +7,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use regcache_supervisor::client_auth::Htpasswd;
 use regcache_supervisor::config;
-use regcache_worker::config as wconfig;
+use regcache_supervisor::settings::{Flags, Settings};
 
 /// EX_USAGE: the configuration is wrong.
 const EXIT_CONFIG: u8 = 64;
@@ -167,86 +166,49 @@ fn init_logging() {
     }
 }
 
-fn drain_timeout() -> Result<Duration, wconfig::Error> {
-    wconfig::duration_from(
-        |k| std::env::var(k).ok(),
-        "REGISTRY_HTTP_DRAINTIMEOUT",
-        regcache_worker::DEFAULT_DRAIN,
-    )
+fn env(k: &str) -> Option<String> {
+    std::env::var(k).ok()
 }
 
-/// Builds the supervisor's settings, or says what is wrong with the input.
-fn settings(args: FrontArgs) -> Result<regcache_supervisor::Settings, String> {
-    let (text, source) = match (&args.config, std::env::var("CONFIG")) {
-        (Some(path), _) => (
-            std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read --config {}: {e}", path.display()))?,
-            format!("--config {}", path.display()),
-        ),
-        (None, Ok(text)) => (text, "the CONFIG variable".to_string()),
-        (None, Err(_)) => (
-            config::DEFAULT_CONFIG.to_string(),
-            "the embedded default".to_string(),
-        ),
+fn settings(args: &FrontArgs) -> Result<Settings, String> {
+    let flags = Flags {
+        config_file: args.config.clone(),
+        storage: args.storage.clone(),
     };
-    let upstreams = config::parse(&text).map_err(|e| format!("{e} (from {source})"))?;
-    let storage = args
-        .storage
-        .or_else(|| {
-            std::env::var_os("REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY").map(PathBuf::from)
-        })
-        .unwrap_or_else(|| PathBuf::from("regcache-data"));
-    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    let auth = match env("REGISTRY_AUTH_HTPASSWD_PATH") {
-        Some(path) => Some(std::sync::Arc::new(
-            Htpasswd::load(&path, env("REGISTRY_AUTH_HTPASSWD_REALM"))
-                .map_err(|e| e.to_string())?,
-        )),
-        None => None,
-    };
-    regcache_worker::init_tls();
-    let tls = regcache_supervisor::tls::from_env(env).map_err(|e| e.to_string())?;
-    Ok(regcache_supervisor::Settings {
-        upstreams,
-        listen: args.listen,
-        storage,
-        drain_timeout: drain_timeout().map_err(|e| e.to_string())?,
-        metrics_listen: args.metrics_listen,
-        auth,
-        tls,
-    })
+    Settings::from_env(flags, env).map_err(|e| e.to_string())
+}
+
+/// What each worker would refuse at start, found before anything starts.
+fn check_workers(settings: &Settings) -> Result<(), String> {
+    let inherited: Vec<(String, String)> = std::env::vars().collect();
+    settings
+        .check_workers(&inherited)
+        .map_err(|e| e.to_string())
 }
 
 /// Logs, once each, `REGISTRY_*` variables regcache does not act on.
-fn warn_unused_variables(settings: &regcache_supervisor::Settings) {
+fn warn_unused_variables(settings: &Settings) {
     let global: Vec<String> = std::env::vars().map(|(k, _)| k).collect();
     for name in config::unused_registry_vars(global.iter().map(String::as_str)) {
         tracing::warn!(variable = name, "not used by regcache; ignored");
     }
     for up in &settings.upstreams {
         for name in config::unused_registry_vars(up.variables.keys().map(String::as_str)) {
-            tracing::warn!(variable = name, upstream = %up.authority(), "not used by regcache; ignored");
+            tracing::warn!(variable = name, upstream = %up.name(), "not used by regcache; ignored");
         }
     }
-}
-
-/// What each worker would refuse at start, found before anything starts.
-fn check_worker_env(settings: &regcache_supervisor::Settings) -> Result<(), String> {
-    let inherited: Vec<(String, String)> = std::env::vars().collect();
-    regcache_supervisor::workers::check_worker_env(&inherited, &settings.upstreams)
-        .map_err(|e| e.to_string())
 }
 
 /// Checks CONFIG; what depends on the machine it runs on (credential files,
 /// storage driver) is reported as a warning, since CONFIGs are often checked
 /// away from where they run.
 fn check_config(args: FrontArgs) -> ExitCode {
-    match settings(args) {
+    match settings(&args) {
         Ok(s) => {
-            if let Err(e) = check_worker_env(&s) {
+            if let Err(e) = check_workers(&s) {
                 eprintln!("regcache: warning (on this machine): {e}");
             }
-            print!("{}", regcache_supervisor::describe(&s));
+            print!("{}", s.describe(&args.listen.to_string()));
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -257,19 +219,35 @@ fn check_config(args: FrontArgs) -> ExitCode {
 }
 
 async fn serve(args: FrontArgs) -> ExitCode {
-    let settings = match settings(args) {
+    let settings = match settings(&args).and_then(|s| check_workers(&s).map(|()| s)) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("regcache: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if let Err(e) = check_worker_env(&settings) {
-        eprintln!("regcache: {e}");
-        return ExitCode::from(EXIT_CONFIG);
-    }
     warn_unused_variables(&settings);
-    match regcache_supervisor::run(settings, shutdown_signal()).await {
+    let bind = |addr: SocketAddr| async move {
+        tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))
+    };
+    let listeners = async {
+        let front = bind(args.listen).await?;
+        let metrics = match args.metrics_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        Ok::<_, String>((front, metrics))
+    };
+    let (front, metrics) = match listeners.await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("regcache: {e}");
+            return ExitCode::from(EXIT_START);
+        }
+    };
+    match regcache_supervisor::run(settings, front, metrics, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("regcache: {e}");
@@ -279,53 +257,46 @@ async fn serve(args: FrontArgs) -> ExitCode {
 }
 
 async fn worker(args: WorkerArgs) -> ExitCode {
-    if let Some(pid) = std::env::var("REGCACHE_SUPERVISOR_PID")
-        .ok()
-        .and_then(|p| p.parse().ok())
-    {
+    if let Some(pid) = env("REGCACHE_SUPERVISOR_PID").and_then(|p| p.parse().ok()) {
         regcache_worker::die_with_parent(pid);
     }
-    let env = |k: &str| std::env::var(k).ok();
-    let built = (|| -> Result<regcache_worker::Settings, String> {
-        let upstream = args
-            .upstream
-            .parse()
-            .map_err(|_| wconfig::Error::Upstream(args.upstream.clone()).to_string())?;
-        Ok(regcache_worker::Settings {
-            upstream,
-            storage: args.storage,
-            socket: args.socket,
-            listen: args.listen,
-            tag_freshness: wconfig::duration_from(
-                env,
-                "REGCACHE_TAG_FRESHNESS",
-                Duration::from_secs(60),
-            )
-            .map_err(|e| e.to_string())?,
-            credentials: wconfig::credentials_from(env).map_err(|e| e.to_string())?,
-            drain_timeout: drain_timeout().map_err(|e| e.to_string())?,
-        })
-    })();
-    let settings = match built {
-        Ok(s) => s,
-        Err(e) => {
+    let settings =
+        match regcache_worker::Settings::from_env(&args.upstream, args.storage.clone(), env) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("regcache worker: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+    // Every line a worker logs names its upstream.
+    let name = regcache_protocol::Authority::of(&settings.upstream).to_string();
+    let span = tracing::info_span!("worker", upstream = %name);
+    tracing::Instrument::instrument(run_worker(args, settings), span).await
+}
+
+async fn run_worker(args: WorkerArgs, settings: regcache_worker::Settings) -> ExitCode {
+    let started = regcache_worker::Worker::start(settings).map_err(|e| e.to_string());
+    let listener = match (&args.socket, args.listen) {
+        (Some(path), _) => regcache_worker::bind_unix(path)
+            .map(regcache_worker::Listener::Unix)
+            .map_err(|e| format!("cannot listen on {}: {e}", path.display())),
+        (None, Some(addr)) => tokio::net::TcpListener::bind(addr)
+            .await
+            .map(regcache_worker::Listener::Tcp)
+            .map_err(|e| format!("cannot listen on {addr}: {e}")),
+        (None, None) => Err("give --socket PATH or --listen ADDR".to_string()),
+    };
+    let (worker, listener) = match (started, listener) {
+        (Ok(w), Ok(l)) => (w, l),
+        (Err(e), _) | (_, Err(e)) => {
             eprintln!("regcache worker: {e}");
-            return ExitCode::from(EXIT_CONFIG);
+            return ExitCode::from(EXIT_START);
         }
     };
-    // Every line a worker logs names its upstream.
-    let span = tracing::info_span!(
-        "worker",
-        upstream = %regcache_worker::upstream_name(&settings.upstream)
-    );
-    let run = regcache_worker::run(settings, shutdown_signal());
-    match tracing::Instrument::instrument(run, span).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("regcache worker: {e}");
-            ExitCode::from(EXIT_START)
-        }
-    }
+    // The supervisor waits for this line before routing to us.
+    println!("READY");
+    worker.serve(listener, shutdown_signal()).await;
+    ExitCode::SUCCESS
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -6,7 +6,7 @@
 //! Run: `cargo test --test auth -- --test-threads=2`
 //! Needs: skopeo, docker-registry, htpasswd (apache2-utils), openssl, curl.
 
-mod support;
+use regcache_testkit as support;
 
 use std::path::Path;
 use std::process::Command;

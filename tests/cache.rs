@@ -11,7 +11,7 @@
 //! Run: `cargo test --test cache -- --test-threads=2`
 //! Needs: skopeo on PATH (for the skopeo pulls).
 
-mod support;
+use regcache_testkit as support;
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;

@@ -8,7 +8,7 @@
 //! Run: `cargo test --test ops -- --test-threads=2`
 //! Needs: skopeo on PATH.
 
-mod support;
+use regcache_testkit as support;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;

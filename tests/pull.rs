@@ -6,7 +6,7 @@
 //! Run: `cargo test --test pull -- --test-threads=2`
 //! Needs: skopeo, docker-registry (and htpasswd for auth tests) on PATH.
 
-mod support;
+use regcache_testkit as support;
 
 use std::collections::BTreeSet;
 use std::os::unix::process::CommandExt;

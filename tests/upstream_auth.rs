@@ -13,7 +13,7 @@
 //! Run: `cargo test --test upstream_auth -- --test-threads=2`
 //! Needs: skopeo on PATH (one pull).
 
-mod support;
+use regcache_testkit as support;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

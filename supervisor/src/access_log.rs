@@ -8,7 +8,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Frame, SizeHint};
-use regcache_worker::body::Body;
+use regcache_protocol::body::Body;
 
 /// What the line says besides bytes and duration.
 pub struct Entry {
@@ -17,6 +17,9 @@ pub struct Entry {
     pub upstream: String,
     pub status: u16,
     pub cache: String,
+    /// The body's announced length: all of it sent means complete, even
+    /// when hyper stops polling before the stream says it ended.
+    pub length: Option<u64>,
     pub started: Instant,
 }
 
@@ -35,6 +38,12 @@ impl Logged {
             entry: Some(entry),
         }
         .boxed_unsync()
+    }
+
+    /// Did the whole body go out?
+    fn sent_all(&self) -> bool {
+        let length = self.entry.as_ref().and_then(|e| e.length);
+        length == Some(self.bytes) || self.inner.is_end_stream()
     }
 
     fn emit(&mut self, complete: bool) {
@@ -87,8 +96,52 @@ impl hyper::body::Body for Logged {
 
 impl Drop for Logged {
     fn drop(&mut self) {
-        // Bodies hyper never polls to the end (HEAD, client gone) log here.
-        let complete = self.inner.is_end_stream();
+        // Bodies hyper does not poll to their end (HEAD, a known length
+        // fully sent, the client gone) log here.
+        let complete = self.sent_all();
         self.emit(complete);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logged(length: Option<u64>) -> Logged {
+        let frames = futures_util::stream::iter([
+            Ok(Frame::data(Bytes::from_static(b"ab"))),
+            Ok(Frame::data(Bytes::from_static(b"cd"))),
+        ]);
+        Logged {
+            inner: http_body_util::StreamBody::new(frames).boxed_unsync(),
+            bytes: 0,
+            entry: Some(Entry {
+                method: "GET".into(),
+                path: "/".into(),
+                upstream: "-".into(),
+                status: 200,
+                cache: "HIT".into(),
+                length,
+                started: Instant::now(),
+            }),
+        }
+    }
+
+    async fn poll(l: &mut Logged) {
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut *l).poll_frame(cx)).await;
+        assert!(frame.is_some());
+    }
+
+    #[tokio::test]
+    async fn complete_once_the_announced_length_went_out() {
+        let mut l = logged(Some(4));
+        poll(&mut l).await;
+        assert!(!l.sent_all(), "half the body");
+        poll(&mut l).await;
+        assert!(l.sent_all(), "all 4 bytes, the end not yet polled");
+        let mut unframed = logged(None);
+        poll(&mut unframed).await;
+        poll(&mut unframed).await;
+        assert!(!unframed.sent_all(), "no length and no end seen");
     }
 }

@@ -10,8 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http::{header, HeaderValue, StatusCode};
-use regcache_worker::error::{ErrorCode, RegistryError};
+use http::HeaderValue;
 use sha2::{Digest as _, Sha256};
 
 /// How long a verified (user, password) pair skips bcrypt.
@@ -112,13 +111,9 @@ impl Htpasswd {
         }
     }
 
-    /// 401 with the Basic challenge that makes clients log in.
-    pub fn challenge(&self, message: &str) -> RegistryError {
-        let value = format!("Basic realm=\"{}\"", self.realm.replace('"', ""));
-        RegistryError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, message).with_header(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("Basic")),
-        )
+    /// The realm clients are told to log in to.
+    pub fn realm(&self) -> &str {
+        &self.realm
     }
 }
 
@@ -129,7 +124,10 @@ fn parse_basic(v: &HeaderValue) -> Option<(String, String)> {
     if !scheme.eq_ignore_ascii_case("basic") {
         return None;
     }
-    let raw = regcache_worker::auth::decode_base64(b64.trim())?;
+    use base64::Engine as _;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
     let text = String::from_utf8(raw).ok()?;
     let (u, p) = text.split_once(':')?;
     Some((u.to_string(), p.to_string()))
@@ -151,7 +149,9 @@ mod tests {
         let f = file(&format!("# users\nalice:{hash}\nbob:{{SHA}}xyz\n"));
         let h = Arc::new(Htpasswd::load(f.path().to_str().unwrap(), None).unwrap());
         let basic = |u: &str, p: &str| {
-            HeaderValue::from_str(&regcache_worker::auth::basic_header(u, p)).unwrap()
+            use base64::Engine as _;
+            let token = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
+            HeaderValue::from_str(&format!("Basic {token}")).unwrap()
         };
         assert!(matches!(
             h.check(Some(&basic("alice", "s3cret"))).await,
@@ -174,9 +174,7 @@ mod tests {
             h.check(Some(&HeaderValue::from_static("Bearer x"))).await,
             Check::Missing
         ));
-        let e = h.challenge("login");
-        assert_eq!(e.status, StatusCode::UNAUTHORIZED);
-        assert_eq!(e.headers[0].1, "Basic realm=\"regcache\"");
+        assert_eq!(h.realm(), "regcache");
     }
 
     #[test]

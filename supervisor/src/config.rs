@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
+use regcache_protocol::Authority;
 use serde_json::Value;
 
 /// The names under which Docker Hub is known; one upstream, API host first.
@@ -44,9 +45,8 @@ pub struct Upstream {
     pub index: usize,
     /// `http` or `https`.
     pub scheme: String,
-    /// API host (Docker Hub's names all become `registry-1.docker.io`).
-    pub host: String,
-    pub port: Option<u16>,
+    /// API host and port (Docker Hub's names all become `registry-1.docker.io`).
+    pub authority: Authority,
     /// Extra names routed here (CONFIG `aliases`, Docker Hub's other names).
     pub aliases: Vec<String>,
     /// Environment for this upstream's worker only; may hold secrets.
@@ -70,21 +70,18 @@ impl fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    /// `host[:port]`: the upstream's own name.
-    pub fn authority(&self) -> String {
-        match self.port {
-            Some(p) => format!("{}:{p}", self.host),
-            None => self.host.clone(),
-        }
+    /// `host[:port]`: the upstream's own name, in logs and labels.
+    pub fn name(&self) -> String {
+        self.authority.to_string()
     }
 
     pub fn url(&self) -> String {
-        format!("{}://{}", self.scheme, self.authority())
+        format!("{}://{}", self.scheme, self.authority)
     }
 
     /// Is this the upstream that bare names (and `library/`) belong to?
     pub fn is_docker_hub(&self) -> bool {
-        DOCKER_HUB.contains(&self.host.as_str())
+        DOCKER_HUB.contains(&self.authority.host())
             || self
                 .aliases
                 .iter()
@@ -93,9 +90,9 @@ impl Upstream {
 
     /// Every name that routes here: authority, host (when unambiguous) and aliases.
     pub fn names(&self) -> Vec<String> {
-        let mut names = vec![self.authority()];
-        if self.port.is_some() {
-            names.push(self.host.clone());
+        let mut names = vec![self.name()];
+        if self.authority.port().is_some() {
+            names.push(self.authority.host().to_owned());
         }
         names.extend(self.aliases.iter().cloned());
         if self.is_docker_hub() {
@@ -106,12 +103,16 @@ impl Upstream {
         names
     }
 
-    /// The directory name of this upstream's cache under the storage root.
-    pub fn storage_dir(&self) -> String {
-        match self.port {
-            Some(p) => format!("{}_{p}", self.host),
-            None => self.host.clone(),
-        }
+    /// The DNS names a request's `Host` may carry to mean this upstream
+    /// (its host and aliases; never an IP address or `localhost`, which is
+    /// how clients address the cache itself).
+    pub fn hostnames(&self) -> Vec<String> {
+        std::iter::once(self.authority.host())
+            .chain(self.aliases.iter().map(String::as_str))
+            .filter(|n| !n.contains(':') && *n != "localhost")
+            .filter(|n| n.parse::<std::net::IpAddr>().is_err())
+            .map(str::to_owned)
+            .collect()
     }
 }
 
@@ -203,9 +204,8 @@ fn parse_item(index: usize, item: &Value) -> Result<Upstream, String> {
     let (scheme, host, port) = parse_registry(registry)?;
     let mut up = Upstream {
         index,
+        authority: Authority::new(host, port),
         scheme,
-        host,
-        port,
         aliases: Vec::new(),
         variables: BTreeMap::new(),
         external_uri: None,
@@ -261,7 +261,9 @@ fn parse_registry(s: &str) -> Result<(String, String, Option<u16>), String> {
                 .ok()
                 .filter(|&p| p > 0)
                 .ok_or_else(|| format!("invalid port {p:?} in {s:?}"))?;
-            (h, Some(port))
+            // A scheme's own port is no port at all (as URLs have it).
+            let default = if scheme == "https" { 443 } else { 80 };
+            (h, (port != default).then_some(port))
         }
         None => (rest, None),
     };
@@ -321,7 +323,7 @@ fn parse_aliases(v: &Value) -> Result<Vec<String>, String> {
                 Some((n, p)) if p.parse::<u16>().is_ok() => (n.to_string(), Some(p)),
                 _ => (a.clone(), None),
             };
-            let ok = regcache_worker::reference::valid_component(&name);
+            let ok = regcache_protocol::reference::valid_component(&name);
             if !ok {
                 return Err(format!(
                     "alias {a:?} must be a host name like \"hub.local\" (lowercase letters, digits, '.', '-')"
@@ -339,7 +341,7 @@ fn parse_aliases(v: &Value) -> Result<Vec<String>, String> {
 fn check_unique_names(upstreams: &[Upstream]) -> Result<(), Error> {
     let mut seen: HashMap<String, usize> = HashMap::new();
     for up in upstreams {
-        let mut own = vec![up.authority()];
+        let mut own = vec![up.name()];
         own.extend(up.aliases.iter().cloned());
         if up.is_docker_hub() {
             own.extend(DOCKER_HUB.iter().map(|s| s.to_string()));
@@ -373,10 +375,10 @@ mod tests {
         .unwrap();
         assert_eq!(ups[0].url(), "https://ghcr.io");
         assert_eq!(ups[1].url(), "http://127.0.0.1:15000");
-        assert_eq!(ups[1].storage_dir(), "127.0.0.1_15000");
+        assert_eq!(ups[1].authority.dir_name(), "127.0.0.1_15000");
         assert!(ups[2].is_docker_hub());
         assert_eq!(ups[2].variables["N"], "1");
-        assert_eq!(ups[3].host, "quay.io");
+        assert_eq!(ups[3].authority.host(), "quay.io");
         assert!(!ups[3].healthcheck);
         assert!(!format!("{:?}", ups[2]).contains("\"p\""));
     }
@@ -384,11 +386,24 @@ mod tests {
     #[test]
     fn docker_hub_names_are_one_upstream() {
         let ups = parse(r#"["docker.io"]"#).unwrap();
-        assert_eq!(ups[0].host, "registry-1.docker.io");
+        assert_eq!(ups[0].name(), "registry-1.docker.io");
         assert!(ups[0].names().contains(&"index.docker.io".to_string()));
         let ups =
             parse(r#"[{"registry": "http://127.0.0.1:1", "aliases": ["docker.io"]}]"#).unwrap();
         assert!(ups[0].is_docker_hub());
+    }
+
+    #[test]
+    fn default_ports_and_hostnames() {
+        let ups = parse(
+            r#"["https://ghcr.io:443", "http://h.test:80",
+                {"registry": "http://127.0.0.1:15000", "aliases": ["upstream.test", "10.0.0.1", "a.test:5000"]}]"#,
+        )
+        .unwrap();
+        assert_eq!(ups[0].name(), "ghcr.io");
+        assert_eq!(ups[1].url(), "http://h.test");
+        assert_eq!(ups[0].hostnames(), ["ghcr.io"]);
+        assert_eq!(ups[2].hostnames(), ["upstream.test"]);
     }
 
     #[test]

@@ -5,28 +5,10 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use regcache_protocol::internal::Inventory;
+use serde::Serialize;
 
 use crate::config::Upstream;
-
-/// A worker's answer (see `regcache_worker::storage::Inventory`).
-#[derive(Debug, Default, Deserialize)]
-pub struct WorkerInventory {
-    #[serde(default)]
-    pub repositories: BTreeMap<String, WorkerRepository>,
-    #[serde(default)]
-    pub blobs: u64,
-    #[serde(default)]
-    pub bytes: u64,
-}
-
-#[derive(Debug, Default, Deserialize)]
-pub struct WorkerRepository {
-    #[serde(default)]
-    pub tags: BTreeMap<String, String>,
-    #[serde(default)]
-    pub manifests: Vec<String>,
-}
 
 #[derive(Debug, Serialize)]
 pub struct Repository {
@@ -54,18 +36,18 @@ pub fn pull_prefix(up: &Upstream) -> Option<String> {
     if up.is_docker_hub() {
         return None;
     }
-    if up.port.is_none() {
-        return Some(up.host.clone());
+    if up.authority.port().is_none() {
+        return Some(up.authority.host().to_owned());
     }
     // host:port cannot be a path component: use an alias that can.
     up.aliases
         .iter()
         .find(|a| !a.contains(':'))
         .cloned()
-        .or_else(|| Some(up.authority()))
+        .or_else(|| Some(up.name()))
 }
 
-pub fn build(up: &Upstream, inv: Option<WorkerInventory>) -> UpstreamCache {
+pub fn build(up: &Upstream, inv: Option<Inventory>) -> UpstreamCache {
     let available = inv.is_some();
     let inv = inv.unwrap_or_default();
     let prefix = pull_prefix(up);
@@ -83,7 +65,7 @@ pub fn build(up: &Upstream, inv: Option<WorkerInventory>) -> UpstreamCache {
         })
         .collect();
     UpstreamCache {
-        upstream: up.authority(),
+        upstream: up.name(),
         url: up.url(),
         available,
         repositories,
@@ -145,10 +127,10 @@ mod tests {
             r#"["docker.io", "ghcr.io", {"registry": "http://h:1", "aliases": ["in.house"]}]"#,
         )
         .unwrap();
-        let inv = |names: &[&str]| WorkerInventory {
+        let inv = |names: &[&str]| Inventory {
             repositories: names
                 .iter()
-                .map(|n| (n.to_string(), WorkerRepository::default()))
+                .map(|n| (n.to_string(), Default::default()))
                 .collect(),
             blobs: 2,
             bytes: 10,

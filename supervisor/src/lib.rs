@@ -1,31 +1,38 @@
 //! The regcache supervisor: one front listener for every upstream registry.
 //!
 //! It reads CONFIG, starts one isolated worker process per upstream (the same
-//! binary, `regcache worker`), waits until they are ready, then listens and
-//! routes each request to its worker over a Unix socket.
+//! binary, `regcache worker`), waits until they are ready, then routes each
+//! request to its worker over a Unix socket, answering what it can itself.
 //!
 //! # Layout
+//! - [`settings`]: CONFIG, flags and environment -> [`Settings`], checked once
 //! - [`config`]: CONFIG JSON -> validated upstream list (errors say where and why)
-//! - [`routing`]: request path -> worker + rewritten path (`?ns=`, prefixes, `library/`)
+//! - [`routing`]: a request -> one typed [`routing::Route`]
+//! - [`server`]: the front pipeline (auth, own endpoints, hits, forwarding, logs)
+//! - [`hits`]: committed content by digest, answered without the worker
+//! - [`proxy`]: pooled forwarding over the workers' Unix sockets
 //! - [`workers`]: spawn, readiness, restart with back-off, environment isolation
-//! - [`proxy`]: pooled forwarding over Unix sockets
-//! - [`server`]: the front handler (`/v2/`, health, routing, 503 while a worker is down)
+//! - [`error`]: the status and code of every front error
+//! - [`client_auth`], [`tls`], [`access_log`], [`metrics`], [`inventory`]
 #![forbid(unsafe_code)]
 
 pub mod access_log;
 pub mod client_auth;
 pub mod config;
+pub mod error;
+pub mod hits;
 pub mod inventory;
 pub mod metrics;
 pub mod proxy;
 pub mod routing;
 pub mod server;
+pub mod settings;
 pub mod tls;
 pub mod workers;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,26 +40,11 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use config::Upstream;
-
-/// How the supervisor runs.
-#[derive(Clone)]
-pub struct Settings {
-    pub upstreams: Vec<Upstream>,
-    pub listen: SocketAddr,
-    /// Root of all caches; each upstream gets `<storage>/<host[_port]>`.
-    pub storage: PathBuf,
-    /// Grace period for in-flight work at shutdown.
-    pub drain_timeout: Duration,
-    /// A second listener for `/metrics` and the probes only.
-    pub metrics_listen: Option<SocketAddr>,
-    /// Client authentication (htpasswd), if configured.
-    pub auth: Option<Arc<client_auth::Htpasswd>>,
-    /// HTTPS on the front, if configured.
-    pub tls: Option<Arc<rustls::ServerConfig>>,
-}
+pub use settings::Settings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -62,80 +54,30 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
 }
 
-/// The storage root of one upstream: `REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY`
-/// in its own variables wins (as in lhns, variables override everything).
-pub fn storage_of(root: &Path, up: &Upstream) -> PathBuf {
-    match up
-        .variables
-        .get("REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY")
-    {
-        Some(dir) => PathBuf::from(dir),
-        None => root.join(up.storage_dir()),
-    }
-}
+/// Time a client gets to complete the TLS handshake.
+const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
+/// How long routing waits for every worker before serving anyway (a slow
+/// one answers 503 until it is ready).
+const WORKERS_READY: Duration = Duration::from_secs(30);
 
-/// What `regcache check-config` prints: upstreams, names, storage, routing.
-pub fn describe(settings: &Settings) -> String {
-    let mut s = format!(
-        "listen: {}\nstorage: {}\nupstreams:\n",
-        settings.listen,
-        settings.storage.display()
-    );
-    for up in &settings.upstreams {
-        s.push_str(&format!(
-            "  [{}] {}{}\n      names: {}\n      storage: {}\n",
-            up.index,
-            up.url(),
-            if up.is_docker_hub() {
-                " (Docker Hub)"
-            } else {
-                ""
-            },
-            up.names().join(", "),
-            storage_of(&settings.storage, up).display(),
-        ));
-        if !up.variables.is_empty() {
-            // Names only: values may be secrets.
-            let names: Vec<&str> = up.variables.keys().map(String::as_str).collect();
-            s.push_str(&format!("      variables: {}\n", names.join(", ")));
-        }
-    }
-    s.push_str(&routing::Routes::new(&settings.upstreams).describe(&settings.upstreams));
-    s.push_str(&format!(
-        "client auth: {}
-tls: {}
-",
-        if settings.auth.is_some() {
-            "htpasswd"
-        } else {
-            "off"
-        },
-        if settings.tls.is_some() { "on" } else { "off" },
-    ));
-    s
-}
-
-/// Runs the supervisor until `shutdown` resolves.
-pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+/// Runs the supervisor on `listener` (and the probes-only `metrics`
+/// listener) until `shutdown` resolves: starts the workers, accepts once
+/// they are ready, drains, stops them.
+pub async fn run(
+    settings: Settings,
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
     let sockets = socket_dir()?;
-    let exe = std::env::current_exe().map_err(|source| Error::Storage {
-        path: "the regcache executable".into(),
-        source,
-    })?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let metrics = Arc::new(metrics::Metrics::new());
+    let counters = Arc::new(metrics::Metrics::new());
     let mut workers = Vec::new();
     let mut tasks = Vec::new();
     for up in &settings.upstreams {
-        let storage = storage_of(&settings.storage, up);
+        let storage = settings.storage_of(up);
         std::fs::create_dir_all(&storage).map_err(|source| Error::Storage {
             path: storage.display().to_string(),
             source,
@@ -143,106 +85,33 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         let socket = sockets.path().join(format!("w{}.sock", up.index));
         let w = Arc::new(workers::Worker::new(up.clone(), socket, storage));
         tasks.push(tokio::spawn(workers::supervise(
-            exe.clone(),
+            settings.worker_exe.clone(),
             w.clone(),
-            metrics.clone(),
+            counters.clone(),
             stop_rx.clone(),
             settings.drain_timeout,
         )));
         workers.push(w);
     }
-    // Route only once every worker is up (a worker never needs its upstream
-    // to start); a slow one answers 503 until it is.
     let all_ready = futures_util::future::join_all(workers.iter().map(|w| w.wait_ready()));
-    if tokio::time::timeout(Duration::from_secs(30), all_ready)
+    if tokio::time::timeout(WORKERS_READY, all_ready)
         .await
         .is_err()
     {
         tracing::warn!("not every worker is ready after 30 s; serving anyway");
     }
-
-    let bind = |addr: SocketAddr| async move {
-        tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| Error::Listen { addr, source })
-    };
-    let listeners = async {
-        let front = bind(settings.listen).await?;
-        let metrics = match settings.metrics_listen {
-            Some(addr) => Some(bind(addr).await?),
-            None => None,
-        };
-        Ok::<_, Error>((front, metrics))
-    };
-    let (listener, metrics_listener) = match listeners.await {
-        Ok(l) => l,
-        Err(e) => {
-            stop_tx.send_replace(true);
-            for t in tasks {
-                let _ = t.await;
-            }
-            return Err(e);
-        }
-    };
-    let local = listener.local_addr().unwrap_or(settings.listen);
-    tracing::info!(listen = %local, upstreams = settings.upstreams.len(), "regcache ready");
-
-    let local = workers
-        .iter()
-        .map(|w| server::LocalHits {
-            store: regcache_worker::storage::Store::view(&w.storage),
-            metrics: Arc::new(regcache_worker::metrics::Metrics::for_front(
-                &w.upstream.authority(),
-            )),
-        })
-        .collect();
-    let front = Arc::new(server::Front {
-        routes: routing::Routes::new(&settings.upstreams),
-        proxy: proxy::Proxy::new(workers.iter().map(|w| w.socket.clone()).collect()),
-        workers,
+    let local = listener.local_addr().ok();
+    tracing::info!(listen = ?local, upstreams = settings.upstreams.len(), "regcache ready");
+    let front = Arc::new(front(&settings, workers, counters));
+    serve(
+        front,
+        listener,
         metrics,
-        auth: settings.auth.clone(),
-        probes_only: false,
-        local: Arc::new(local),
-    });
-    let tls = settings.tls.clone().map(tokio_rustls::TlsAcceptor::from);
-    let graceful = GracefulShutdown::new();
-    if let Some(l) = metrics_listener {
-        tokio::spawn(serve_metrics(l, front.clone()));
-    }
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            conn = listener.accept() => {
-                let Ok((stream, peer)) = conn else { continue };
-                let _ = stream.set_nodelay(true);
-                match &tls {
-                    None => serve(front.clone(), stream, peer, &graceful),
-                    Some(acceptor) => {
-                        let (acceptor, front) = (acceptor.clone(), front.clone());
-                        let watcher = graceful.watcher();
-                        tokio::spawn(async move {
-                            let handshake = tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream));
-                            match handshake.await {
-                                Ok(Ok(tls)) => serve_watched(front, tls, peer, Some(watcher)),
-                                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                            }
-                        });
-                    }
-                }
-            }
-        }
-    }
-    tracing::info!("shutting down");
-    drop(listener);
-    if tokio::time::timeout(settings.drain_timeout, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("drain timeout reached");
-    }
+        settings.tls.clone(),
+        settings.drain_timeout,
+        shutdown,
+    )
+    .await;
     stop_tx.send_replace(true);
     for t in tasks {
         let _ = t.await;
@@ -250,32 +119,102 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     Ok(())
 }
 
-/// The optional plain-HTTP listener for scrapes and probes only.
-async fn serve_metrics(listener: tokio::net::TcpListener, front: Arc<server::Front>) {
-    let front = Arc::new(server::Front {
-        probes_only: true,
-        ..(*front).clone()
-    });
+/// The front for `workers`, which need not have been started by [`run`]
+/// (tests give it workers served in-process).
+pub fn front(
+    settings: &Settings,
+    workers: Vec<Arc<workers::Worker>>,
+    metrics: Arc<metrics::Metrics>,
+) -> server::Front {
+    let local = workers
+        .iter()
+        .map(|w| hits::LocalHits::new(&w.storage, &w.upstream.authority))
+        .collect();
+    server::Front {
+        routes: routing::Routes::new(&settings.upstreams),
+        proxy: proxy::Proxy::new(workers.iter().map(|w| w.socket.clone()).collect()),
+        workers,
+        metrics,
+        auth: settings.auth.clone(),
+        probes_only: false,
+        local: Arc::new(local),
+    }
+}
+
+/// Accepts on `listener` (TLS when configured) and `metrics` until
+/// `shutdown`, then drains for at most `drain`.
+pub async fn serve(
+    front: Arc<server::Front>,
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    drain: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
+    let graceful = GracefulShutdown::new();
+    if let Some(l) = metrics {
+        let probes = Arc::new(server::Front {
+            probes_only: true,
+            ..(*front).clone()
+        });
+        tokio::spawn(serve_probes(l, probes));
+    }
+    tokio::pin!(shutdown);
     loop {
-        if let Ok((stream, peer)) = listener.accept().await {
+        let accepted = tokio::select! {
+            _ = &mut shutdown => break,
+            conn = listener.accept() => conn,
+        };
+        let (stream, peer) = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors, say: wait instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        match &tls {
+            None => serve_connection(front.clone(), stream, peer, Some(graceful.watcher())),
+            Some(acceptor) => {
+                let (acceptor, front) = (acceptor.clone(), front.clone());
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let handshake = tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream));
+                    match handshake.await {
+                        Ok(Ok(tls)) => serve_connection(front, tls, peer, Some(watcher)),
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        }
+    }
+    tracing::info!("shutting down");
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout reached");
+    }
+}
+
+/// The optional plain-HTTP listener for scrapes and probes only.
+async fn serve_probes(listener: TcpListener, front: Arc<server::Front>) {
+    loop {
+        match listener.accept().await {
             // Scrapes need no draining.
-            serve_watched(front.clone(), stream, peer, None);
+            Ok((stream, peer)) => serve_connection(front.clone(), stream, peer, None),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
 }
 
-/// Time a client gets to complete the TLS handshake.
-const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
-
-fn serve<S>(front: Arc<server::Front>, stream: S, peer: SocketAddr, graceful: &GracefulShutdown)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    serve_watched(front, stream, peer, Some(graceful.watcher()))
-}
-
 /// Serves one client connection (HTTP/1.1 or h2), tracked for graceful shutdown.
-fn serve_watched<S>(
+fn serve_connection<S>(
     front: Arc<server::Front>,
     stream: S,
     peer: SocketAddr,

@@ -13,7 +13,8 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use regcache_worker::body::Body;
+use regcache_protocol::body::Body;
+use regcache_protocol::request::RepoRequest;
 
 /// Connects `http://w<index>/` to worker `index`'s socket.
 #[derive(Clone)]
@@ -84,23 +85,23 @@ impl Proxy {
         Proxy { client }
     }
 
-    /// Sends `req`'s method and headers to worker `index` at `path_and_query`.
+    /// Sends `request` with the client's `headers` to worker `index`.
     /// Requests carry no body: the cache is read-only and writes never get here.
-    pub async fn forward<B>(
+    pub async fn forward(
         &self,
         index: usize,
-        path_and_query: &str,
-        req: &Request<B>,
+        request: &RepoRequest,
+        headers: &HeaderMap,
     ) -> Result<Response<Body>, hyper_util::client::legacy::Error> {
-        let uri: Uri = format!("http://w{index}{path_and_query}")
+        let uri: Uri = format!("http://w{index}{}", request.path_and_query())
             .parse()
-            .expect("routed paths are valid URIs");
+            .expect("validated requests are valid URIs");
         let mut out = Request::builder()
-            .method(req.method().clone())
+            .method(request.method.as_http())
             .uri(uri)
             .body(Empty::new())
             .expect("valid request parts");
-        *out.headers_mut() = req.headers().clone();
+        *out.headers_mut() = headers.clone();
         strip_hop_by_hop(out.headers_mut());
         out.headers_mut().remove(header::HOST);
         // SECURITY: the client's credentials are for us, never for a worker
@@ -115,9 +116,7 @@ impl Proxy {
             body.map_err(io::Error::other).boxed_unsync(),
         ))
     }
-}
 
-impl Proxy {
     /// GETs one of a worker's internal endpoints and returns the whole body.
     pub async fn fetch(&self, index: usize, path: &str) -> Option<Bytes> {
         let uri: Uri = format!("http://w{index}{path}").parse().ok()?;

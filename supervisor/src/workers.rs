@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,7 +34,6 @@ pub struct Worker {
     pub socket: PathBuf,
     pub storage: PathBuf,
     ready: AtomicBool,
-    pub restarts: AtomicU64,
     ready_tx: watch::Sender<bool>,
 }
 
@@ -45,7 +44,6 @@ impl Worker {
             socket,
             storage,
             ready: AtomicBool::new(false),
-            restarts: AtomicU64::new(0),
             ready_tx: watch::channel(false).0,
         }
     }
@@ -54,7 +52,8 @@ impl Worker {
         self.ready.load(Ordering::Acquire)
     }
 
-    fn set_ready(&self, ready: bool) {
+    /// Marks the worker ready or not (the supervisor does, from its READY line).
+    pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Release);
         self.ready_tx.send_replace(ready);
     }
@@ -83,30 +82,22 @@ pub fn worker_env(
     env
 }
 
-/// Checks, before anything starts, what each worker would refuse at start:
-/// credential files it cannot read, half a username/password pair, a bad
-/// freshness duration, a storage driver other than the filesystem. A
-/// worker failing on these would only restart in a loop.
+/// Checks, before anything starts, what each worker would refuse at start
+/// (credential files it cannot read, half a username/password pair, a bad
+/// duration, an unknown storage driver): a worker failing on these would
+/// only restart in a loop.
 pub fn check_worker_env(
     inherited: &[(String, String)],
     upstreams: &[Upstream],
 ) -> Result<(), crate::config::Error> {
-    use regcache_worker::config as wconfig;
     for up in upstreams {
         let env = worker_env(inherited.iter().cloned(), up);
-        let get = |k: &str| env.get(k).cloned();
-        let fail = |reason: String| crate::config::Error {
-            item: Some(up.index),
-            reason: format!("{}: {reason}", up.authority()),
-        };
-        wconfig::credentials_from(get).map_err(|e| fail(e.to_string()))?;
-        wconfig::duration_from(get, "REGCACHE_TAG_FRESHNESS", Duration::ZERO)
-            .map_err(|e| fail(e.to_string()))?;
-        if let Some(driver) = get("REGISTRY_STORAGE").filter(|d| d != "filesystem") {
-            return Err(fail(format!(
-                "REGISTRY_STORAGE={driver} is not supported (yet): regcache stores on the filesystem"
-            )));
-        }
+        regcache_worker::config::check_env(&|k| env.get(k).cloned()).map_err(|e| {
+            crate::config::Error {
+                item: Some(up.index),
+                reason: format!("{}: {e}", up.name()),
+            }
+        })?;
     }
     Ok(())
 }
@@ -138,7 +129,7 @@ pub async fn supervise(
     mut stop: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    let name = w.upstream.authority();
+    let name = w.upstream.name();
     let mut backoff = BACKOFF_MIN;
     loop {
         if *stop.borrow() {
@@ -193,7 +184,6 @@ pub async fn supervise(
         if *stop.borrow() {
             return;
         }
-        w.restarts.fetch_add(1, Ordering::Relaxed);
         metrics.worker_restarts.with_label_values(&[&name]).inc();
         tracing::error!(upstream = %name, pid, status = ?status.ok(), "worker exited; restarting");
         if started.elapsed() > STABLE_AFTER {

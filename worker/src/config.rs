@@ -1,7 +1,6 @@
-//! The worker's settings: where its upstream is, where its cache lives, and
-//! its credentials (from its own environment, which the supervisor built).
+//! The worker's settings, from its own environment (which the supervisor
+//! built: the inherited environment plus this upstream's `variables`).
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -14,15 +13,17 @@ pub struct Settings {
     pub upstream: reqwest::Url,
     /// This upstream's cache root.
     pub storage: PathBuf,
-    /// Unix socket to serve on (as started by the supervisor).
-    pub socket: Option<PathBuf>,
-    /// TCP address to serve on (standalone use).
-    pub listen: Option<SocketAddr>,
     /// How long a tag -> digest answer is used before an upstream HEAD.
     pub tag_freshness: Duration,
     pub credentials: Option<Credentials>,
+    /// How long shutdown waits for requests and fills in flight.
     pub drain_timeout: Duration,
 }
+
+/// Default wait for in-flight work at shutdown.
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(30);
+/// Default tag freshness (`REGCACHE_TAG_FRESHNESS`).
+pub const DEFAULT_TAG_FRESHNESS: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -42,12 +43,47 @@ pub enum Error {
     Duration { var: &'static str, value: String },
     #[error("invalid upstream URL {0:?}")]
     Upstream(String),
+    #[error("REGISTRY_STORAGE={0} is not supported (yet): regcache stores on the filesystem")]
+    Driver(String),
+}
+
+impl Settings {
+    /// The settings for `upstream` caching in `storage`, the rest from `env`.
+    pub fn from_env(
+        upstream: &str,
+        storage: PathBuf,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Settings, Error> {
+        let upstream = upstream
+            .parse()
+            .map_err(|_| Error::Upstream(upstream.to_owned()))?;
+        check_env(&env)?;
+        Ok(Settings {
+            upstream,
+            storage,
+            tag_freshness: duration_from(&env, "REGCACHE_TAG_FRESHNESS", DEFAULT_TAG_FRESHNESS)?,
+            credentials: credentials_from(&env)?,
+            drain_timeout: duration_from(&env, "REGISTRY_HTTP_DRAINTIMEOUT", DEFAULT_DRAIN)?,
+        })
+    }
+}
+
+/// What a worker would refuse at start, checked without starting one (the
+/// supervisor runs this for every upstream before anything starts).
+pub fn check_env(env: &impl Fn(&str) -> Option<String>) -> Result<(), Error> {
+    credentials_from(env)?;
+    duration_from(env, "REGCACHE_TAG_FRESHNESS", DEFAULT_TAG_FRESHNESS)?;
+    duration_from(env, "REGISTRY_HTTP_DRAINTIMEOUT", DEFAULT_DRAIN)?;
+    match env("REGISTRY_STORAGE").filter(|d| !d.is_empty() && d != "filesystem") {
+        Some(driver) => Err(Error::Driver(driver)),
+        None => Ok(()),
+    }
 }
 
 /// Reads `REGISTRY_PROXY_USERNAME`/`_PASSWORD`, or their `_FILE` forms (Docker
 /// and Swarm secrets), from `env`.
 pub fn credentials_from(
-    env: impl Fn(&str) -> Option<String>,
+    env: &impl Fn(&str) -> Option<String>,
 ) -> Result<Option<Credentials>, Error> {
     let read = |var: &'static str, file_var: &'static str| -> Result<Option<String>, Error> {
         if let Some(v) = env(var).filter(|v| !v.is_empty()) {
@@ -83,49 +119,23 @@ pub fn credentials_from(
     }
 }
 
-/// Parses a duration: Go style (`1h30m`, `500ms`, `60s`), Scala style as lhns
-/// takes it (`30 s`, `2min`), or bare seconds (`60`).
+/// Parses a duration with `humantime` (`1h30m`, `500ms`, `2min`, `30 s`);
+/// a bare number is seconds, as registry:2 and lhns configurations write it.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
-    if let Ok(secs) = s.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
+    match s.parse::<u64>() {
+        Ok(secs) => Some(Duration::from_secs(secs)),
+        Err(_) => humantime::parse_duration(s).ok(),
     }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    if rest.is_empty() {
-        return None;
-    }
-    while !rest.is_empty() {
-        let num_end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        let value: f64 = rest[..num_end].parse().ok()?;
-        rest = rest[num_end..].trim_start();
-        let unit_end = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let unit = rest[..unit_end].trim();
-        rest = &rest[unit_end..];
-        let scale = match unit {
-            "ms" | "millis" | "milliseconds" => 0.001,
-            "s" | "sec" | "secs" | "second" | "seconds" => 1.0,
-            "m" | "min" | "mins" | "minute" | "minutes" => 60.0,
-            "h" | "hour" | "hours" => 3600.0,
-            "d" | "day" | "days" => 86400.0,
-            _ => return None,
-        };
-        total += Duration::from_secs_f64(value * scale);
-    }
-    Some(total)
 }
 
 /// Parses the duration in `var` of `env`, or `default` when unset.
 pub fn duration_from(
-    env: impl Fn(&str) -> Option<String>,
+    env: &impl Fn(&str) -> Option<String>,
     var: &'static str,
     default: Duration,
 ) -> Result<Duration, Error> {
-    match env(var) {
+    match env(var).filter(|v| !v.trim().is_empty()) {
         None => Ok(default),
         Some(v) => parse_duration(&v).ok_or(Error::Duration { var, value: v }),
     }
@@ -153,7 +163,7 @@ mod tests {
                 "{s}"
             );
         }
-        for bad in ["", "x", "5y", "m"] {
+        for bad in ["", "x", "5 parsecs", "m"] {
             assert_eq!(parse_duration(bad), None, "{bad}");
         }
     }
@@ -168,10 +178,23 @@ mod tests {
             ("REGISTRY_PROXY_PASSWORD_FILE", file.display().to_string()),
         ]
         .into();
-        let c = credentials_from(|k| env.get(k).cloned()).unwrap().unwrap();
+        let c = credentials_from(&|k| env.get(k).cloned()).unwrap().unwrap();
         assert_eq!((c.username.as_str(), c.password.expose()), ("u", "s3cret"));
-        assert!(credentials_from(|_| None).unwrap().is_none());
+        assert!(credentials_from(&|_| None).unwrap().is_none());
         let half: HashMap<&str, String> = [("REGISTRY_PROXY_USERNAME", "u".to_string())].into();
-        assert!(credentials_from(|k| half.get(k).cloned()).is_err());
+        assert!(credentials_from(&|k| half.get(k).cloned()).is_err());
+    }
+
+    #[test]
+    fn settings_from_env() {
+        let env: HashMap<&str, String> = [("REGCACHE_TAG_FRESHNESS", "5m".to_string())].into();
+        let s =
+            Settings::from_env("https://ghcr.io", "/c".into(), |k| env.get(k).cloned()).unwrap();
+        assert_eq!(s.tag_freshness, Duration::from_secs(300));
+        assert_eq!(s.drain_timeout, DEFAULT_DRAIN);
+        let s3: HashMap<&str, String> = [("REGISTRY_STORAGE", "s3".to_string())].into();
+        let e = Settings::from_env("https://ghcr.io", "/c".into(), |k| s3.get(k).cloned());
+        assert!(matches!(e, Err(Error::Driver(_))));
+        assert!(Settings::from_env("not a url", "/c".into(), |_| None).is_err());
     }
 }

@@ -1,220 +1,158 @@
-//! The registry error vocabulary and the one place where errors become
-//! responses.
+//! The one place a worker's errors get a status and a registry code.
 //!
-//! Every layer (routing, storage, upstream) has its own error type; this module
-//! turns each into the spec's JSON envelope `{"errors":[{code,message,detail}]}`
-//! with the status that says who was at fault. Both the worker and the
-//! supervisor answer errors through [`RegistryError::into_response`].
+//! Who was at fault decides the status: the client's input -> 4xx (see
+//! `regcache_protocol::error`); upstream said no -> its 404/403/429; upstream
+//! unreachable or sending garbage -> 502/504; our storage -> 500, with a
+//! message that never names a local path.
 
-use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderValue, StatusCode};
+use regcache_protocol::error::{ErrorCode, RegistryError};
+use regcache_protocol::request;
 
-use crate::body::{full, Body};
-use crate::{reference, routing, storage, upstream};
+use crate::cache;
+use crate::upstream;
 
-/// Error codes of the OCI distribution spec (plus distribution's `UNAVAILABLE`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorCode {
-    /// Blob unknown to registry.
-    BlobUnknown,
-    /// Manifest unknown to registry.
-    ManifestUnknown,
-    /// Repository name (or upstream) not known to registry.
-    NameUnknown,
-    /// Invalid repository name.
-    NameInvalid,
-    /// Manifest tag did not match the grammar.
-    TagInvalid,
-    /// Provided digest did not match the grammar or the content.
-    DigestInvalid,
-    /// Requested range cannot be served.
-    RangeInvalid,
-    /// `n` of a paginated list out of range.
-    PaginationNumberInvalid,
-    /// Authentication required.
-    Unauthorized,
-    /// Requested access to the resource is denied.
-    Denied,
-    /// The operation is unsupported (writes on a read-only cache).
-    Unsupported,
-    /// Too many requests.
-    TooManyRequests,
-    /// The service (upstream or worker) is unavailable.
-    Unavailable,
-    /// Anything else: our fault.
-    Unknown,
+/// Why a worker request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Request(#[from] request::Error),
+    #[error(transparent)]
+    Cache(#[from] cache::Error),
 }
 
-impl ErrorCode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::BlobUnknown => "BLOB_UNKNOWN",
-            ErrorCode::ManifestUnknown => "MANIFEST_UNKNOWN",
-            ErrorCode::NameUnknown => "NAME_UNKNOWN",
-            ErrorCode::NameInvalid => "NAME_INVALID",
-            ErrorCode::TagInvalid => "TAG_INVALID",
-            ErrorCode::DigestInvalid => "DIGEST_INVALID",
-            ErrorCode::RangeInvalid => "RANGE_INVALID",
-            ErrorCode::PaginationNumberInvalid => "PAGINATION_NUMBER_INVALID",
-            ErrorCode::Unauthorized => "UNAUTHORIZED",
-            ErrorCode::Denied => "DENIED",
-            ErrorCode::Unsupported => "UNSUPPORTED",
-            ErrorCode::TooManyRequests => "TOOMANYREQUESTS",
-            ErrorCode::Unavailable => "UNAVAILABLE",
-            ErrorCode::Unknown => "UNKNOWN",
-        }
-    }
-}
-
-/// An error as the client will see it.
-#[derive(Debug, Clone)]
-pub struct RegistryError {
-    pub status: StatusCode,
-    pub code: ErrorCode,
-    pub message: String,
-    /// Extra response headers (`Allow`, `Retry-After`, `WWW-Authenticate`).
-    pub headers: Vec<(header::HeaderName, HeaderValue)>,
-}
-
-impl RegistryError {
-    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
-        RegistryError {
-            status,
-            code,
-            message: message.into(),
-            headers: Vec::new(),
-        }
-    }
-
-    pub fn with_header(mut self, name: header::HeaderName, value: HeaderValue) -> Self {
-        self.headers.push((name, value));
-        self
-    }
-
-    /// 405 for any write: this registry is a read-only cache.
-    pub fn read_only(method: &http::Method) -> Self {
-        RegistryError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            ErrorCode::Unsupported,
-            format!("{method} is not supported: regcache is a read-only pull-through cache"),
-        )
-        .with_header(header::ALLOW, HeaderValue::from_static("GET, HEAD"))
-    }
-
-    pub fn into_response(self) -> Response<Body> {
-        let body = serde_json::json!({
-            "errors": [{"code": self.code.as_str(), "message": self.message, "detail": null}]
-        });
-        let bytes = Bytes::from(body.to_string());
-        let mut resp = Response::new(full(bytes.clone()));
-        *resp.status_mut() = self.status;
-        let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-        for (name, value) in self.headers {
-            h.append(name, value);
-        }
-        resp
-    }
-}
-
-impl From<reference::Error> for RegistryError {
-    fn from(e: reference::Error) -> Self {
-        let code = match e {
-            reference::Error::Name(_) => ErrorCode::NameInvalid,
-            reference::Error::Tag(_) => ErrorCode::TagInvalid,
-            reference::Error::Digest(_) | reference::Error::Algorithm(_) => {
-                ErrorCode::DigestInvalid
-            }
-        };
-        RegistryError::new(StatusCode::BAD_REQUEST, code, e.to_string())
-    }
-}
-
-impl From<routing::Error> for RegistryError {
-    fn from(e: routing::Error) -> Self {
-        match e {
-            routing::Error::Invalid(e) => e.into(),
-            routing::Error::NoEndpoint => {
-                RegistryError::new(StatusCode::NOT_FOUND, ErrorCode::NameUnknown, e.to_string())
-            }
-            routing::Error::Method(m) => RegistryError::read_only(&m),
-        }
-    }
-}
-
-impl From<storage::Error> for RegistryError {
-    fn from(e: storage::Error) -> Self {
-        tracing::error!(error = %e, "storage failure");
-        RegistryError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            ErrorCode::Unknown,
-            format!("cache storage failed: {e}"),
-        )
-    }
-}
-
-impl From<upstream::Error> for RegistryError {
+impl From<upstream::Error> for Error {
     fn from(e: upstream::Error) -> Self {
-        use upstream::Error as U;
-        let status = match &e {
-            U::NotFound { .. } => StatusCode::NOT_FOUND,
-            U::Denied { .. } => StatusCode::FORBIDDEN,
-            U::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            U::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            U::Unreachable { .. } | U::Status { .. } | U::Garbage { .. } => StatusCode::BAD_GATEWAY,
-            U::Mismatch { .. } => StatusCode::BAD_GATEWAY,
-        };
-        let code = match &e {
-            U::NotFound { kind, .. } => match kind {
-                upstream::Kind::Blob => ErrorCode::BlobUnknown,
-                upstream::Kind::Manifest => ErrorCode::ManifestUnknown,
-                upstream::Kind::Other => ErrorCode::NameUnknown,
-            },
-            U::Denied { .. } => ErrorCode::Denied,
-            U::RateLimited { .. } => ErrorCode::TooManyRequests,
-            _ => ErrorCode::Unavailable,
-        };
-        let mut err = RegistryError::new(status, code, e.to_string());
-        if let U::RateLimited {
-            retry_after: Some(v),
-            ..
-        } = &e
-        {
-            if let Ok(v) = HeaderValue::from_str(v) {
-                err = err.with_header(header::RETRY_AFTER, v);
-            }
+        Error::Cache(e.into())
+    }
+}
+
+impl From<&Error> for RegistryError {
+    fn from(e: &Error) -> Self {
+        match e {
+            Error::Request(e) => e.clone().into(),
+            Error::Cache(e) => e.into(),
         }
-        err
+    }
+}
+
+impl From<&cache::Error> for RegistryError {
+    fn from(e: &cache::Error) -> Self {
+        match e {
+            cache::Error::Upstream(e) => e.into(),
+            cache::Error::Storage(_) => RegistryError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Unknown,
+                "the cache's storage failed; see the regcache log",
+            ),
+            cache::Error::Abandoned => RegistryError::new(
+                StatusCode::BAD_GATEWAY,
+                ErrorCode::Unavailable,
+                e.to_string(),
+            ),
+            cache::Error::Shared(inner) => (&**inner).into(),
+        }
+    }
+}
+
+impl From<&upstream::Error> for RegistryError {
+    fn from(e: &upstream::Error) -> Self {
+        use upstream::Error as U;
+        let (status, code) = match e {
+            U::NotFound { kind, .. } => (StatusCode::NOT_FOUND, ErrorCode::not_found(*kind)),
+            U::Denied { .. } => (StatusCode::FORBIDDEN, ErrorCode::Denied),
+            U::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests),
+            U::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, ErrorCode::Unavailable),
+            U::Unreachable { .. } | U::Status { .. } | U::Garbage { .. } | U::Mismatch { .. } => {
+                (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable)
+            }
+        };
+        let err = RegistryError::new(status, code, e.to_string());
+        match e {
+            U::RateLimited {
+                retry_after: Some(v),
+                ..
+            } => match HeaderValue::from_str(v) {
+                Ok(v) => err.with_header(header::RETRY_AFTER, v),
+                Err(_) => err,
+            },
+            _ => err,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::BodyExt;
+    use regcache_protocol::request::Kind;
 
-    #[tokio::test]
-    async fn envelope() {
-        let resp = RegistryError::read_only(&http::Method::PUT).into_response();
-        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
-        assert_eq!(resp.headers()[header::ALLOW], "GET, HEAD");
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
-        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(v["errors"][0]["code"], "UNSUPPORTED");
+    fn up(e: upstream::Error) -> RegistryError {
+        (&Error::from(e)).into()
     }
 
     #[test]
-    fn input_errors_are_400_with_spec_codes() {
-        let e: RegistryError = reference::Error::Digest("x".into()).into();
+    fn status_by_who_is_at_fault() {
+        let u = || "ghcr.io".to_string();
+        let cases = [
+            (
+                up(upstream::Error::NotFound {
+                    upstream: u(),
+                    kind: Kind::Blob,
+                    what: "x".into(),
+                }),
+                404,
+                ErrorCode::BlobUnknown,
+            ),
+            (
+                up(upstream::Error::Denied {
+                    upstream: u(),
+                    status: 401,
+                }),
+                403,
+                ErrorCode::Denied,
+            ),
+            (
+                up(upstream::Error::Timeout { upstream: u() }),
+                504,
+                ErrorCode::Unavailable,
+            ),
+            (
+                up(upstream::Error::Garbage {
+                    upstream: u(),
+                    reason: "x".into(),
+                }),
+                502,
+                ErrorCode::Unavailable,
+            ),
+        ];
+        for (e, status, code) in cases {
+            assert_eq!((e.status.as_u16(), e.code), (status, code), "{}", e.message);
+        }
+        let limited = up(upstream::Error::RateLimited {
+            upstream: u(),
+            retry_after: Some("7".into()),
+        });
+        assert_eq!(limited.status, StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(
-            (e.status, e.code),
-            (StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid)
+            limited.headers[0],
+            (header::RETRY_AFTER, HeaderValue::from_static("7"))
         );
-        let e: RegistryError = reference::Error::Name("X".into()).into();
-        assert_eq!(e.code, ErrorCode::NameInvalid);
+    }
+
+    #[test]
+    fn storage_failures_never_show_a_path() {
+        let e = Error::Cache(cache::Error::Storage(regcache_store::Error::Io {
+            op: "read",
+            path: "/var/lib/regcache/secret/place".into(),
+            source: std::io::Error::other("disk on fire"),
+        }));
+        let wire = RegistryError::from(&e);
+        assert_eq!(wire.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(!wire.message.contains("/var/lib"), "{}", wire.message);
+        let shared = Error::Cache(cache::Error::Shared(std::sync::Arc::new(match e {
+            Error::Cache(c) => c,
+            Error::Request(_) => unreachable!(),
+        })));
+        assert!(!RegistryError::from(&shared).message.contains("/var/lib"));
     }
 }

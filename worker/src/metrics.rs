@@ -10,34 +10,8 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::cache::Outcome;
-
-/// What a request asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Manifest,
-    Blob,
-    Tags,
-    Other,
-}
-
-impl Kind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Manifest => "manifest",
-            Kind::Blob => "blob",
-            Kind::Tags => "tags",
-            Kind::Other => "other",
-        }
-    }
-}
-
-/// Where served bytes came from.
-#[derive(Debug, Clone, Copy)]
-pub enum Source {
-    Cache,
-    Upstream,
-}
+use regcache_protocol::request::Kind;
+use regcache_protocol::response::Outcome;
 
 pub struct Metrics {
     registry: Registry,
@@ -207,10 +181,12 @@ impl Metrics {
         }
     }
 
-    pub fn served(&self, source: Source, bytes: u64) {
-        let s = match source {
-            Source::Cache => "cache",
-            Source::Upstream => "upstream",
+    /// Bytes sent to clients for an answer produced as `outcome`.
+    pub fn served(&self, outcome: Outcome, bytes: u64) {
+        let s = if outcome.from_cache() {
+            "cache"
+        } else {
+            "upstream"
         };
         self.served_bytes.with_label_values(&[s]).inc_by(bytes);
     }
@@ -261,7 +237,7 @@ mod tests {
         let m = Metrics::new("ghcr.io");
         m.request(Kind::Blob, Some(Outcome::Miss), false, 0.01);
         m.request(Kind::Blob, Some(Outcome::Hit), false, 0.001);
-        m.served(Source::Cache, 10);
+        m.served(Outcome::Hit, 10);
         let text = m.render();
         assert!(
             text.contains(

@@ -5,17 +5,17 @@
 //! host that did not ask for it), and turns upstream statuses into typed
 //! errors. Proxies come from `http_proxy`/`https_proxy`/`no_proxy`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::Method;
+use regcache_protocol::request::Kind;
+use regcache_protocol::{Authority, Name};
 use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, LOCATION, WWW_AUTHENTICATE};
 use reqwest::{Response, StatusCode, Url};
 
-use std::sync::Arc;
-
 use crate::auth::{self, Auth};
 use crate::metrics::Metrics;
-use crate::reference::Name;
 
 /// Every manifest type we can store; upstreams refuse OCI types they were
 /// not asked for, and the client's own preference is applied when serving.
@@ -27,14 +27,6 @@ application/vnd.docker.distribution.manifest.v1+prettyjws, \
 application/vnd.docker.distribution.manifest.v1+json";
 
 const MAX_REDIRECTS: usize = 5;
-
-/// What was asked for, so a 404 maps to the right registry code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Manifest,
-    Blob,
-    Other,
-}
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
@@ -85,7 +77,7 @@ impl Error {
 pub struct Upstream {
     /// `https://host[:port]`, the registry API base.
     base: Url,
-    /// Display name used in errors and logs.
+    /// `host[:port]`, the name used in errors and logs.
     name: String,
     http: reqwest::Client,
     auth: Auth,
@@ -98,7 +90,7 @@ impl Upstream {
         credentials: Option<auth::Credentials>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, reqwest::Error> {
-        let name = crate::upstream_name(&base);
+        let name = Authority::of(&base).to_string();
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("regcache/", env!("CARGO_PKG_VERSION")))
@@ -159,10 +151,7 @@ impl Upstream {
         scope: &str,
         accept: Option<&str>,
     ) -> Result<Response, Error> {
-        let host = match url.port() {
-            Some(p) => format!("{}:{p}", url.host_str().unwrap_or_default()),
-            None => url.host_str().unwrap_or_default().to_owned(),
-        };
+        let host = Authority::of(url).to_string();
         let own_host = host == self.name;
         let mut authorization = self.auth.header_for(&host, scope, own_host);
         for attempt in 0..2 {

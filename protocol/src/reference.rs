@@ -1,4 +1,5 @@
-//! Validated repository names, tags and digests.
+//! Validated repository names, tags, digests and registry authorities, and
+//! the manifest as it travels: exact bytes, media type, digest.
 //!
 //! Everything that reaches storage or the upstream passes through these types
 //! first, so a path built from them can never escape the storage root: names
@@ -7,6 +8,8 @@
 
 use std::fmt;
 use std::str::FromStr;
+
+use bytes::Bytes;
 
 /// Longest repository name accepted (what `distribution/reference` allows).
 const MAX_NAME_LEN: usize = 255;
@@ -25,7 +28,7 @@ pub enum Error {
 }
 
 /// A repository name as the OCI distribution spec defines it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Name(String);
 
 impl Name {
@@ -83,7 +86,7 @@ pub fn valid_component(c: &str) -> bool {
 }
 
 /// A tag: `[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Tag(String);
 
 impl Tag {
@@ -117,7 +120,7 @@ impl fmt::Display for Tag {
 }
 
 /// The digest algorithms we can verify.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Algorithm {
     Sha256,
     Sha512,
@@ -140,7 +143,7 @@ impl Algorithm {
 }
 
 /// A content digest, `algorithm:hex`, with lowercase hex of the right length.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest {
     algorithm: Algorithm,
     hex: String,
@@ -202,8 +205,68 @@ impl fmt::Display for Digest {
     }
 }
 
-/// A manifest reference: a tag or a digest.
+/// A manifest as stored and served: its exact bytes (the digest is over
+/// them, so they are never re-serialized), its media type and its digest.
 #[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    pub media_type: String,
+    pub bytes: Bytes,
+    pub digest: Digest,
+}
+
+impl Manifest {
+    /// True when `bytes` hash to `digest`.
+    pub fn verifies(&self) -> bool {
+        Digest::of(self.digest.algorithm(), &self.bytes) == self.digest
+    }
+}
+
+/// A registry's `host[:port]`: the one way regcache names an upstream in
+/// logs, metric labels, error messages and storage paths.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Authority {
+    host: String,
+    port: Option<u16>,
+}
+
+impl Authority {
+    pub fn new(host: impl Into<String>, port: Option<u16>) -> Authority {
+        Authority {
+            host: host.into(),
+            port,
+        }
+    }
+
+    /// The authority of `url` (a default port is not shown, as URLs do).
+    pub fn of(url: &url::Url) -> Authority {
+        Authority::new(url.host_str().unwrap_or_default(), url.port())
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn port(&self) -> Option<u16> {
+        self.port
+    }
+
+    /// As a directory name, `host_port`: a `:` is awkward in paths and volumes.
+    pub fn dir_name(&self) -> String {
+        self.to_string().replace(':', "_")
+    }
+}
+
+impl fmt::Display for Authority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.port {
+            Some(p) => write!(f, "{}:{p}", self.host),
+            None => f.write_str(&self.host),
+        }
+    }
+}
+
+/// A manifest reference: a tag or a digest.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Reference {
     Tag(Tag),
     Digest(Digest),
@@ -332,6 +395,18 @@ mod tests {
         let d = format!("sha256:{}", "0".repeat(64));
         assert!(matches!(d.parse::<Reference>(), Ok(Reference::Digest(_))));
         assert!("sha256:xyz".parse::<Reference>().is_err());
+    }
+
+    #[test]
+    fn authorities() {
+        let url: url::Url = "http://127.0.0.1:15000/v2/".parse().unwrap();
+        let a = Authority::of(&url);
+        assert_eq!(
+            (a.to_string(), a.dir_name()),
+            ("127.0.0.1:15000".into(), "127.0.0.1_15000".into())
+        );
+        let url: url::Url = "https://ghcr.io:443".parse().unwrap();
+        assert_eq!(Authority::of(&url).to_string(), "ghcr.io");
     }
 
     #[test]

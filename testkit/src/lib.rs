@@ -1,18 +1,17 @@
-//! Shared support for the end-to-end tests: a real upstream registry
+//! The one test-support place, for the end-to-end tests under `tests/` and
+//! the crates' own tests: a real upstream registry
 //! (Debian's `docker-registry`, distribution 2.8), an in-process fake upstream
 //! for misbehaviour on demand and exact request counts ([`fake`]), OCI images
 //! built from random bytes and pushed with skopeo, the `regcache` binary under
 //! test, a raw HTTP client (whole responses with [`http`], bodies read bit by
 //! bit with [`http_open`]), skopeo helpers and storage-layout checks.
 //!
-//! Everything is black-box: the tests see regcache only through its command
-//! line, its port, its child processes and its storage directory.
+//! The end-to-end tests are black-box: they see regcache only through its
+//! command line, its port, its child processes and its storage directory.
 //!
-//! Include it from a test file with `mod support;`.
+//! Use it from a test file with `use regcache_testkit as support;`.
 //! Set `REGCACHE_TEST_KEEP=1` to keep the temporary directories (logs, upstream
 //! storage) of a run for inspection; their paths are printed.
-
-#![allow(dead_code)]
 
 pub mod fake;
 
@@ -1079,9 +1078,10 @@ pub fn seed_index(up: &Upstream, repo: &str, tag: &str) -> SeededIndex {
     }
 }
 
-/// Standard base64 (for Basic auth headers): the crate's own encoder.
+/// Standard base64 (for Basic auth headers).
 pub fn base64_encode(data: &[u8]) -> String {
-    regcache_worker::auth::base64(data)
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(data)
 }
 
 // ---------------------------------------------------------------------------
@@ -1333,13 +1333,20 @@ pub fn read_dir_copy(dir: &Path) -> DirCopy {
 // the regcache binary
 // ---------------------------------------------------------------------------
 
-/// Path of the binary under test: the workspace's `regcache`, or
-/// `$REGCACHE_BIN` when set (to test another build, e.g. a release binary).
+/// Path of the binary under test: `$REGCACHE_BIN` when set (to test another
+/// build, e.g. a release binary), else the workspace's `regcache` beside the
+/// running test (`target/<profile>/deps/<test>` -> `target/<profile>/regcache`),
+/// which cargo builds for the root package's integration tests.
 pub fn regcache_bin() -> PathBuf {
-    match std::env::var_os("REGCACHE_BIN") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_BIN_EXE_regcache")),
+    if let Some(p) = std::env::var_os("REGCACHE_BIN") {
+        return PathBuf::from(p);
     }
+    let test = std::env::current_exe().expect("the test binary's path");
+    let profile_dir = test
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("tests run from target/<profile>/deps");
+    profile_dir.join("regcache")
 }
 
 /// CONFIG JSON for upstreams given as `(registry_url, aliases)`.
@@ -1362,7 +1369,8 @@ pub struct Regcache {
     addr: String,
     config: String,
     storage: PathBuf,
-    log_dir: TempDir,
+    /// Holds the log and TMPDIR: dropping it removes them.
+    _log_dir: TempDir,
     log_path: PathBuf,
     /// TMPDIR given to regcache: its own empty directory, so whatever it puts
     /// in the temp dir is visible to the test and removed with the log dir.
@@ -1407,7 +1415,7 @@ impl Regcache {
             addr: String::new(),
             config: config.to_owned(),
             storage: storage.to_owned(),
-            log_dir,
+            _log_dir: log_dir,
             log_path,
             tmp_dir,
             seen_workers: Vec::new(),

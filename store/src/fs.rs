@@ -1,0 +1,532 @@
+//! The filesystem store: one directory per upstream.
+//!
+//! ```text
+//! blobs/sha256/ab/<hex>            blob bytes, exactly as upstream sent them
+//! manifests/sha256/ab/<hex>        "<media type>\n" + the manifest bytes
+//! repositories/<name>/_tags/<tag>  "<digest>\n<confirmed, ms since the epoch>\n"
+//! repositories/<name>/_manifests/<digest>  empty: this repository had that manifest
+//! tmp/                             spools (same filesystem: commits are renames)
+//! ```
+//! Every write goes to a spool, is fsynced and renamed into place, so a
+//! reader sees a whole file or none. A file's modification time is when it
+//! was last used (or stored). `_tags` and `_manifests` cannot collide with a
+//! repository component (those never start with `_`); paths are built only
+//! from validated names, tags and digests, so none leaves the root.
+//!
+//! Small reads (manifests, tags) run on the calling thread: they are a page
+//! cache copy, cheaper than a hop to the blocking pool. Fsyncs, renames and
+//! directory walks go to the blocking pool.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::spool::SpoolDir;
+use crate::{
+    BlobReader, Digest, Error, Key, Manifest, Name, Repository, Result, Store, Tag, TagRecord,
+    Usage, Verified,
+};
+
+/// The filesystem store of one upstream.
+#[derive(Clone)]
+pub struct FsStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: PathBuf,
+    /// `None` for a read-only view.
+    spools: Option<SpoolDir>,
+    /// Counted once on first use (off the start path), then kept up to date.
+    usage: Mutex<Option<Usage>>,
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Error + 'a {
+    move |source| Error::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Runs blocking filesystem work off the async threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(Error::Io {
+            op: "run",
+            path: PathBuf::new(),
+            source: io::Error::other(e),
+        })
+    })
+}
+
+impl FsStore {
+    /// Opens (creating) the store at `root`; abandoned spools in `tmp/` are
+    /// removed, live ones (another process's) left alone.
+    pub fn open(root: impl Into<PathBuf>) -> Result<FsStore> {
+        let root = root.into();
+        for dir in ["blobs", "manifests", "repositories"] {
+            let p = root.join(dir);
+            fs::create_dir_all(&p).map_err(io_err("create", &p))?;
+        }
+        let tmp = root.join("tmp");
+        let spools = SpoolDir::open(&tmp).map_err(io_err("open", &tmp))?;
+        Ok(FsStore::new(root, Some(spools)))
+    }
+
+    /// A read-only view of a store another process owns (the front's hit
+    /// path): nothing is created or cleaned, writes fail, reads and `touch`
+    /// work.
+    pub fn view(root: impl Into<PathBuf>) -> FsStore {
+        FsStore::new(root.into(), None)
+    }
+
+    fn new(root: PathBuf, spools: Option<SpoolDir>) -> FsStore {
+        FsStore {
+            inner: Arc::new(Inner {
+                root,
+                spools,
+                usage: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Where fills spool before committing here (`None` for a view).
+    pub fn spools(&self) -> Option<&SpoolDir> {
+        self.inner.spools.as_ref()
+    }
+
+    fn writable(&self) -> Result<&SpoolDir> {
+        self.inner.spools.as_ref().ok_or_else(|| Error::Io {
+            op: "write",
+            path: self.inner.root.clone(),
+            source: io::Error::new(io::ErrorKind::PermissionDenied, "read-only view"),
+        })
+    }
+
+    fn sharded(&self, kind: &str, d: &Digest) -> PathBuf {
+        self.inner
+            .root
+            .join(kind)
+            .join(d.algorithm().as_str())
+            .join(&d.hex()[..2])
+            .join(d.hex())
+    }
+
+    fn repo_dir(&self, name: &Name) -> PathBuf {
+        let mut p = self.inner.root.join("repositories");
+        p.extend(name.components());
+        p
+    }
+
+    fn path_of(&self, key: &Key) -> PathBuf {
+        match key {
+            Key::Blob(d) => self.sharded("blobs", d),
+            Key::Manifest(d) => self.sharded("manifests", d),
+            Key::Tag(name, tag) => self.repo_dir(name).join("_tags").join(tag.as_str()),
+        }
+    }
+
+    /// Adds to the usage, if it has been counted.
+    fn count(&self, bytes: i64, blobs: i64, manifests: i64) {
+        if let Some(u) = self.inner.usage.lock().unwrap().as_mut() {
+            u.bytes = u.bytes.saturating_add_signed(bytes);
+            u.blobs = u.blobs.saturating_add_signed(blobs);
+            u.manifests = u.manifests.saturating_add_signed(manifests);
+        }
+    }
+
+    /// Writes `bytes` to a spool and renames it to `dest`.
+    fn write_file(&self, dest: &Path, bytes: &[&[u8]]) -> Result<()> {
+        let spool = self.writable()?.create().map_err(io_err("create", dest))?;
+        let mut f = &**spool.file();
+        for b in bytes {
+            f.write_all(b).map_err(io_err("write", spool.path()))?;
+        }
+        place(spool.file(), spool.path(), dest)?;
+        spool.taken();
+        Ok(())
+    }
+}
+
+/// fsync, rename into place, fsync the directory: the file is whole and
+/// durable under its final name, or absent.
+fn place(file: &File, from: &Path, dest: &Path) -> Result<()> {
+    file.sync_all().map_err(io_err("fsync", from))?;
+    let parent = dest.parent().expect("store paths have parents");
+    fs::create_dir_all(parent).map_err(io_err("create", parent))?;
+    fs::rename(from, dest).map_err(io_err("rename", dest))?;
+    if let Ok(dir) = File::open(parent) {
+        let _ = dir.sync_all();
+    }
+    Ok(())
+}
+
+fn millis(t: SystemTime) -> u128 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()
+}
+
+fn parse_manifest(d: &Digest, raw: Vec<u8>) -> Result<Manifest> {
+    let corrupt = |reason: &str| Error::Corrupt {
+        what: format!("manifest {d}"),
+        reason: reason.to_owned(),
+    };
+    let raw = Bytes::from(raw);
+    let nl = raw
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or_else(|| corrupt("no media type line"))?;
+    let media_type = std::str::from_utf8(&raw[..nl])
+        .map_err(|_| corrupt("media type is not UTF-8"))?
+        .to_owned();
+    let m = Manifest {
+        media_type,
+        bytes: raw.slice(nl + 1..),
+        digest: d.clone(),
+    };
+    if !m.verifies() {
+        return Err(corrupt("bytes do not hash to the digest"));
+    }
+    Ok(m)
+}
+
+fn parse_tag(text: &str, modified: Option<SystemTime>) -> Option<TagRecord> {
+    let mut lines = text.lines();
+    let digest = lines.next()?.trim().parse().ok()?;
+    let confirmed = match lines.next() {
+        Some(ms) => UNIX_EPOCH + Duration::from_millis(ms.trim().parse().ok()?),
+        // Written before tags carried their time: the file's time said it.
+        None => modified?,
+    };
+    Some(TagRecord { digest, confirmed })
+}
+
+fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
+    match fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err("read", path)(e)),
+    }
+}
+
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// (bytes, files) under `dir`, recursively.
+fn dir_usage(dir: &Path) -> (u64, u64) {
+    let mut total = (0, 0);
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => total = (total.0 + m.len(), total.1 + 1),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+#[async_trait]
+impl Store for FsStore {
+    fn describe(&self) -> String {
+        format!("filesystem {}", self.inner.root.display())
+    }
+
+    async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>> {
+        let path = self.path_of(&Key::Blob(digest.clone()));
+        match fs::metadata(&path) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("stat", &path)(e)),
+        }
+    }
+
+    async fn blob_open(&self, digest: &Digest) -> Result<Option<BlobReader>> {
+        let path = self.path_of(&Key::Blob(digest.clone()));
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("open", &path)(e)),
+        };
+        let size = file.metadata().map_err(io_err("stat", &path))?.len();
+        Ok(Some(BlobReader::from_file(file, size)))
+    }
+
+    async fn blob_commit(&self, blob: Verified) -> Result<()> {
+        self.writable()?;
+        let dest = self.path_of(&Key::Blob(blob.digest().clone()));
+        let store = self.clone();
+        blocking(move || {
+            // Another writer may have committed the same digest: the same bytes.
+            let existed = dest.exists();
+            let size = blob.size();
+            let spool = blob.into_spool();
+            place(spool.file(), spool.path(), &dest)?;
+            spool.taken();
+            if !existed {
+                store.count(size as i64, 1, 0);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn manifest_get(&self, digest: &Digest) -> Result<Option<Manifest>> {
+        let path = self.path_of(&Key::Manifest(digest.clone()));
+        match read_optional(&path)? {
+            Some(raw) => parse_manifest(digest, raw).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn manifest_put(&self, m: &Manifest) -> Result<()> {
+        if !m.verifies() {
+            let actual = Digest::of(m.digest.algorithm(), &m.bytes);
+            return Err(Error::Mismatch {
+                expected: m.digest.clone(),
+                actual,
+            });
+        }
+        let dest = self.path_of(&Key::Manifest(m.digest.clone()));
+        if dest.exists() {
+            return Ok(());
+        }
+        let (store, m) = (self.clone(), m.clone());
+        blocking(move || {
+            // A media type never holds a newline (it came from a header value).
+            store.write_file(&dest, &[m.media_type.as_bytes(), b"\n", &m.bytes])?;
+            store.count((m.media_type.len() + 1 + m.bytes.len()) as i64, 0, 1);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn tag_get(&self, name: &Name, tag: &Tag) -> Result<Option<TagRecord>> {
+        let path = self.path_of(&Key::Tag(name.clone(), tag.clone()));
+        let Some(raw) = read_optional(&path)? else {
+            return Ok(None);
+        };
+        let modified = fs::metadata(&path).and_then(|m| m.modified()).ok();
+        let text = String::from_utf8_lossy(&raw);
+        parse_tag(&text, modified)
+            .map(Some)
+            .ok_or_else(|| Error::Corrupt {
+                what: format!("tag {name}:{tag}"),
+                reason: "not a digest and a time".into(),
+            })
+    }
+
+    async fn tag_put(&self, name: &Name, tag: &Tag, record: &TagRecord) -> Result<()> {
+        let dest = self.path_of(&Key::Tag(name.clone(), tag.clone()));
+        let text = format!("{}\n{}\n", record.digest, millis(record.confirmed));
+        let store = self.clone();
+        blocking(move || store.write_file(&dest, &[text.as_bytes()])).await
+    }
+
+    async fn link(&self, name: &Name, digest: &Digest) -> Result<()> {
+        self.writable()?;
+        let dir = self.repo_dir(name).join("_manifests");
+        let path = dir.join(digest.to_string());
+        if path.exists() {
+            return Ok(());
+        }
+        fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        match OpenOptions::new().write(true).create_new(true).open(&path) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(io_err("create", &path)(e)),
+        }
+    }
+
+    async fn repositories(&self) -> Result<BTreeMap<Name, Repository>> {
+        let root = self.inner.root.join("repositories");
+        blocking(move || {
+            let mut out: BTreeMap<Name, Repository> = BTreeMap::new();
+            let mut stack = vec![root.clone()];
+            while let Some(dir) = stack.pop() {
+                for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
+                    if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                        continue;
+                    }
+                    let fname = e.file_name().to_string_lossy().into_owned();
+                    let name =
+                        || -> Option<Name> { dir.strip_prefix(&root).ok()?.to_str()?.parse().ok() };
+                    match fname.as_str() {
+                        "_tags" => {
+                            let Some(name) = name() else { continue };
+                            let repo = out.entry(name).or_default();
+                            for t in names_in(&e.path()) {
+                                let p = e.path().join(&t);
+                                let (Ok(tag), Ok(text)) = (t.parse(), fs::read_to_string(&p))
+                                else {
+                                    continue;
+                                };
+                                let modified = fs::metadata(&p).and_then(|m| m.modified()).ok();
+                                if let Some(rec) = parse_tag(&text, modified) {
+                                    repo.tags.insert(tag, rec);
+                                }
+                            }
+                        }
+                        "_manifests" => {
+                            let Some(name) = name() else { continue };
+                            let repo = out.entry(name).or_default();
+                            repo.manifests = names_in(&e.path())
+                                .iter()
+                                .filter_map(|d| d.parse().ok())
+                                .collect();
+                        }
+                        _ => stack.push(e.path()),
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn tags(&self, name: &Name) -> Result<Vec<Tag>> {
+        let dir = self.repo_dir(name).join("_tags");
+        Ok(names_in(&dir)
+            .iter()
+            .filter_map(|t| t.parse().ok())
+            .collect())
+    }
+
+    async fn delete(&self, key: &Key) -> Result<()> {
+        self.writable()?;
+        let path = self.path_of(key);
+        let size = match fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err("stat", &path)(e)),
+        };
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err("remove", &path)(e)),
+        }
+        match key {
+            Key::Blob(_) => self.count(-(size as i64), -1, 0),
+            Key::Manifest(_) => self.count(-(size as i64), 0, -1),
+            Key::Tag(..) => {}
+        }
+        Ok(())
+    }
+
+    async fn touch(&self, key: &Key, at: SystemTime) -> Result<()> {
+        let path = self.path_of(key);
+        match File::open(&path) {
+            Ok(f) => f.set_modified(at).map_err(io_err("touch", &path)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("open", &path)(e)),
+        }
+    }
+
+    async fn last_used(&self, key: &Key) -> Result<Option<SystemTime>> {
+        let path = self.path_of(key);
+        match fs::metadata(&path).and_then(|m| m.modified()) {
+            Ok(t) => Ok(Some(t)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("stat", &path)(e)),
+        }
+    }
+
+    async fn usage(&self) -> Result<Usage> {
+        if let Some(u) = *self.inner.usage.lock().unwrap() {
+            return Ok(u);
+        }
+        let root = self.inner.root.clone();
+        let counted = blocking(move || {
+            let (blob_bytes, blobs) = dir_usage(&root.join("blobs"));
+            let (manifest_bytes, manifests) = dir_usage(&root.join("manifests"));
+            Ok(Usage {
+                bytes: blob_bytes + manifest_bytes,
+                blobs,
+                manifests,
+            })
+        })
+        .await?;
+        Ok(*self.inner.usage.lock().unwrap().get_or_insert(counted))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn contract() {
+        crate::contract::run(|dir| {
+            let store = FsStore::open(dir).unwrap();
+            crate::contract::Subject {
+                spools: store.spools().unwrap().clone(),
+                store: Arc::new(store),
+            }
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn tags_written_before_times_were_stored_read_with_the_file_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path()).unwrap();
+        let (name, tag): (Name, Tag) = ("a/b".parse().unwrap(), "1".parse().unwrap());
+        let d = Digest::of(regcache_protocol::Algorithm::Sha256, b"x");
+        let path = store.path_of(&Key::Tag(name.clone(), tag.clone()));
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, d.to_string()).unwrap();
+        let rec = store.tag_get(&name, &tag).await.unwrap().unwrap();
+        assert_eq!(rec.digest, d);
+        assert_eq!(
+            rec.confirmed,
+            fs::metadata(&path).unwrap().modified().unwrap()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_manifest_file_without_its_media_type_line_is_corrupt_not_misread() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path()).unwrap();
+        let d = Digest::of(regcache_protocol::Algorithm::Sha256, b"{}");
+        let path = store.path_of(&Key::Manifest(d.clone()));
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, b"{}").unwrap();
+        assert!(matches!(
+            store.manifest_get(&d).await,
+            Err(Error::Corrupt { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_view_reads_but_never_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let owner = FsStore::open(dir.path()).unwrap();
+        let bytes = Bytes::from_static(b"{}");
+        let m = Manifest {
+            media_type: "application/json".into(),
+            digest: Digest::of(regcache_protocol::Algorithm::Sha256, &bytes),
+            bytes,
+        };
+        owner.manifest_put(&m).await.unwrap();
+        let view = FsStore::view(dir.path());
+        assert_eq!(view.manifest_get(&m.digest).await.unwrap(), Some(m.clone()));
+        assert!(view.delete(&Key::Manifest(m.digest.clone())).await.is_err());
+        assert!(view.spools().is_none());
+    }
+}

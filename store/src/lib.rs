@@ -1,0 +1,213 @@
+//! Where a cache keeps what it fetched: the [`Store`] interface, its
+//! filesystem implementation ([`FsStore`]), and the local [`spool`] that
+//! every fill writes to first, whatever store sits behind.
+//!
+//! # The contract
+//! - Blobs and manifests are content-addressed: a blob is committed only
+//!   from a [`spool::Verified`] spool (its bytes hashed to its digest), a
+//!   manifest only when its bytes hash to its digest. Nothing unverified is
+//!   ever visible, and a crash between writing and committing leaves nothing
+//!   visible either.
+//! - Commits are idempotent: two writers committing one digest (two
+//!   replicas on one bucket, a retry) store the same bytes, and both succeed.
+//! - A tag is a digest plus the time upstream last confirmed it, stored
+//!   explicitly (never a file time), so freshness survives copies and moves.
+//! - Nothing a store does at open destroys work another process may own.
+//! - Reads of missing things are `Ok(None)`, never errors; errors are the
+//!   store failing, and their messages are for logs (they may name paths).
+//!
+//! [`contract`] (feature `contract`) is the one test suite every
+//! implementation must pass.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+
+pub use regcache_protocol::{Digest, Manifest, Name, Tag};
+
+#[cfg(any(test, feature = "contract"))]
+pub mod contract;
+mod fs;
+pub mod spool;
+mod touch;
+
+pub use fs::FsStore;
+pub use spool::{Spool, SpoolDir, Verified};
+pub use touch::Toucher;
+
+/// A store failing (not: a thing missing).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("stored {what} is corrupt: {reason}")]
+    Corrupt { what: String, reason: String },
+    #[error("the spool for {expected} holds {actual}: not committed")]
+    Mismatch { expected: Digest, actual: Digest },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A tag as a store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagRecord {
+    pub digest: Digest,
+    /// When upstream last said the tag points at `digest`.
+    pub confirmed: SystemTime,
+}
+
+/// One thing a store holds.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Key {
+    Blob(Digest),
+    Manifest(Digest),
+    Tag(Name, Tag),
+}
+
+/// How much a store holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Usage {
+    /// Bytes of blobs and manifests.
+    pub bytes: u64,
+    pub blobs: u64,
+    pub manifests: u64,
+}
+
+/// What a store knows of one repository (inventory, `_catalog`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Repository {
+    pub tags: BTreeMap<Tag, TagRecord>,
+    /// Manifests fetched for this repository, by tag or by digest.
+    pub manifests: Vec<Digest>,
+}
+
+/// A committed blob, opened: its size, and its bytes on demand.
+pub struct BlobReader {
+    pub size: u64,
+    source: Source,
+}
+
+enum Source {
+    /// A local file: readers may use it directly (sequential reads, sendfile).
+    File(std::fs::File),
+    /// Anything else: a function that streams a range.
+    Stream(Box<dyn FnOnce(u64, u64) -> BoxStream<'static, io::Result<Bytes>> + Send>),
+}
+
+impl BlobReader {
+    pub fn from_file(file: std::fs::File, size: u64) -> BlobReader {
+        BlobReader {
+            size,
+            source: Source::File(file),
+        }
+    }
+
+    pub fn from_stream(
+        size: u64,
+        read: impl FnOnce(u64, u64) -> BoxStream<'static, io::Result<Bytes>> + Send + 'static,
+    ) -> BlobReader {
+        BlobReader {
+            size,
+            source: Source::Stream(Box::new(read)),
+        }
+    }
+
+    /// The bytes `start..end` (`end` clamped to the size).
+    pub fn stream(self, start: u64, end: Option<u64>) -> BoxStream<'static, io::Result<Bytes>> {
+        let end = end.map_or(self.size, |e| e.min(self.size));
+        match self.source {
+            Source::File(f) => Box::pin(read_file(f, start, end)),
+            Source::Stream(read) => read(start, end),
+        }
+    }
+}
+
+/// Read size for committed files: large reads, few wake-ups.
+const FILE_CHUNK: u64 = 512 << 10;
+
+/// Streams `start..end` of a file in large sequential reads on the blocking
+/// pool (plain reads, unlike positioned ones, need no zeroed buffer).
+fn read_file(
+    file: std::fs::File,
+    start: u64,
+    end: u64,
+) -> impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static {
+    use std::io::{Read, Seek, SeekFrom};
+    futures_util::stream::unfold(Some((file, start, true)), move |state| async move {
+        let (file, pos, first) = state?;
+        if pos >= end {
+            return None;
+        }
+        let len = (end - pos).min(FILE_CHUNK);
+        let read = tokio::task::spawn_blocking(move || {
+            let mut file = file;
+            if first {
+                file.seek(SeekFrom::Start(pos))?;
+            }
+            let mut buf = Vec::with_capacity(len as usize);
+            (&mut file).take(len).read_to_end(&mut buf)?;
+            if (buf.len() as u64) < len {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "blob file shorter than its size",
+                ));
+            }
+            Ok((file, Bytes::from(buf)))
+        })
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)));
+        match read {
+            Ok((file, bytes)) => Some((Ok(bytes), Some((file, pos + len, false)))),
+            Err(e) => Some((Err(e), None)),
+        }
+    })
+}
+
+/// The operations a registry cache needs of its storage, and no more.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// What and where this store is, for logs and `check-config` (no secrets).
+    fn describe(&self) -> String;
+
+    /// The size of a committed blob.
+    async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>>;
+    /// A committed blob, opened for reading.
+    async fn blob_open(&self, digest: &Digest) -> Result<Option<BlobReader>>;
+    /// Makes a verified spool visible as its digest's blob.
+    async fn blob_commit(&self, blob: Verified) -> Result<()>;
+
+    /// A manifest by digest, its bytes checked against it.
+    async fn manifest_get(&self, digest: &Digest) -> Result<Option<Manifest>>;
+    /// Stores a manifest whose bytes hash to its digest (else [`Error::Mismatch`]).
+    async fn manifest_put(&self, manifest: &Manifest) -> Result<()>;
+
+    async fn tag_get(&self, name: &Name, tag: &Tag) -> Result<Option<TagRecord>>;
+    async fn tag_put(&self, name: &Name, tag: &Tag, record: &TagRecord) -> Result<()>;
+    /// Records that `name` had manifest `digest`.
+    async fn link(&self, name: &Name, digest: &Digest) -> Result<()>;
+
+    /// Every repository with its tags and manifests.
+    async fn repositories(&self) -> Result<BTreeMap<Name, Repository>>;
+    /// The tags of one repository.
+    async fn tags(&self, name: &Name) -> Result<Vec<Tag>>;
+
+    /// Removes one thing; removing what is not there succeeds.
+    async fn delete(&self, key: &Key) -> Result<()>;
+    /// Records that `key` was used at `at`.
+    async fn touch(&self, key: &Key, at: SystemTime) -> Result<()>;
+    /// When `key` was last used or stored.
+    async fn last_used(&self, key: &Key) -> Result<Option<SystemTime>>;
+    /// What the store holds now.
+    async fn usage(&self) -> Result<Usage>;
+}

@@ -1,0 +1,97 @@
+//! The front's hit path: blobs and manifests by digest that are committed in
+//! an upstream's local filesystem store, answered here without the hop to
+//! its worker, and so also while the worker restarts.
+//!
+//! Filesystem-only by design: it reads through the [`Store`] interface, but
+//! always of the local filesystem tier (a read-only [`FsStore::view`] of the
+//! worker's root), which every store configuration has. Anything not there
+//! (a miss, a tag, content only another store tier holds) is the worker's.
+//! Immutable content by digest is the only thing answered here; tags need
+//! their freshness rules, which are the worker's alone.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use http::{HeaderMap, Response, StatusCode};
+use regcache_protocol::body::Body;
+use regcache_protocol::request::{Endpoint, Method, RepoRequest};
+use regcache_protocol::response::{self, Outcome};
+use regcache_protocol::{Authority, Reference};
+use regcache_store::{FsStore, Key, Store, Toucher};
+use regcache_worker::metrics::Metrics;
+
+/// A use is written to the store at most this often per item.
+const TOUCH_EVERY: Duration = Duration::from_secs(60);
+
+/// What the front needs to answer one upstream's hits itself.
+pub struct LocalHits {
+    store: Arc<dyn Store>,
+    /// The worker's request series for these answers, summed with the
+    /// worker's own on the metrics page.
+    metrics: Arc<Metrics>,
+    touches: Toucher,
+}
+
+impl LocalHits {
+    pub fn new(root: &Path, upstream: &Authority) -> LocalHits {
+        LocalHits {
+            store: Arc::new(FsStore::view(root)),
+            metrics: Arc::new(Metrics::for_front(&upstream.to_string())),
+            touches: Toucher::new(TOUCH_EVERY),
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The answer, when `request` is content by digest that is stored
+    /// locally; `None` means the worker must answer.
+    pub async fn answer(
+        &self,
+        headers: &HeaderMap,
+        request: &RepoRequest,
+    ) -> Option<Response<Body>> {
+        let started = Instant::now();
+        let resp = match &request.endpoint {
+            Endpoint::Blob(d) => {
+                let reader = self.store.blob_open(d).await.ok()??;
+                self.touches.used(&self.store, Key::Blob(d.clone()));
+                let metrics = self.metrics.clone();
+                let size = reader.size;
+                response::blob(
+                    headers,
+                    request.method,
+                    d,
+                    Some(size),
+                    Outcome::Hit,
+                    move |start, end| {
+                        let sent = move |b: &Bytes| metrics.served(Outcome::Hit, b.len() as u64);
+                        Box::pin(reader.stream(start, end).inspect_ok(sent))
+                    },
+                )
+            }
+            Endpoint::Manifest(Reference::Digest(d)) => {
+                let m = self.store.manifest_get(d).await.ok()??;
+                self.touches.used(&self.store, Key::Manifest(d.clone()));
+                let resp = response::manifest(headers, &m, Outcome::Hit);
+                if request.method == Method::Get && resp.status() == StatusCode::OK {
+                    self.metrics.served(Outcome::Hit, m.bytes.len() as u64);
+                }
+                resp
+            }
+            _ => return None,
+        };
+        let kind = request.endpoint.kind();
+        self.metrics.request(
+            kind,
+            Some(Outcome::Hit),
+            false,
+            started.elapsed().as_secs_f64(),
+        );
+        Some(resp)
+    }
+}

@@ -1,0 +1,213 @@
+//! The supervisor's settings, assembled once from flags, CONFIG and the
+//! environment, with every problem found before anything starts.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::client_auth::Htpasswd;
+use crate::config::{self, Upstream};
+use crate::{routing, tls, workers};
+
+/// How the supervisor runs.
+#[derive(Clone)]
+pub struct Settings {
+    pub upstreams: Vec<Upstream>,
+    /// Root of all caches; each upstream gets `<storage>/<host[_port]>`.
+    pub storage: PathBuf,
+    /// Grace period for in-flight work at shutdown.
+    pub drain_timeout: Duration,
+    /// Client authentication (htpasswd), if configured.
+    pub auth: Option<Arc<Htpasswd>>,
+    /// HTTPS on the front, if configured.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The binary started as `regcache worker` for each upstream.
+    pub worker_exe: PathBuf,
+}
+
+/// What the command line says.
+#[derive(Debug, Clone, Default)]
+pub struct Flags {
+    /// `--config FILE` (or `CONFIG_FILE`).
+    pub config_file: Option<PathBuf>,
+    /// `--storage DIR` (or `REGCACHE_STORAGE`).
+    pub storage: Option<PathBuf>,
+}
+
+/// Why the settings cannot be assembled (exit 64: the configuration is wrong).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read --config {path}: {source}")]
+    ReadConfig {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{error} (from {from})")]
+    Config { error: config::Error, from: String },
+    #[error(transparent)]
+    Htpasswd(#[from] crate::client_auth::Error),
+    #[error(transparent)]
+    Tls(#[from] tls::Error),
+    #[error(transparent)]
+    Duration(#[from] regcache_worker::config::Error),
+    #[error("the regcache executable: {0}")]
+    Exe(std::io::Error),
+}
+
+impl Settings {
+    /// Settings from `flags` and `env`: CONFIG from `--config`, else the
+    /// `CONFIG` variable, else the embedded default list.
+    pub fn from_env(flags: Flags, env: impl Fn(&str) -> Option<String>) -> Result<Settings, Error> {
+        let env = |k: &str| env(k).filter(|v| !v.is_empty());
+        let (text, source) = match (&flags.config_file, env("CONFIG")) {
+            (Some(path), _) => (
+                std::fs::read_to_string(path).map_err(|source| Error::ReadConfig {
+                    path: path.display().to_string(),
+                    source,
+                })?,
+                format!("--config {}", path.display()),
+            ),
+            (None, Some(text)) => (text, "the CONFIG variable".to_string()),
+            (None, None) => (
+                config::DEFAULT_CONFIG.to_string(),
+                "the embedded default".to_string(),
+            ),
+        };
+        let upstreams = config::parse(&text).map_err(|error| Error::Config {
+            error,
+            from: source,
+        })?;
+        let storage = flags
+            .storage
+            .or_else(|| env("REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("regcache-data"));
+        let auth = match env("REGISTRY_AUTH_HTPASSWD_PATH") {
+            Some(path) => Some(Arc::new(Htpasswd::load(
+                &path,
+                env("REGISTRY_AUTH_HTPASSWD_REALM"),
+            )?)),
+            None => None,
+        };
+        regcache_worker::init_tls();
+        let tls = tls::from_env(env)?;
+        let drain_timeout = regcache_worker::config::duration_from(
+            &env,
+            "REGISTRY_HTTP_DRAINTIMEOUT",
+            regcache_worker::config::DEFAULT_DRAIN,
+        )?;
+        Ok(Settings {
+            upstreams,
+            storage,
+            drain_timeout,
+            auth,
+            tls,
+            worker_exe: std::env::current_exe().map_err(Error::Exe)?,
+        })
+    }
+
+    /// The storage root of one upstream: `REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY`
+    /// in its own variables wins (as in lhns, variables override everything).
+    pub fn storage_of(&self, up: &Upstream) -> PathBuf {
+        match up
+            .variables
+            .get("REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY")
+        {
+            Some(dir) => PathBuf::from(dir),
+            None => self.storage.join(up.authority.dir_name()),
+        }
+    }
+
+    /// What each worker would refuse at start, checked against `inherited`
+    /// (the supervisor's own environment).
+    pub fn check_workers(&self, inherited: &[(String, String)]) -> Result<(), config::Error> {
+        workers::check_worker_env(inherited, &self.upstreams)
+    }
+
+    /// What `regcache check-config` prints: upstreams, names, storage, routing.
+    pub fn describe(&self, listen: &str) -> String {
+        let mut s = format!(
+            "listen: {listen}\nstorage: {}\nupstreams:\n",
+            self.storage.display()
+        );
+        for up in &self.upstreams {
+            s.push_str(&format!(
+                "  [{}] {}{}\n      names: {}\n      storage: {}\n",
+                up.index,
+                up.url(),
+                if up.is_docker_hub() {
+                    " (Docker Hub)"
+                } else {
+                    ""
+                },
+                up.names().join(", "),
+                self.storage_of(up).display(),
+            ));
+            if !up.variables.is_empty() {
+                // Names only: values may be secrets.
+                let names: Vec<&str> = up.variables.keys().map(String::as_str).collect();
+                s.push_str(&format!("      variables: {}\n", names.join(", ")));
+            }
+        }
+        s.push_str(&routing::Routes::new(&self.upstreams).describe(&self.upstreams));
+        s.push_str(&format!(
+            "client auth: {}\ntls: {}\n",
+            if self.auth.is_some() {
+                "htpasswd"
+            } else {
+                "off"
+            },
+            if self.tls.is_some() { "on" } else { "off" },
+        ));
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    #[test]
+    fn assembled_from_flags_and_environment() {
+        let env: HashMap<&str, String> = [
+            ("CONFIG", r#"["ghcr.io", {"registry": "quay.io", "variables": {"REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY": "/elsewhere"}}]"#.to_string()),
+            ("REGISTRY_HTTP_DRAINTIMEOUT", "5s".to_string()),
+        ]
+        .into();
+        let flags = Flags {
+            storage: Some("/data".into()),
+            ..Flags::default()
+        };
+        let s = Settings::from_env(flags, |k| env.get(k).cloned()).unwrap();
+        assert_eq!(s.drain_timeout, Duration::from_secs(5));
+        assert_eq!(
+            s.storage_of(&s.upstreams[0]),
+            PathBuf::from("/data/ghcr.io")
+        );
+        assert_eq!(s.storage_of(&s.upstreams[1]), PathBuf::from("/elsewhere"));
+        assert!(s.describe("0.0.0.0:5000").contains("[1] https://quay.io"));
+    }
+
+    #[test]
+    fn errors_say_where() {
+        let bad: HashMap<&str, String> = [("CONFIG", "[5]".to_string())].into();
+        let Err(e) = Settings::from_env(Flags::default(), |k| bad.get(k).cloned()) else {
+            panic!("a bad CONFIG was taken")
+        };
+        assert!(
+            e.to_string().contains("item 0") && e.to_string().contains("the CONFIG variable"),
+            "{e}"
+        );
+        let default = Settings::from_env(Flags::default(), |_| None).unwrap();
+        assert_eq!(default.upstreams.len(), 9);
+        let missing = Flags {
+            config_file: Some("/nonexistent/config.json".into()),
+            ..Flags::default()
+        };
+        assert!(matches!(
+            Settings::from_env(missing, |_| None),
+            Err(Error::ReadConfig { .. })
+        ));
+    }
+}

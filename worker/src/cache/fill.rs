@@ -1,0 +1,307 @@
+//! One upstream fetch of a blob, which every reader of the digest follows.
+//!
+//! A fill streams the upstream body into a local spool, hashing beside the
+//! write, and commits to the store only a verified blob. Readers read the
+//! growing spool as bytes land; the last byte is held back until size and
+//! digest check out, so a failed fill ends every reader with an error (an
+//! aborted body), never with wrong bytes presented as complete. The fill
+//! does not depend on any reader staying.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use http::Method;
+use regcache_protocol::request::Kind;
+use regcache_protocol::response::{BlobStream, Outcome};
+use regcache_protocol::{Digest, Hasher, Name};
+use regcache_store::{Spool, Store};
+use tokio::sync::{mpsc, watch};
+
+use super::Error;
+use crate::metrics::Metrics;
+use crate::upstream::{self, Upstream};
+
+/// Read size when streaming a blob that is being filled.
+const READ_CHUNK: usize = 128 << 10;
+/// Least a reader of a growing blob reads at once, unless at its end.
+const MIN_GROWING_READ: u64 = 64 << 10;
+/// Chunks queued between the upstream reader and the disk writer.
+const WRITE_QUEUE: usize = 16;
+
+/// The state of a fill's bytes, as readers see it.
+#[derive(Debug, Clone)]
+enum Progress {
+    /// Waiting for upstream's response headers.
+    Starting,
+    /// `written` bytes are in the spool; `total` if upstream said.
+    Writing { written: u64, total: Option<u64> },
+    /// Complete and verified.
+    Done { size: u64 },
+    /// Nothing will be committed; readers must fail.
+    Failed(Arc<Error>),
+}
+
+/// One in-flight upstream fetch of a blob.
+pub(super) struct Fill {
+    file: Arc<File>,
+    progress: watch::Receiver<Progress>,
+}
+
+/// The fill's end of the bargain: what [`run`] reports through.
+pub(super) struct Writer {
+    spool: Spool,
+    progress: watch::Sender<Progress>,
+}
+
+impl Fill {
+    /// A new fill writing to `spool`, and the writer that runs it.
+    pub(super) fn new(spool: Spool) -> (Arc<Fill>, Writer) {
+        let (tx, rx) = watch::channel(Progress::Starting);
+        let fill = Arc::new(Fill {
+            file: spool.file().clone(),
+            progress: rx,
+        });
+        (
+            fill,
+            Writer {
+                spool,
+                progress: tx,
+            },
+        )
+    }
+
+    /// A reader of this fill's bytes. A fill that is verified and only
+    /// waiting for its commit counts as a hit: its bytes are local and checked.
+    pub(super) fn attach(&self) -> Reader {
+        let verified = matches!(*self.progress.borrow(), Progress::Done { .. });
+        Reader {
+            file: self.file.clone(),
+            progress: self.progress.clone(),
+            outcome: if verified {
+                Outcome::Hit
+            } else {
+                Outcome::Miss
+            },
+        }
+    }
+}
+
+/// A reader following a fill.
+pub struct Reader {
+    file: Arc<File>,
+    progress: watch::Receiver<Progress>,
+    pub outcome: Outcome,
+}
+
+impl Reader {
+    /// Waits until the size is known or the fill failed; `Ok(None)` means
+    /// upstream sent no length.
+    pub async fn size(&mut self) -> Result<Option<u64>, Error> {
+        loop {
+            match &*self.progress.borrow_and_update() {
+                Progress::Starting => {}
+                Progress::Writing { total, .. } => return Ok(*total),
+                Progress::Done { size } => return Ok(Some(*size)),
+                Progress::Failed(e) => return Err(Error::Shared(e.clone())),
+            }
+            if self.progress.changed().await.is_err() {
+                return Err(Error::Abandoned);
+            }
+        }
+    }
+
+    /// The bytes `start..end` (to the end when `end` is `None`), each as soon
+    /// as it is in the spool, read at explicit offsets (the writer owns the
+    /// file position).
+    pub fn stream(self, start: u64, end: Option<u64>) -> BlobStream {
+        let state = (self.file, self.progress, start);
+        let stream = futures_util::stream::unfold(Some(state), move |state| async move {
+            let (file, mut progress, pos) = state?;
+            loop {
+                let mut finished = false;
+                let available = match &*progress.borrow_and_update() {
+                    Progress::Starting => 0,
+                    // The last byte waits for verification, so that a
+                    // failed fill can never look complete to a client.
+                    Progress::Writing { written, total } => {
+                        total.map_or(*written, |t| (*written).min(t.saturating_sub(1)))
+                    }
+                    Progress::Done { size } => {
+                        finished = true;
+                        *size
+                    }
+                    Progress::Failed(e) => {
+                        return Some((Err(io::Error::other(e.to_string())), None));
+                    }
+                };
+                let limit = end.map_or(available, |e| e.min(available));
+                // Chasing the writer chunk by chunk costs a wake-up per few
+                // KiB: wait for a useful amount unless nothing more will come.
+                let last = finished || end.is_some_and(|e| limit >= e);
+                if pos < limit && (last || limit - pos >= MIN_GROWING_READ) {
+                    let len = (limit - pos).min(READ_CHUNK as u64) as usize;
+                    // These bytes were just written: the read is a copy from
+                    // the page cache, cheaper here than a hop to the blocking
+                    // pool (whose many threads each keep their own malloc arena).
+                    let mut buf = BytesMut::zeroed(len);
+                    let read = file.read_exact_at(&mut buf, pos).map(|()| buf.freeze());
+                    return match read {
+                        Ok(bytes) => Some((Ok(bytes), Some((file, progress, pos + len as u64)))),
+                        Err(e) => Some((Err(e), None)),
+                    };
+                }
+                if finished || end.is_some_and(|e| pos >= e) {
+                    return None;
+                }
+                if progress.changed().await.is_err() {
+                    return Some((Err(io::Error::other("blob fill abandoned")), None));
+                }
+            }
+        });
+        Box::pin(stream)
+    }
+}
+
+/// Fetches `digest` of `name` into the writer's spool and commits it to
+/// `store` if it verifies; readers learn the outcome through the progress.
+pub(super) async fn run(
+    writer: Writer,
+    store: Arc<dyn Store>,
+    upstream: Arc<Upstream>,
+    metrics: Arc<Metrics>,
+    name: Name,
+    digest: Digest,
+) -> Result<u64, Error> {
+    metrics.fills_in_flight.inc();
+    let started = std::time::Instant::now();
+    let Writer { spool, progress } = writer;
+    let result = fetch(&store, &upstream, &name, &digest, spool, &progress).await;
+    metrics.fills_in_flight.dec();
+    match &result {
+        Ok(_) => metrics.fill_seconds(started.elapsed().as_secs_f64()),
+        Err(e) => {
+            metrics.fill_failures.inc();
+            tracing::warn!(%name, %digest, error = %e, "blob fill failed");
+        }
+    }
+    result.map_err(|e| {
+        let shared = Arc::new(e);
+        // Readers that had every verified byte keep them (a failed commit
+        // only means the next request fetches again).
+        progress.send_if_modified(|p| {
+            let verified = matches!(p, Progress::Done { .. });
+            if !verified {
+                *p = Progress::Failed(shared.clone());
+            }
+            !verified
+        });
+        Error::Shared(shared)
+    })
+}
+
+/// The fetch itself: written and hashed in parallel, off the async threads.
+/// The last byte is released (Done) as soon as size and digest check out,
+/// before the commit that makes the blob visible to later requests.
+async fn fetch(
+    store: &Arc<dyn Store>,
+    up: &Upstream,
+    name: &Name,
+    digest: &Digest,
+    spool: Spool,
+    progress: &watch::Sender<Progress>,
+) -> Result<u64, Error> {
+    let path = format!("/v2/{name}/blobs/{digest}");
+    let resp = up.send(Method::GET, Some(name), &path, None).await?;
+    let resp = up.check(resp, Kind::Blob, &digest.to_string())?;
+    let total = resp.content_length();
+    progress.send_replace(Progress::Writing { written: 0, total });
+
+    // Bounded queues: a slow disk slows the upstream read, never a client.
+    let (to_disk, mut disk_rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+    let (to_hash, mut hash_rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+    let file = spool.file().clone();
+    let watcher = progress.clone();
+    let writer = tokio::task::spawn_blocking(move || -> io::Result<u64> {
+        use std::io::Write;
+        let mut written = 0u64;
+        while let Some(chunk) = disk_rx.blocking_recv() {
+            (&*file).write_all(&chunk)?;
+            written += chunk.len() as u64;
+            // Wake readers once per batch, not once per network chunk.
+            while let Ok(more) = disk_rx.try_recv() {
+                (&*file).write_all(&more)?;
+                written += more.len() as u64;
+            }
+            watcher.send_replace(Progress::Writing { written, total });
+        }
+        Ok(written)
+    });
+    let algorithm = digest.algorithm();
+    let hasher = tokio::task::spawn_blocking(move || {
+        let mut hasher = Hasher::new(algorithm);
+        while let Some(chunk) = hash_rx.blocking_recv() {
+            hasher.update(&chunk);
+        }
+        hasher.finish()
+    });
+    let mut stream = resp.bytes_stream();
+    let mut received = 0u64;
+    let mut failure = None;
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(chunk) => {
+                received += chunk.len() as u64;
+                if total.is_some_and(|t| received > t) {
+                    failure = Some(up.garbage("blob longer than its Content-Length"));
+                    break;
+                }
+                let queued = to_hash.send(chunk.clone()).await.is_ok();
+                if !queued || to_disk.send(chunk).await.is_err() {
+                    break; // the writer failed; its error is reported below
+                }
+            }
+            Err(e) => {
+                failure = Some(up.transport(e));
+                break;
+            }
+        }
+    }
+    drop((to_disk, to_hash));
+    let spool_error = |source: io::Error| {
+        Error::Storage(regcache_store::Error::Io {
+            op: "write",
+            path: spool.path().to_owned(),
+            source,
+        })
+    };
+    let written = writer
+        .await
+        .map_err(io::Error::other)
+        .and_then(|r| r)
+        .map_err(spool_error)?;
+    let actual = hasher.await.map_err(|e| spool_error(io::Error::other(e)))?;
+    if let Some(f) = failure {
+        return Err(f.into());
+    }
+    if total.is_some_and(|t| written != t) {
+        return Err(up.garbage("blob shorter than its Content-Length").into());
+    }
+    let verified = spool.verify(digest, actual).map_err(|e| match e {
+        regcache_store::Error::Mismatch { expected, actual } => {
+            Error::Upstream(upstream::Error::Mismatch {
+                upstream: up.name().to_owned(),
+                expected: expected.to_string(),
+                actual: actual.to_string(),
+            })
+        }
+        other => Error::Storage(other),
+    })?;
+    // Verified: attached readers may have their last byte now.
+    progress.send_replace(Progress::Done { size: written });
+    store.blob_commit(verified).await?;
+    Ok(written)
+}

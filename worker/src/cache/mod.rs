@@ -1,0 +1,522 @@
+//! Hit or miss: what is answered from the store, what from upstream, and how
+//! a miss is fetched exactly once.
+//!
+//! - Blobs: from the store; else from the [`fill`] in flight for the digest;
+//!   else from a new fill, which every later request for the digest, GET or
+//!   HEAD, with or without Range, attaches to.
+//! - Manifests by digest are immutable: from the store, else one upstream
+//!   GET shared by concurrent callers.
+//! - Tags: a digest in the store with the time upstream last confirmed it;
+//!   within the freshness window answered locally, after it revalidated with
+//!   one upstream HEAD (shared by concurrent callers); when upstream cannot
+//!   answer, the cached digest is served (stale).
+//!
+//! A store that fails to read is treated as a miss (logged), and a corrupt
+//! stored manifest is removed and fetched again: a broken disk costs upstream
+//! traffic, not answers.
+
+mod fill;
+mod flights;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::BytesMut;
+use futures_util::StreamExt;
+use http::Method;
+use regcache_protocol::internal::{self, Inventory};
+use regcache_protocol::request::Kind;
+use regcache_protocol::response::{BlobStream, Outcome};
+use regcache_protocol::{Algorithm, Digest, Manifest, Name, Reference, Tag};
+use regcache_store::{BlobReader, Key, SpoolDir, Store, TagRecord, Toucher};
+
+use fill::Fill;
+pub use fill::Reader;
+use flights::Flights;
+
+use crate::metrics::Metrics;
+use crate::upstream::{self, Upstream, MANIFEST_ACCEPT};
+
+/// Largest manifest accepted from upstream (distribution's own limit).
+const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+/// A use is written to the store at most this often per item.
+const TOUCH_EVERY: Duration = Duration::from_secs(60);
+
+/// Why the cache could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Upstream(#[from] upstream::Error),
+    #[error("cache storage failed: {0}")]
+    Storage(#[from] regcache_store::Error),
+    #[error("the blob's upstream fetch ended without a result")]
+    Abandoned,
+    /// A fill's failure, shared by every reader of it.
+    #[error(transparent)]
+    Shared(Arc<Error>),
+}
+
+/// A readable blob: committed in the store, or being filled.
+pub enum Blob {
+    Stored(BlobReader),
+    Filling(Reader),
+}
+
+impl Blob {
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Blob::Stored(_) => Outcome::Hit,
+            Blob::Filling(r) => r.outcome,
+        }
+    }
+
+    /// The size, once known (a fill waits for upstream's headers).
+    pub async fn size(&mut self) -> Result<Option<u64>, Error> {
+        match self {
+            Blob::Stored(r) => Ok(Some(r.size)),
+            Blob::Filling(r) => r.size().await,
+        }
+    }
+
+    pub fn stream(self, start: u64, end: Option<u64>) -> BlobStream {
+        match self {
+            Blob::Stored(r) => r.stream(start, end),
+            Blob::Filling(r) => r.stream(start, end),
+        }
+    }
+}
+
+/// A tags list: upstream's answer as it is, or the tags cached here when
+/// upstream cannot answer.
+pub enum TagsList {
+    Upstream(reqwest::Response),
+    Cached(Vec<Tag>),
+}
+
+/// What concurrent manifest work is shared by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum FlightKey {
+    Tag(Name, Tag),
+    Digest(Digest),
+}
+
+/// The cache of one worker: its store, its upstream and the work in flight.
+pub struct Cache {
+    store: Arc<dyn Store>,
+    spools: SpoolDir,
+    upstream: Arc<Upstream>,
+    fills: Arc<Mutex<HashMap<Digest, Arc<Fill>>>>,
+    tag_freshness: Duration,
+    metrics: Arc<Metrics>,
+    /// The fill tasks, so that shutdown can wait for them.
+    fill_tasks: tokio_util::task::TaskTracker,
+    manifests: Flights<FlightKey, Result<(Manifest, Outcome), upstream::Error>>,
+    touches: Toucher,
+}
+
+impl Cache {
+    pub fn new(
+        store: Arc<dyn Store>,
+        spools: SpoolDir,
+        upstream: Upstream,
+        tag_freshness: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Cache {
+            store,
+            spools,
+            upstream: Arc::new(upstream),
+            fills: Arc::default(),
+            tag_freshness,
+            metrics,
+            fill_tasks: tokio_util::task::TaskTracker::new(),
+            manifests: Flights::default(),
+            touches: Toucher::new(TOUCH_EVERY),
+        }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Waits until every blob fill that has started is committed or has
+    /// failed, so that shutdown does not throw away a download.
+    pub async fn drain_fills(&self) {
+        self.fill_tasks.close();
+        self.fill_tasks.wait().await;
+    }
+
+    /// Reads from the store; a failing store is a miss (logged), a corrupt
+    /// entry is removed so that it is fetched again.
+    fn found<T>(&self, key: &Key, read: regcache_store::Result<Option<T>>) -> Option<T> {
+        match read {
+            Ok(found) => {
+                if found.is_some() && !matches!(key, Key::Tag(..)) {
+                    self.touches.used(&self.store, key.clone());
+                }
+                found
+            }
+            Err(e) => {
+                tracing::warn!(?key, error = %e, "cache storage read failed; treating as a miss");
+                if matches!(e, regcache_store::Error::Corrupt { .. }) {
+                    let (store, key) = (self.store.clone(), key.clone());
+                    tokio::spawn(async move { store.delete(&key).await });
+                }
+                None
+            }
+        }
+    }
+
+    async fn stored_blob(&self, digest: &Digest) -> Option<BlobReader> {
+        let key = Key::Blob(digest.clone());
+        self.found(&key, self.store.blob_open(digest).await)
+    }
+
+    async fn stored_manifest(&self, digest: &Digest) -> Option<Manifest> {
+        let key = Key::Manifest(digest.clone());
+        self.found(&key, self.store.manifest_get(digest).await)
+    }
+
+    fn fill_of(&self, digest: &Digest) -> Option<Arc<Fill>> {
+        self.fills.lock().unwrap().get(digest).cloned()
+    }
+
+    /// A blob for GET: from a fill in flight, the store, or a new fill.
+    ///
+    /// The fill map is asked before and after the store: a fill leaves the
+    /// map only once committed, so a blob missing from both is truly missing.
+    pub async fn blob(&self, name: &Name, digest: &Digest) -> Result<Blob, Error> {
+        if let Some(fill) = self.fill_of(digest) {
+            return Ok(Blob::Filling(fill.attach()));
+        }
+        if let Some(stored) = self.stored_blob(digest).await {
+            return Ok(Blob::Stored(stored));
+        }
+        let mut fills = self.fills.lock().unwrap();
+        if let Some(fill) = fills.get(digest) {
+            return Ok(Blob::Filling(fill.attach()));
+        }
+        let spool = self.spools.create().map_err(|source| {
+            Error::Storage(regcache_store::Error::Io {
+                op: "create spool in",
+                path: self.spools.path().to_owned(),
+                source,
+            })
+        })?;
+        let (fill, writer) = Fill::new(spool);
+        fills.insert(digest.clone(), fill.clone());
+        drop(fills);
+        let (fills, d) = (self.fills.clone(), digest.clone());
+        let run = fill::run(
+            writer,
+            self.store.clone(),
+            self.upstream.clone(),
+            self.metrics.clone(),
+            name.clone(),
+            digest.clone(),
+        );
+        self.fill_tasks
+            .spawn(tracing::Instrument::in_current_span(async move {
+                let _ = run.await;
+                // Only now: a request that misses the map finds the blob stored.
+                fills.lock().unwrap().remove(&d);
+            }));
+        Ok(Blob::Filling(fill.attach()))
+    }
+
+    /// A blob's size for HEAD, without downloading it: from a fill in
+    /// flight, the store, or an upstream HEAD.
+    pub async fn blob_size(
+        &self,
+        name: &Name,
+        digest: &Digest,
+    ) -> Result<(Option<u64>, Outcome), Error> {
+        if let Some(fill) = self.fill_of(digest) {
+            let mut reader = fill.attach();
+            return Ok((reader.size().await?, reader.outcome));
+        }
+        let key = Key::Blob(digest.clone());
+        if let Some(size) = self.found(&key, self.store.blob_size(digest).await) {
+            return Ok((Some(size), Outcome::Hit));
+        }
+        let up = &self.upstream;
+        let path = format!("/v2/{name}/blobs/{digest}");
+        let resp = up.send(Method::HEAD, Some(name), &path, None).await?;
+        let resp = up.check(resp, Kind::Blob, &digest.to_string())?;
+        // Not `content_length()`: that is the (empty) HEAD body's length.
+        let size = resp
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        Ok((size, Outcome::Miss))
+    }
+
+    /// A manifest by tag or digest.
+    pub async fn manifest(
+        self: &Arc<Self>,
+        name: &Name,
+        reference: &Reference,
+    ) -> Result<(Manifest, Outcome), Error> {
+        match reference {
+            Reference::Digest(d) => {
+                if let Some(m) = self.stored_manifest(d).await {
+                    return Ok((m, Outcome::Hit));
+                }
+                Ok((self.fetch_by_digest(name, d).await?, Outcome::Miss))
+            }
+            Reference::Tag(tag) => self.manifest_by_tag(name, tag).await,
+        }
+    }
+
+    async fn manifest_by_tag(
+        self: &Arc<Self>,
+        name: &Name,
+        tag: &Tag,
+    ) -> Result<(Manifest, Outcome), Error> {
+        let key = Key::Tag(name.clone(), tag.clone());
+        let cached = self.found(&key, self.store.tag_get(name, tag).await);
+        let cached_manifest = match &cached {
+            Some(rec) => self.stored_manifest(&rec.digest).await,
+            None => None,
+        };
+        if let (Some(rec), Some(m)) = (&cached, &cached_manifest) {
+            let age = SystemTime::now()
+                .duration_since(rec.confirmed)
+                .unwrap_or_default();
+            if age < self.tag_freshness {
+                return Ok((m.clone(), Outcome::Hit));
+            }
+        }
+        // Clients asking for one tag at once share one upstream revalidation.
+        let (cache, n, t, m) = (
+            self.clone(),
+            name.clone(),
+            tag.clone(),
+            cached_manifest.clone(),
+        );
+        let revalidate = async move { cache.revalidate(&n, &t, m.as_ref()).await };
+        let key = FlightKey::Tag(name.clone(), tag.clone());
+        match self.manifests.run(key, revalidate).await {
+            Ok(found) => Ok(found),
+            Err(e) if e.allows_stale() && cached_manifest.is_some() => {
+                self.metrics.stale_served.inc();
+                tracing::warn!(%name, %tag, error = %e, "upstream unavailable; serving cached tag");
+                Ok((cached_manifest.expect("checked above"), Outcome::Stale))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// GETs a manifest by digest; concurrent callers share one request.
+    async fn fetch_by_digest(
+        self: &Arc<Self>,
+        name: &Name,
+        d: &Digest,
+    ) -> Result<Manifest, upstream::Error> {
+        let (cache, name, digest) = (self.clone(), name.clone(), d.clone());
+        let fetch = async move {
+            let m = cache
+                .fetch_manifest(&name, &digest.to_string(), Some(&digest))
+                .await?;
+            Ok((m, Outcome::Miss))
+        };
+        let (m, _) = self
+            .manifests
+            .run(FlightKey::Digest(d.clone()), fetch)
+            .await?;
+        Ok(m)
+    }
+
+    /// Asks upstream what `tag` points to now (a HEAD, which Docker Hub does not
+    /// count as a pull) and GETs the manifest only if we do not have it.
+    async fn revalidate(
+        self: &Arc<Self>,
+        name: &Name,
+        tag: &Tag,
+        cached: Option<&Manifest>,
+    ) -> Result<(Manifest, Outcome), upstream::Error> {
+        let up = &self.upstream;
+        let path = format!("/v2/{name}/manifests/{tag}");
+        let resp = up
+            .send(Method::HEAD, Some(name), &path, Some(MANIFEST_ACCEPT))
+            .await?;
+        let resp = up.check(resp, Kind::Manifest, &format!("manifest {name}:{tag}"))?;
+        let manifest = match header_digest(&resp) {
+            Some(d) if cached.is_some_and(|m| m.digest == d) => {
+                let m = cached.cloned().expect("checked above");
+                self.record_tag(name, tag, &m.digest).await;
+                return Ok((m, Outcome::Revalidated));
+            }
+            Some(d) => match self.stored_manifest(&d).await {
+                Some(m) => m,
+                None => self.fetch_by_digest(name, &d).await?,
+            },
+            // No digest in the HEAD answer: fetch by tag and hash what we got.
+            None => self.fetch_manifest(name, tag.as_str(), None).await?,
+        };
+        self.record_tag(name, tag, &manifest.digest).await;
+        let outcome = if cached.is_some() {
+            Outcome::Revalidated
+        } else {
+            Outcome::Miss
+        };
+        Ok((manifest, outcome))
+    }
+
+    /// Records that upstream confirmed `name:tag -> digest` just now.
+    async fn record_tag(&self, name: &Name, tag: &Tag, digest: &Digest) {
+        let record = TagRecord {
+            digest: digest.clone(),
+            confirmed: SystemTime::now(),
+        };
+        if let Err(e) = self.store.tag_put(name, tag, &record).await {
+            tracing::error!(%name, %tag, error = %e, "could not record tag");
+        }
+    }
+
+    /// GETs a manifest, verifies it against `expected` (or the upstream's
+    /// `Docker-Content-Digest`) and stores it byte for byte.
+    async fn fetch_manifest(
+        &self,
+        name: &Name,
+        reference: &str,
+        expected: Option<&Digest>,
+    ) -> Result<Manifest, upstream::Error> {
+        let up = &self.upstream;
+        let path = format!("/v2/{name}/manifests/{reference}");
+        let resp = up
+            .send(Method::GET, Some(name), &path, Some(MANIFEST_ACCEPT))
+            .await?;
+        let resp = up.check(
+            resp,
+            Kind::Manifest,
+            &format!("manifest {name}:{reference}"),
+        )?;
+        if resp
+            .content_length()
+            .is_some_and(|l| l > MAX_MANIFEST_BYTES)
+        {
+            return Err(up.garbage("manifest larger than 4 MiB"));
+        }
+        let media_type = resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or("").trim().to_owned())
+            .filter(|v| !v.is_empty() && !v.contains('\n'))
+            .ok_or_else(|| up.garbage("manifest without Content-Type"))?;
+        let announced = header_digest(&resp);
+        let mut bytes = BytesMut::new();
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            bytes.extend_from_slice(&chunk.map_err(|e| up.transport(e))?);
+            if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+                return Err(up.garbage("manifest larger than 4 MiB"));
+            }
+        }
+        let bytes = bytes.freeze();
+        let want = expected.or(announced.as_ref());
+        let algorithm = want.map_or(Algorithm::Sha256, Digest::algorithm);
+        let digest = Digest::of(algorithm, &bytes);
+        if let Some(want) = want {
+            if *want != digest {
+                return Err(upstream::Error::Mismatch {
+                    upstream: up.name().to_owned(),
+                    expected: want.to_string(),
+                    actual: digest.to_string(),
+                });
+            }
+        }
+        let m = Manifest {
+            media_type,
+            bytes,
+            digest,
+        };
+        let stored = match self.store.manifest_put(&m).await {
+            Ok(()) => self.store.link(name, &m.digest).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = stored {
+            tracing::error!(%name, digest = %m.digest, error = %e, "could not store manifest");
+        }
+        Ok(m)
+    }
+
+    /// tags/list from upstream; when upstream cannot answer, the tags pulled
+    /// through this cache (as registry:2's proxy does).
+    pub async fn tags_list(&self, name: &Name, path_and_query: &str) -> Result<TagsList, Error> {
+        match self.forward(name, path_and_query).await {
+            Ok(resp) => Ok(TagsList::Upstream(resp)),
+            Err(e) if e.allows_stale() => {
+                let tags = self.store.tags(name).await.unwrap_or_default();
+                if tags.is_empty() {
+                    return Err(e.into());
+                }
+                tracing::warn!(%name, error = %e, "upstream unavailable; listing cached tags");
+                Ok(TagsList::Cached(tags))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Forwards a request that is not cached (tags/list, referrers).
+    pub async fn forward(
+        &self,
+        name: &Name,
+        path_and_query: &str,
+    ) -> Result<reqwest::Response, upstream::Error> {
+        let up = &self.upstream;
+        let resp = up
+            .send(Method::GET, Some(name), path_and_query, None)
+            .await?;
+        // A 401 after our own auth is upstream refusing us, not the client;
+        // a 5xx is upstream failing (the caller may answer from cache).
+        match resp.status().as_u16() {
+            401 | 403 | 429 | 500..=599 => {
+                Err(up.check(resp, Kind::Other, name.as_str()).unwrap_err())
+            }
+            _ => Ok(resp),
+        }
+    }
+
+    /// What this cache holds, for the front's inventory and `_catalog`.
+    pub async fn inventory(&self) -> Result<Inventory, Error> {
+        let repositories = self.store.repositories().await?;
+        let usage = self.store.usage().await?;
+        Ok(Inventory {
+            repositories: repositories
+                .into_iter()
+                .map(|(name, r)| {
+                    let repo = internal::Repository {
+                        tags: r
+                            .tags
+                            .into_iter()
+                            .map(|(t, rec)| (t.to_string(), rec.digest.to_string()))
+                            .collect(),
+                        manifests: r.manifests.iter().map(Digest::to_string).collect(),
+                    };
+                    (name.to_string(), repo)
+                })
+                .collect(),
+            blobs: usage.blobs,
+            bytes: usage.bytes,
+        })
+    }
+
+    /// The store's usage, for the metrics page.
+    pub async fn usage(&self) -> Result<regcache_store::Usage, Error> {
+        Ok(self.store.usage().await?)
+    }
+}
+
+fn header_digest(resp: &reqwest::Response) -> Option<Digest> {
+    resp.headers()
+        .get("docker-content-digest")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
