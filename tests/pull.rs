@@ -289,44 +289,36 @@ fn killed_worker_is_restarted_and_other_upstream_keeps_serving() {
         &work.path().join("two-during"),
     );
 
-    // The killed one: 503 with a registry error body, or already back.
-    let manifest_path = format!(
+    // The killed one: by tag, 503 with a registry error body until its new
+    // worker is up (the front cannot answer a tag itself); by digest, its
+    // stored manifest from the front at once.
+    let tag_path = "/v2/one.test/org/one/manifests/1";
+    let during = http(&cache, "GET", tag_path, &[("Accept", MANIFEST_ACCEPT)])
+        .unwrap_or_else(|e| panic!("GET {tag_path} right after the worker kill: {e}"));
+    assert!(
+        during.status == 200 || (during.status == 503 && !during.error_codes().is_empty()),
+        "GET {tag_path} right after killing its worker: expected 503 with a registry error or 200, got {}",
+        during.describe()
+    );
+    let digest_path = format!(
         "/v2/one.test/org/one/manifests/{}",
         img_one.image.manifest_digest
     );
-    let during = http(
-        &cache,
-        "GET",
-        &manifest_path,
-        &[("Accept", MANIFEST_ACCEPT)],
-    )
-    .unwrap_or_else(|e| panic!("GET {manifest_path} right after the worker kill: {e}"));
-    assert!(
-        during.status == 200 || during.status == 503,
-        "GET {manifest_path} right after killing its worker: expected 503 or 200, got {}",
-        during.describe()
+    let stored = http(&cache, "GET", &digest_path, &[("Accept", MANIFEST_ACCEPT)]).unwrap();
+    assert_eq!(
+        stored.status,
+        200,
+        "stored manifest by digest while the worker restarts: {}",
+        stored.describe()
     );
-    if during.status == 503 {
-        assert!(
-            !during.error_codes().is_empty(),
-            "503 without a registry error body: {}",
-            during.describe()
-        );
-    }
 
-    // Back within ~10 s: a new worker, answering.
+    // Back within ~10 s: a new worker, answering the tag.
     // "Within ~10 s": 12 s from the kill, leaving room for the pull above.
     let back = wait_for(
         Duration::from_secs(12).saturating_sub(killed_at.elapsed()),
         || {
             let new = worker_for(&rc, &one, "one.test").filter(|p| *p != victim)?;
-            let r = http(
-                &cache,
-                "GET",
-                &manifest_path,
-                &[("Accept", MANIFEST_ACCEPT)],
-            )
-            .ok()?;
+            let r = http(&cache, "GET", tag_path, &[("Accept", MANIFEST_ACCEPT)]).ok()?;
             (r.status == 200).then_some(new)
         },
     );
@@ -334,7 +326,7 @@ fn killed_worker_is_restarted_and_other_upstream_keeps_serving() {
         back.is_some(),
         "one.test not served by a new worker within 12 s of SIGKILL; workers now {:?}, last answer {:?}",
         rc.workers(),
-        http(&cache, "GET", &manifest_path, &[("Accept", MANIFEST_ACCEPT)]).map(|r| r.describe())
+        http(&cache, "GET", tag_path, &[("Accept", MANIFEST_ACCEPT)]).map(|r| r.describe())
     );
     pull_and_check_image(
         &format!("{cache}/one.test/org/one:1"),
@@ -973,4 +965,66 @@ fn http2_clients_are_served() {
         assert_eq!(String::from_utf8_lossy(&meta[1..]), "2 200", "{path}");
         assert_eq!(&sha256_digest(body), digest, "{path}: bytes over h2");
     }
+}
+
+/// Routing by host name: a client reaching the cache as `upstream.test:PORT`
+/// (resolved to loopback in a private `/etc/hosts`) pulls that upstream's
+/// images by their own names, no prefix; the same names at `127.0.0.1:PORT`
+/// still go to the default upstream, as before.
+#[test]
+fn a_host_name_of_an_upstream_routes_without_a_prefix() {
+    let named = Upstream::start();
+    let default = Upstream::start();
+    let img = seed_image(&named, "org/app", "1", &[300_000, 1_000]);
+    let work = temp_dir("regcache-e2e-");
+    let storage = temp_dir("regcache-storage-");
+    let config = config_json(&[
+        (&named.url(), &["upstream.test"]),
+        (&default.url(), &["docker.io"]),
+    ]);
+    let rc = Regcache::start(&config, &storage.path().join("storage"));
+    let port = rc.addr().rsplit_once(':').unwrap().1.to_owned();
+
+    let by_name = format!("upstream.test:{port}/org/app:1");
+    skopeo_copy_resolving(
+        &by_name,
+        &work.path().join("by-name"),
+        false,
+        &["upstream.test"],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let copy = read_dir_copy(&work.path().join("by-name"));
+    assert_eq!(copy.manifest_digest, img.image.manifest_digest, "{by_name}");
+    assert_eq!(copy.layer_digests(), img.image.layer_digests, "{by_name}");
+
+    // The cache's own address: bare names are the default upstream's.
+    let r = http(
+        rc.addr(),
+        "GET",
+        "/v2/org/app/manifests/1",
+        &[("Accept", MANIFEST_ACCEPT)],
+    )
+    .unwrap();
+    assert_eq!(
+        r.status,
+        404,
+        "bare name at 127.0.0.1 went to {}",
+        r.describe()
+    );
+    let r = http(
+        rc.addr(),
+        "GET",
+        "/v2/org/app/manifests/1",
+        &[
+            ("Accept", MANIFEST_ACCEPT),
+            ("Host", &format!("UPSTREAM.test:{port}")),
+        ],
+    )
+    .unwrap();
+    assert_eq!(
+        r.status,
+        200,
+        "Host names are case-insensitive: {}",
+        r.describe()
+    );
 }

@@ -284,8 +284,169 @@ fn pretty(v: &impl serde::Serialize) -> Response<Body> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::collections::HashMap;
+    use std::net::SocketAddr;
+    use std::path::Path;
+    use std::time::Duration;
+
     use regcache_protocol::request::Method;
+    use regcache_protocol::{Algorithm, Digest, Manifest};
+    use regcache_store::{FsStore, Store};
+    use regcache_testkit::fake::FakeRegistry;
+    use regcache_testkit::OCI_MANIFEST;
+
+    use http::response::Parts;
+    use regcache_testkit::inproc::{error_code, read, request};
+
+    use super::*;
+    use crate::settings::{Flags, Settings};
+
+    const PEER: SocketAddr =
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 1);
+
+    /// A front for one upstream at `fake`, whose worker is served in-process
+    /// when `serving` (else it is down: not ready, socket absent).
+    async fn front(fake: &FakeRegistry, storage: &Path, serving: bool) -> (Front, Arc<Worker>) {
+        let config = format!(
+            r#"[{{"registry": "{}", "aliases": ["upstream.test"]}}]"#,
+            fake.url()
+        );
+        let env: HashMap<&str, String> = [("CONFIG", config)].into();
+        let flags = Flags {
+            storage: Some(storage.to_owned()),
+            ..Flags::default()
+        };
+        let settings = Settings::from_env(flags, |k| env.get(k).cloned()).unwrap();
+        let up = settings.upstreams[0].clone();
+        let root = settings.storage_of(&up);
+        let socket = storage.join("w0.sock");
+        let worker = Arc::new(Worker::new(up.clone(), socket.clone(), root.clone()));
+        if serving {
+            let ws = regcache_worker::Settings::from_env(&up.url(), root, |_| None).unwrap();
+            let listener =
+                regcache_worker::Listener::Unix(regcache_worker::bind_unix(&socket).unwrap());
+            tokio::spawn(regcache_worker::run(ws, listener, std::future::pending()));
+            worker.set_ready(true);
+        }
+        let front = crate::front(&settings, vec![worker.clone()], Arc::new(Metrics::new()));
+        (front, worker)
+    }
+
+    async fn send(
+        front: &Front,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (Parts, Bytes) {
+        read(front.handle(request(method, path, headers), PEER).await).await
+    }
+
+    #[tokio::test]
+    async fn a_routed_request_answers_503_while_its_worker_is_down_and_stored_content_200() {
+        let fake = FakeRegistry::start();
+        let storage = tempfile::tempdir().unwrap();
+        let (front, worker) = front(&fake, storage.path(), false).await;
+        let (resp, body) = send(
+            &front,
+            "GET",
+            "/v2/upstream.test/org/app/manifests/1.0",
+            &[],
+        )
+        .await;
+        assert_eq!(resp.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(error_code(&body), "UNAVAILABLE");
+        assert_eq!(resp.headers[header::RETRY_AFTER], "1");
+        // Committed content by digest: answered by the front itself.
+        let bytes = Bytes::from_static(br#"{"schemaVersion":2}"#);
+        let m = Manifest {
+            media_type: OCI_MANIFEST.into(),
+            digest: Digest::of(Algorithm::Sha256, &bytes),
+            bytes,
+        };
+        FsStore::open(&worker.storage)
+            .unwrap()
+            .manifest_put(&m)
+            .await
+            .unwrap();
+        let path = format!("/v2/upstream.test/org/app/manifests/{}", m.digest);
+        let (resp, body) = send(&front, "GET", &path, &[]).await;
+        assert_eq!((resp.status, &body[..]), (StatusCode::OK, &m.bytes[..]));
+        assert_eq!(resp.headers["x-cache"], "HIT");
+        assert_eq!(fake.request_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn pulls_through_an_in_process_worker_and_answers_the_digest_itself() {
+        let fake = FakeRegistry::start();
+        let digest = fake.add_manifest(
+            "org/app",
+            Some("1.0"),
+            OCI_MANIFEST,
+            br#"{"schemaVersion":2}"#,
+        );
+        let storage = tempfile::tempdir().unwrap();
+        let (front, worker) = front(&fake, storage.path(), true).await;
+        let accept = [("accept", OCI_MANIFEST)];
+        let (resp, _) = send(
+            &front,
+            "GET",
+            "/v2/upstream.test/org/app/manifests/1.0",
+            &accept,
+        )
+        .await;
+        assert_eq!(resp.status, StatusCode::OK);
+        assert_eq!(resp.headers["x-cache"], "MISS");
+        assert_eq!(resp.headers["docker-content-digest"], digest.as_str());
+        // The worker is gone now: the digest is still answered, by the front.
+        worker.set_ready(false);
+        let mark = fake.request_count();
+        let path = format!("/v2/upstream.test/org/app/manifests/{digest}");
+        let (resp, _) = send(&front, "HEAD", &path, &accept).await;
+        assert_eq!(resp.status, StatusCode::OK);
+        assert_eq!(resp.headers["x-cache"], "HIT");
+        assert_eq!(fake.request_count(), mark, "{}", fake.describe_requests());
+    }
+
+    #[tokio::test]
+    async fn a_write_to_the_metrics_page_is_refused_before_any_worker_is_asked() {
+        let fake = FakeRegistry::start();
+        let storage = tempfile::tempdir().unwrap();
+        let (front, worker) = front(&fake, storage.path(), false).await;
+        // A worker that takes connections and never answers.
+        let silent = tokio::net::UnixListener::bind(&worker.socket).unwrap();
+        worker.set_ready(true);
+        let (resp, body) = send(&front, "POST", "/metrics", &[]).await;
+        assert_eq!(
+            (resp.status, error_code(&body).as_str()),
+            (StatusCode::METHOD_NOT_ALLOWED, "UNSUPPORTED")
+        );
+        let asked = tokio::time::timeout(Duration::from_millis(100), silent.accept()).await;
+        assert!(asked.is_err(), "the refused request still asked the worker");
+    }
+
+    #[tokio::test]
+    async fn the_probes_listener_serves_probes_only() {
+        let fake = FakeRegistry::start();
+        let storage = tempfile::tempdir().unwrap();
+        let (front, _) = front(&fake, storage.path(), false).await;
+        let probes = Front {
+            probes_only: true,
+            ..front
+        };
+        let (resp, _) = send(&probes, "GET", "/healthz", &[]).await;
+        assert_eq!(resp.status, StatusCode::OK);
+        let (resp, body) = send(&probes, "GET", "/v2/", &[]).await;
+        assert_eq!(
+            (resp.status, error_code(&body).as_str()),
+            (StatusCode::NOT_FOUND, "NAME_UNKNOWN")
+        );
+        let (resp, _) = send(&probes, "GET", "/readyz", &[]).await;
+        assert_eq!(
+            resp.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the worker is down"
+        );
+    }
 
     fn link_after(link: &str, name: &str, client_path: &str) -> String {
         let mut h = HeaderMap::new();

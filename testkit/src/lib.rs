@@ -14,6 +14,7 @@
 //! storage) of a run for inspection; their paths are printed.
 
 pub mod fake;
+pub mod inproc;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -469,7 +470,10 @@ fn http_open_with_body(
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     stream.set_write_timeout(Some(Duration::from_secs(30)))?;
 
-    let mut req = format!("{method} {path_and_query} HTTP/1.1\r\nHost: {addr}\r\n");
+    let mut req = format!("{method} {path_and_query} HTTP/1.1\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.push_str(&format!("Host: {addr}\r\n"));
+    }
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -1141,11 +1145,47 @@ pub fn skopeo_command() -> Command {
 /// `dest_dir` must not exist yet or be empty (its parents are created).
 /// Err holds skopeo's stderr.
 pub fn skopeo_copy(src_ref: &str, dest_dir: &Path, all: bool) -> Result<(), String> {
+    skopeo_copy_resolving(src_ref, dest_dir, all, &[])
+}
+
+/// [`skopeo_copy`] in a private mount namespace whose `/etc/hosts` also
+/// resolves `loopback_names` to 127.0.0.1: a real client reaching the cache
+/// by a host name, without touching the machine's own `/etc/hosts` (needs
+/// root, as the suite runs in CI).
+pub fn skopeo_copy_resolving(
+    src_ref: &str,
+    dest_dir: &Path,
+    all: bool,
+    loopback_names: &[&str],
+) -> Result<(), String> {
     // skopeo creates the last component only.
     if let Some(parent) = dest_dir.parent() {
         fs::create_dir_all(parent).map_err(|e| format!("create {}: {e}", parent.display()))?;
     }
-    let mut cmd = skopeo_command();
+    let hosts_dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let mut cmd = if loopback_names.is_empty() {
+        skopeo_command()
+    } else {
+        let hosts = hosts_dir.path().join("hosts");
+        let mut text = fs::read_to_string("/etc/hosts").unwrap_or_default();
+        text.push_str(&format!("\n127.0.0.1 {}\n", loopback_names.join(" ")));
+        fs::write(&hosts, text).map_err(|e| e.to_string())?;
+        let inner = skopeo_command();
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(r#"mount --bind "$1" /etc/hosts && shift && exec "$@""#)
+            .arg("sh")
+            .arg(&hosts)
+            .arg(inner.get_program())
+            .args(inner.get_args())
+            .envs(inner.get_envs().filter_map(|(k, v)| Some((k, v?))));
+        for (k, v) in inner.get_envs() {
+            if v.is_none() {
+                cmd.env_remove(k);
+            }
+        }
+        cmd
+    };
     cmd.args(["copy", "-q", "--src-tls-verify=false", "--src-no-creds"]);
     if all {
         cmd.arg("--all");
@@ -1169,6 +1209,11 @@ pub fn skopeo_copy(src_ref: &str, dest_dir: &Path, all: bool) -> Result<(), Stri
 /// order, config, and every blob file hashing to its name.
 pub fn pull_and_check_image(reference: &str, expected: &ImageParts, dest: &Path) {
     skopeo_copy(reference, dest, false).unwrap_or_else(|e| panic!("{e}"));
+    check_image_copy(reference, expected, dest);
+}
+
+/// Checks that the `dir:` copy at `dest` of `reference` is exactly `expected`.
+pub fn check_image_copy(reference: &str, expected: &ImageParts, dest: &Path) {
     let copy = read_dir_copy(dest);
     assert_eq!(
         copy.manifest_digest, expected.manifest_digest,

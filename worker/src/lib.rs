@@ -83,7 +83,6 @@ pub struct Worker {
 
 impl Worker {
     pub fn start(settings: Settings) -> Result<Worker, StartError> {
-        init_tls();
         let name = Authority::of(&settings.upstream).to_string();
         let store = FsStore::open(&settings.storage)?;
         let spools = store.spools().expect("an opened store has spools").clone();

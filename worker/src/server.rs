@@ -190,3 +190,126 @@ async fn inventory(cache: &Cache) -> Response<Body> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http::StatusCode;
+    use regcache_testkit::fake::Serve;
+    use regcache_testkit::{random_bytes, OCI_MANIFEST};
+
+    use http::response::Parts;
+    use regcache_testkit::inproc::{error_code, read, request};
+
+    use super::*;
+    use crate::cache::tests::harness;
+
+    async fn send(
+        cache: &Arc<Cache>,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (Parts, Bytes) {
+        read(handle(cache.clone(), request(method, path, headers)).await).await
+    }
+
+    #[tokio::test]
+    async fn base_writes_and_bad_input() {
+        let h = harness(Duration::from_secs(60));
+        let (resp, body) = send(&h.cache, "GET", "/v2/", &[]).await;
+        assert_eq!((resp.status, &body[..]), (StatusCode::OK, &b"{}"[..]));
+        assert_eq!(
+            resp.headers["docker-distribution-api-version"],
+            "registry/2.0"
+        );
+        let (resp, body) = send(&h.cache, "PUT", "/v2/a/manifests/1", &[]).await;
+        assert_eq!(resp.status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(resp.headers[header::ALLOW], "GET, HEAD");
+        assert_eq!(error_code(&body), "UNSUPPORTED");
+        let (resp, body) = send(&h.cache, "GET", "/v2/a/blobs/sha256:nothex", &[]).await;
+        assert_eq!(
+            (resp.status, error_code(&body).as_str()),
+            (StatusCode::BAD_REQUEST, "DIGEST_INVALID")
+        );
+        assert_eq!(h.fake.request_count(), 0, "{}", h.fake.describe_requests());
+    }
+
+    #[tokio::test]
+    async fn head_has_the_headers_of_get_and_no_body() {
+        let h = harness(Duration::from_secs(60));
+        let digest = h.fake.add_manifest(
+            "org/app",
+            Some("1"),
+            OCI_MANIFEST,
+            br#"{"schemaVersion":2}"#,
+        );
+        let accept = [("accept", OCI_MANIFEST)];
+        let (get, body) = send(&h.cache, "GET", "/v2/org/app/manifests/1", &accept).await;
+        let (head, empty) = send(&h.cache, "HEAD", "/v2/org/app/manifests/1", &accept).await;
+        assert_eq!(get.status, StatusCode::OK);
+        assert_eq!(body.len().to_string(), get.headers[header::CONTENT_LENGTH]);
+        assert!(empty.is_empty());
+        for h in [
+            "content-type",
+            "content-length",
+            "docker-content-digest",
+            "etag",
+        ] {
+            assert_eq!(get.headers.get(h), head.headers.get(h), "{h}");
+        }
+        assert_eq!(get.headers["docker-content-digest"], digest.as_str());
+        assert_eq!(get.headers["x-cache"], "MISS");
+        assert_eq!(head.headers["x-cache"], "HIT");
+    }
+
+    #[tokio::test]
+    async fn ranges_of_a_blob() {
+        let h = harness(Duration::from_secs(60));
+        let data = random_bytes(10_000);
+        let blob = h.fake.add_blob("org/img", &data);
+        let (resp, body) = send(&h.cache, "GET", &blob.path, &[("range", "bytes=100-199")]).await;
+        assert_eq!(resp.status, StatusCode::PARTIAL_CONTENT);
+        assert_eq!(resp.headers[header::CONTENT_RANGE], "bytes 100-199/10000");
+        assert_eq!(&body[..], &data[100..200]);
+        let (resp, _) = send(&h.cache, "GET", &blob.path, &[("range", "bytes=10000-")]).await;
+        assert_eq!(resp.status, StatusCode::RANGE_NOT_SATISFIABLE);
+        let (resp, body) = send(&h.cache, "GET", &blob.path, &[]).await;
+        assert_eq!((resp.status, body.len()), (StatusCode::OK, data.len()));
+        assert_eq!(
+            h.fake.count("GET", &blob.path),
+            1,
+            "{}",
+            h.fake.describe_requests()
+        );
+    }
+
+    #[tokio::test]
+    async fn tags_list_falls_back_to_cached_tags_when_upstream_fails() {
+        let h = harness(Duration::from_secs(60));
+        h.fake.add_manifest(
+            "org/app",
+            Some("1"),
+            OCI_MANIFEST,
+            br#"{"schemaVersion":2}"#,
+        );
+        h.fake.add_raw(
+            "/v2/org/app/tags/list",
+            200,
+            &[("content-type", "application/json")],
+            br#"{"name":"org/app","tags":["1","2"]}"#.to_vec(),
+        );
+        let (resp, body) = send(&h.cache, "GET", "/v2/org/app/tags/list", &[]).await;
+        assert_eq!(resp.status, StatusCode::OK);
+        assert!(
+            body.windows(3).any(|w| w == b"\"2\""),
+            "upstream's list: {body:?}"
+        );
+        send(&h.cache, "GET", "/v2/org/app/manifests/1", &[]).await;
+        h.fake.set("/v2/org/app/tags/list", Serve::status(502));
+        let (resp, body) = send(&h.cache, "GET", "/v2/org/app/tags/list", &[]).await;
+        assert_eq!(resp.status, StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v, serde_json::json!({"name": "org/app", "tags": ["1"]}));
+    }
+}

@@ -90,6 +90,7 @@ impl Upstream {
         credentials: Option<auth::Credentials>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, reqwest::Error> {
+        crate::init_tls();
         let name = Authority::of(&base).to_string();
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
@@ -286,4 +287,91 @@ fn ratelimit_remaining(resp: &Response) -> Option<i64> {
         .trim()
         .parse()
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use regcache_testkit::fake::FakeRegistry;
+
+    fn client(fake: &FakeRegistry) -> Upstream {
+        let metrics = Arc::new(Metrics::new(&fake.addr()));
+        Upstream::new(fake.url().parse().unwrap(), None, metrics).unwrap()
+    }
+
+    #[tokio::test]
+    async fn statuses_become_typed_errors() {
+        let fake = FakeRegistry::start();
+        let up = client(&fake);
+        for (status, headers) in [
+            (404, vec![]),
+            (401, vec![]),
+            (403, vec![]),
+            (429, vec![("Retry-After", "9")]),
+            (503, vec![]),
+        ] {
+            let path = format!("/v2/a/blobs/s{status}");
+            fake.add_raw(&path, status, &headers, b"{}".to_vec());
+            let resp = up.send(Method::GET, None, &path, None).await.unwrap();
+            let e = up.check(resp, Kind::Blob, "x").unwrap_err();
+            let ok = match status {
+                404 => matches!(
+                    e,
+                    Error::NotFound {
+                        kind: Kind::Blob,
+                        ..
+                    }
+                ),
+                401 | 403 => matches!(e, Error::Denied { .. }),
+                429 => matches!(&e, Error::RateLimited { retry_after: Some(r), .. } if r == "9"),
+                _ => matches!(e, Error::Status { status: 503, .. }),
+            };
+            assert!(ok, "{status}: {e:?}");
+            assert_eq!(e.allows_stale(), matches!(status, 429 | 503), "{status}");
+        }
+    }
+
+    #[tokio::test]
+    async fn redirects_are_followed_and_bounded() {
+        let fake = FakeRegistry::start();
+        let up = client(&fake);
+        fake.add_raw("/v2/a/blobs/x", 307, &[("Location", "/cdn/x")], vec![]);
+        fake.add_raw("/cdn/x", 200, &[], b"bytes".to_vec());
+        let resp = up
+            .send(Method::GET, None, "/v2/a/blobs/x", None)
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.bytes().await.unwrap(), "bytes");
+        fake.add_raw("/loop", 302, &[("Location", "/loop")], vec![]);
+        let e = up.send(Method::GET, None, "/loop", None).await.unwrap_err();
+        assert!(
+            matches!(&e, Error::Garbage { reason, .. } if reason.contains("too many")),
+            "{e:?}"
+        );
+        fake.add_raw("/nowhere", 302, &[], vec![]);
+        let e = up
+            .send(Method::GET, None, "/nowhere", None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::Garbage { reason, .. } if reason.contains("Location")),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_upstream_is_a_typed_error_without_its_url() {
+        let fake = FakeRegistry::start();
+        let url: Url = fake.url().parse().unwrap();
+        drop(fake);
+        let up = Upstream::new(url, None, Arc::new(Metrics::new("gone"))).unwrap();
+        let e = up
+            .send(Method::GET, None, "/v2/?secret=1", None)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::Unreachable { .. }), "{e:?}");
+        assert!(!e.to_string().contains("secret"), "{e}");
+        assert!(e.allows_stale());
+    }
 }

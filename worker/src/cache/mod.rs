@@ -149,7 +149,7 @@ impl Cache {
 
     /// Reads from the store; a failing store is a miss (logged), a corrupt
     /// entry is removed so that it is fetched again.
-    fn found<T>(&self, key: &Key, read: regcache_store::Result<Option<T>>) -> Option<T> {
+    async fn found<T>(&self, key: &Key, read: regcache_store::Result<Option<T>>) -> Option<T> {
         match read {
             Ok(found) => {
                 if found.is_some() && !matches!(key, Key::Tag(..)) {
@@ -160,8 +160,9 @@ impl Cache {
             Err(e) => {
                 tracing::warn!(?key, error = %e, "cache storage read failed; treating as a miss");
                 if matches!(e, regcache_store::Error::Corrupt { .. }) {
-                    let (store, key) = (self.store.clone(), key.clone());
-                    tokio::spawn(async move { store.delete(&key).await });
+                    if let Err(e) = self.store.delete(key).await {
+                        tracing::warn!(?key, error = %e, "could not remove a corrupt entry");
+                    }
                 }
                 None
             }
@@ -170,12 +171,13 @@ impl Cache {
 
     async fn stored_blob(&self, digest: &Digest) -> Option<BlobReader> {
         let key = Key::Blob(digest.clone());
-        self.found(&key, self.store.blob_open(digest).await)
+        self.found(&key, self.store.blob_open(digest).await).await
     }
 
     async fn stored_manifest(&self, digest: &Digest) -> Option<Manifest> {
         let key = Key::Manifest(digest.clone());
         self.found(&key, self.store.manifest_get(digest).await)
+            .await
     }
 
     fn fill_of(&self, digest: &Digest) -> Option<Arc<Fill>> {
@@ -237,7 +239,7 @@ impl Cache {
             return Ok((reader.size().await?, reader.outcome));
         }
         let key = Key::Blob(digest.clone());
-        if let Some(size) = self.found(&key, self.store.blob_size(digest).await) {
+        if let Some(size) = self.found(&key, self.store.blob_size(digest).await).await {
             return Ok((Some(size), Outcome::Hit));
         }
         let up = &self.upstream;
@@ -276,7 +278,7 @@ impl Cache {
         tag: &Tag,
     ) -> Result<(Manifest, Outcome), Error> {
         let key = Key::Tag(name.clone(), tag.clone());
-        let cached = self.found(&key, self.store.tag_get(name, tag).await);
+        let cached = self.found(&key, self.store.tag_get(name, tag).await).await;
         let cached_manifest = match &cached {
             Some(rec) => self.stored_manifest(&rec.digest).await,
             None => None,
@@ -510,6 +512,9 @@ impl Cache {
         Ok(self.store.usage().await?)
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests;
 
 fn header_digest(resp: &reqwest::Response) -> Option<Digest> {
     resp.headers()
