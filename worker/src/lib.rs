@@ -39,6 +39,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 
 pub use config::Settings;
+pub use upstream::init_tls;
 
 /// Why a worker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -47,11 +48,6 @@ pub enum StartError {
     Storage(#[from] regcache_store::Error),
     #[error("HTTP client: {0}")]
     Client(#[from] reqwest::Error),
-}
-
-/// Installs the process-wide TLS provider (ring) once.
-pub fn init_tls() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// Per-connection HTTP/1 buffer limit, on the worker and the front.

@@ -73,6 +73,12 @@ impl Error {
     }
 }
 
+/// Installs the process-wide TLS provider (ring) once: every TLS client and
+/// server of the process needs it, the upstream client first.
+pub fn init_tls() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// The client for one upstream registry.
 pub struct Upstream {
     /// `https://host[:port]`, the registry API base.
@@ -90,7 +96,7 @@ impl Upstream {
         credentials: Option<auth::Credentials>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, reqwest::Error> {
-        crate::init_tls();
+        init_tls();
         let name = Authority::of(&base).to_string();
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
