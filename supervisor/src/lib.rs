@@ -16,19 +16,19 @@
 //! - [`client_auth`], [`tls`], [`access_log`], [`metrics`], [`inventory`]
 #![forbid(unsafe_code)]
 
-pub mod access_log;
+mod access_log;
 pub mod client_auth;
 pub mod config;
-pub mod error;
-pub mod hits;
-pub mod inventory;
-pub mod metrics;
-pub mod proxy;
-pub mod routing;
-pub mod server;
+mod error;
+mod hits;
+mod inventory;
+mod metrics;
+mod proxy;
+mod routing;
+mod server;
 pub mod settings;
 pub mod tls;
-pub mod workers;
+mod workers;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -121,7 +121,7 @@ pub async fn run(
 
 /// The front for `workers`, which need not have been started by [`run`]
 /// (tests give it workers served in-process).
-pub fn front(
+pub(crate) fn front(
     settings: &Settings,
     workers: Vec<Arc<workers::Worker>>,
     metrics: Arc<metrics::Metrics>,
@@ -143,7 +143,7 @@ pub fn front(
 
 /// Accepts on `listener` (TLS when configured) and `metrics` until
 /// `shutdown`, then drains for at most `drain`.
-pub async fn serve(
+async fn serve(
     front: Arc<server::Front>,
     listener: TcpListener,
     metrics: Option<TcpListener>,
