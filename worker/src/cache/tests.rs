@@ -74,11 +74,8 @@ async fn concurrent_readers_share_one_fill_and_later_ones_hit() {
         "{}",
         h.fake.describe_requests()
     );
+    // Verified bytes are a hit, whether the commit has finished or not.
     let again = h.cache.blob(&name("org/img"), &digest).await.unwrap();
-    assert!(
-        matches!(again, Blob::Stored(_)),
-        "not served from the store"
-    );
     assert_eq!(again.outcome(), Outcome::Hit);
     assert_eq!(h.fake.count("GET", &blob.path), 1);
 }
