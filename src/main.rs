@@ -87,6 +87,7 @@ struct WorkerArgs {
 
 fn main() -> ExitCode {
     init_logging();
+    regcache_worker::raise_fd_limit();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     match cli.command {

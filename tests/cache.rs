@@ -324,12 +324,25 @@ fn client_disconnect_does_not_stop_the_fill() {
 /// misbehaviour for the first GET, holding at `gate` so three clients attach
 /// first): every client sees an error rather than a complete body, nothing
 /// is committed, `tmp/` is left empty, and the next request goes upstream
-/// again and succeeds.
-fn failed_fill_case(label: &str, size: usize, fault: impl FnOnce(&Gate) -> Serve) {
+/// again and succeeds. `gets` is how many upstream GETs the failed fill
+/// makes (a resume attempt included).
+fn failed_fill_case(label: &str, size: usize, gets: usize, fault: impl FnOnce(&Gate) -> Serve) {
+    failed_fill_case_with(label, size, gets, Serve::ok(), fault)
+}
+
+/// [`failed_fill_case`] on a route whose other answers are `default`.
+fn failed_fill_case_with(
+    label: &str,
+    size: usize,
+    gets: usize,
+    default: Serve,
+    fault: impl FnOnce(&Gate) -> Serve,
+) {
     let s = Setup::start();
     let blob = s.fake.add_blob("org/img", &random_bytes(size));
     let gate = Gate::new();
     let _open = OpenOnDrop(gate.clone());
+    s.fake.set(&blob.path, default);
     s.fake.once(&blob.path, fault(&gate).only("GET"));
     let path = blob.path_via(PREFIX);
 
@@ -373,8 +386,8 @@ fn failed_fill_case(label: &str, size: usize, fault: impl FnOnce(&Gate) -> Serve
     }
     assert_eq!(
         s.fake.count("GET", &blob.path),
-        1,
-        "{label}: one upstream GET for the failed fill\n{}",
+        gets,
+        "{label}: upstream GETs for the failed fill\n{}",
         s.fake.describe_requests()
     );
     wait_tmp_empty(&s.root(), &format!("{label}: after the failed fill"));
@@ -401,7 +414,7 @@ fn failed_fill_case(label: &str, size: usize, fault: impl FnOnce(&Gate) -> Serve
     );
     assert_eq!(
         s.fake.count("GET", &blob.path),
-        2,
+        gets + 1,
         "{label}: the request after a failed fill must go upstream again\n{}",
         s.fake.describe_requests()
     );
@@ -420,10 +433,12 @@ impl ClientResult {
     }
 }
 
+/// Cut off by an upstream that cannot resume (it ignores Range): the one
+/// attempt to resume fails too, and nothing is committed.
 #[test]
 fn truncated_fill_is_never_committed() {
     let size = (1 << 20) + 13;
-    failed_fill_case("truncated", size, |g| {
+    failed_fill_case_with("truncated", size, 2, Serve::ok().no_ranges(), |g| {
         Serve::ok()
             .slow(64 << 10, ms(2))
             .pause_at(256 << 10, g)
@@ -431,10 +446,53 @@ fn truncated_fill_is_never_committed() {
     });
 }
 
+/// Cut off by an upstream that can resume: the fill asks for the rest with
+/// `Range: bytes=N-`, and every client gets the whole, verified blob.
+#[test]
+fn a_truncated_fill_resumes_from_where_it_stopped() {
+    let s = Setup::start();
+    let size = (1 << 20) + 13;
+    let blob = s.fake.add_blob("org/img", &random_bytes(size));
+    let gate = Gate::new();
+    let _open = OpenOnDrop(gate.clone());
+    s.fake.once(
+        &blob.path,
+        Serve::ok()
+            .only("GET")
+            .slow(64 << 10, ms(2))
+            .pause_at(256 << 10, &gate)
+            .truncate_after(size / 2),
+    );
+    let path = blob.path_via(PREFIX);
+    let (tx, rx) = mpsc::channel();
+    let clients: Vec<_> = (0..3)
+        .map(|_| client(&s.cache(), "GET", &path, vec![], tx.clone()))
+        .collect();
+    wait_headers(&rx, 3, Duration::from_secs(20));
+    gate.open();
+    for (i, h) in clients.into_iter().enumerate() {
+        let r = join(h, &format!("client {i}"));
+        assert_full_blob(&format!("client {i}"), &r, &blob);
+    }
+    let gets: Vec<_> = s
+        .fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.path == blob.path)
+        .collect();
+    assert_eq!(gets.len(), 2, "{}", s.fake.describe_requests());
+    assert_eq!(gets[0].header("Range"), None);
+    assert_eq!(
+        gets[1].header("Range"),
+        Some(&*format!("bytes={}-", size / 2))
+    );
+    assert_committed(&s.root(), &blob, "after the resumed fill");
+}
+
 #[test]
 fn corrupted_fill_is_never_committed() {
     let size = (1 << 20) + 13;
-    failed_fill_case("corrupted", size, |g| {
+    failed_fill_case("corrupted", size, 1, |g| {
         Serve::ok()
             .slow(64 << 10, ms(2))
             .pause_at(256 << 10, g)
@@ -448,14 +506,14 @@ fn corrupted_fill_is_never_committed() {
 #[test]
 fn chunked_truncated_and_corrupted_fills_are_never_committed() {
     let size = (1 << 20) + 13;
-    failed_fill_case("chunked, truncated", size, |g| {
+    failed_fill_case("chunked, truncated", size, 1, |g| {
         Serve::ok()
             .chunked()
             .slow(64 << 10, ms(2))
             .pause_at(256 << 10, g)
             .truncate_after(size / 2)
     });
-    failed_fill_case("chunked, corrupted", size, |g| {
+    failed_fill_case("chunked, corrupted", size, 1, |g| {
         Serve::ok()
             .chunked()
             .slow(64 << 10, ms(2))
@@ -514,12 +572,13 @@ fn upstream_error_status_reaches_clients_as_registry_errors() {
         s.fake.describe_requests()
     );
 
-    // 429 with Retry-After once, then fine.
+    // 429 with Retry-After once: passed on, respected (nothing asked
+    // upstream before it is over), then fine.
     let blob = s.fake.add_blob("org/img", &random_bytes(200_000));
     let path = blob.path_via(PREFIX);
     s.fake.once(
         &blob.path,
-        Serve::status(429).only("GET").header("Retry-After", "7"),
+        Serve::status(429).only("GET").header("Retry-After", "1"),
     );
     let r = get_with(&cache, &path, &[]);
     assert_eq!(r.status, 429, "upstream 429: {}", r.describe());
@@ -531,12 +590,21 @@ fn upstream_error_status_reaches_clients_as_registry_errors() {
     );
     assert_eq!(
         r.header("Retry-After"),
-        Some("7"),
+        Some("1"),
         "upstream 429: Retry-After not passed on: {}",
         r.describe()
     );
+    let asked = s.fake.count("GET", &blob.path);
     let r = get_with(&cache, &path, &[]);
-    assert_eq!(r.status, 200, "GET after a 429: {}", r.describe());
+    assert_eq!(r.status, 429, "GET within Retry-After: {}", r.describe());
+    assert_eq!(
+        s.fake.count("GET", &blob.path),
+        asked,
+        "asked upstream within Retry-After"
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    let r = get_with(&cache, &path, &[]);
+    assert_eq!(r.status, 200, "GET after Retry-After: {}", r.describe());
     assert_eq!(sha256_digest(&r.body), blob.digest);
 
     // A slow 500 with three clients waiting on it: all three get the error.

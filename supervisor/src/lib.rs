@@ -37,14 +37,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use config::Upstream;
-pub use settings::Settings;
+pub use settings::{Limits, Settings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -103,15 +103,7 @@ pub async fn run(
     let local = listener.local_addr().ok();
     tracing::info!(listen = ?local, upstreams = settings.upstreams.len(), "regcache ready");
     let front = Arc::new(front(&settings, workers, counters));
-    serve(
-        front,
-        listener,
-        metrics,
-        settings.tls.clone(),
-        settings.drain_timeout,
-        shutdown,
-    )
-    .await;
+    serve(front, listener, metrics, &settings, shutdown).await;
     stop_tx.send_replace(true);
     for t in tasks {
         let _ = t.await;
@@ -142,26 +134,33 @@ pub(crate) fn front(
 }
 
 /// Accepts on `listener` (TLS when configured) and `metrics` until
-/// `shutdown`, then drains for at most `drain`.
+/// `shutdown`, then drains for at most the drain timeout.
 async fn serve(
     front: Arc<server::Front>,
     listener: TcpListener,
     metrics: Option<TcpListener>,
-    tls: Option<Arc<rustls::ServerConfig>>,
-    drain: Duration,
+    settings: &Settings,
     shutdown: impl Future<Output = ()>,
 ) {
-    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
+    let tls = settings.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+    let limits = settings.limits;
     let graceful = GracefulShutdown::new();
     if let Some(l) = metrics {
         let probes = Arc::new(server::Front {
             probes_only: true,
             ..(*front).clone()
         });
-        tokio::spawn(serve_probes(l, probes));
+        tokio::spawn(serve_probes(l, probes, limits));
     }
+    // A permit per connection: at the limit, new clients wait in the
+    // kernel's listen queue instead of costing descriptors and memory.
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     tokio::pin!(shutdown);
     loop {
+        let slot = tokio::select! {
+            _ = &mut shutdown => break,
+            slot = slots.clone().acquire_owned() => slot.expect("never closed"),
+        };
         let accepted = tokio::select! {
             _ = &mut shutdown => break,
             conn = listener.accept() => conn,
@@ -176,15 +175,21 @@ async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
+        let conn = Conn {
+            front: front.clone(),
+            peer,
+            limits,
+            slot: Some(slot),
+        };
         match &tls {
-            None => serve_connection(front.clone(), stream, peer, Some(graceful.watcher())),
+            None => conn.serve(stream, Some(graceful.watcher())),
             Some(acceptor) => {
-                let (acceptor, front) = (acceptor.clone(), front.clone());
+                let acceptor = acceptor.clone();
                 let watcher = graceful.watcher();
                 tokio::spawn(async move {
                     let handshake = tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream));
                     match handshake.await {
-                        Ok(Ok(tls)) => serve_connection(front, tls, peer, Some(watcher)),
+                        Ok(Ok(tls)) => conn.serve(tls, Some(watcher)),
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
@@ -194,7 +199,7 @@ async fn serve(
     }
     tracing::info!("shutting down");
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown())
+    if tokio::time::timeout(settings.drain_timeout, graceful.shutdown())
         .await
         .is_err()
     {
@@ -203,48 +208,79 @@ async fn serve(
 }
 
 /// The optional plain-HTTP listener for scrapes and probes only.
-async fn serve_probes(listener: TcpListener, front: Arc<server::Front>) {
+async fn serve_probes(listener: TcpListener, front: Arc<server::Front>, limits: Limits) {
     loop {
         match listener.accept().await {
             // Scrapes need no draining.
-            Ok((stream, peer)) => serve_connection(front.clone(), stream, peer, None),
+            Ok((stream, peer)) => Conn {
+                front: front.clone(),
+                peer,
+                limits,
+                slot: None,
+            }
+            .serve(stream, None),
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
 }
 
-/// Serves one client connection (HTTP/1.1 or h2), tracked for graceful shutdown.
-fn serve_connection<S>(
+/// One client connection about to be served.
+struct Conn {
     front: Arc<server::Front>,
-    stream: S,
     peer: SocketAddr,
-    watcher: Option<Watcher>,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let svc = service_fn(move |req| {
-        let front = front.clone();
-        async move { Ok::<_, std::convert::Infallible>(front.handle(req, peer).await) }
-    });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .max_buf_size(regcache_worker::MAX_CONNECTION_BUFFER);
-    let conn = builder
-        .serve_connection(TokioIo::new(stream), svc)
-        .into_owned();
-    let log = |r: Result<(), _>| {
-        if let Err(e) = r {
-            tracing::debug!(error = %e, "client connection ended with an error");
-        }
-    };
-    match watcher {
-        Some(w) => {
-            let conn = w.watch(conn);
-            tokio::spawn(async move { log(conn.await) })
-        }
-        None => tokio::spawn(async move { log(conn.await) }),
-    };
+    limits: Limits,
+    /// Held for as long as the connection lives (`None`: not counted).
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Conn {
+    /// Serves HTTP/1.1 or h2, tracked for graceful shutdown.
+    fn serve<S>(self, stream: S, watcher: Option<Watcher>)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let Conn {
+            front,
+            peer,
+            limits,
+            slot,
+        } = self;
+        let svc = service_fn(move |req| {
+            let front = front.clone();
+            async move { Ok::<_, std::convert::Infallible>(front.handle(req, peer).await) }
+        });
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            // Slow or silent clients lose their connection, idle ones too.
+            .header_read_timeout(limits.header_timeout)
+            // A client may send its request and close its side while it
+            // waits for the answer.
+            .half_close(true)
+            .max_buf_size(regcache_worker::MAX_CONNECTION_BUFFER);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(limits.header_timeout)
+            .keep_alive_timeout(limits.header_timeout);
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), svc)
+            .into_owned();
+        let log = move |r: Result<(), _>| {
+            drop(slot);
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "client connection ended with an error");
+            }
+        };
+        match watcher {
+            Some(w) => {
+                let conn = w.watch(conn);
+                tokio::spawn(async move { log(conn.await) })
+            }
+            None => tokio::spawn(async move { log(conn.await) }),
+        };
+    }
 }
 
 /// A private directory for the worker sockets, removed on drop. Kept short:

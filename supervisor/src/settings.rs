@@ -23,6 +23,27 @@ pub struct Settings {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// The binary started as `regcache worker` for each upstream.
     pub worker_exe: PathBuf,
+    pub limits: Limits,
+}
+
+/// What one client may hold of the front.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// `REGCACHE_HEADER_TIMEOUT`: to send a request's headers, and the longest
+    /// a connection may sit idle between requests (slowloris, dead clients).
+    pub header_timeout: Duration,
+    /// `REGCACHE_MAX_CONNECTIONS`: client connections served at once; more
+    /// wait in the listen queue.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_timeout: Duration::from_secs(15),
+            max_connections: 16_384,
+        }
+    }
 }
 
 /// What the command line says.
@@ -96,6 +117,19 @@ impl Settings {
             "REGISTRY_HTTP_DRAINTIMEOUT",
             regcache_worker::config::DEFAULT_DRAIN,
         )?;
+        let defaults = Limits::default();
+        let limits = Limits {
+            header_timeout: regcache_worker::config::duration_from(
+                &env,
+                "REGCACHE_HEADER_TIMEOUT",
+                defaults.header_timeout,
+            )?,
+            max_connections: regcache_worker::config::number_from(
+                &env,
+                "REGCACHE_MAX_CONNECTIONS",
+                defaults.max_connections,
+            )?,
+        };
         Ok(Settings {
             upstreams,
             storage,
@@ -103,6 +137,7 @@ impl Settings {
             auth,
             tls,
             worker_exe: std::env::current_exe().map_err(Error::Exe)?,
+            limits,
         })
     }
 

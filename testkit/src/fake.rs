@@ -38,8 +38,9 @@
 //! [`FakeRegistry::intercept`] hook, which sees every request first and may
 //! answer it with a [`Reply`] instead of the route.
 //!
-//! Not modelled: `Range` requests to the fake (always answered in full with
-//! 200; regcache fetches whole blobs), uploads, `tags/list`.
+//! `Range: bytes=N-` on a route with content is answered 206 with the rest
+//! (the knobs then apply to that rest), as registries do for resumes; other
+//! ranges get the whole body. Not modelled: uploads, `tags/list`.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -224,6 +225,12 @@ pub struct Serve {
     corrupt_at: Option<usize>,
     chunked: bool,
     pause_at: Option<(usize, Gate)>,
+    /// After this many body bytes: reset the connection (RST, not FIN).
+    reset_after: Option<usize>,
+    /// Announce this Content-Length, whatever the body's length.
+    length: Option<usize>,
+    /// Answer Range requests with the whole body (200), as some servers do.
+    no_ranges: bool,
 }
 
 impl Serve {
@@ -285,6 +292,25 @@ impl Serve {
     /// Send the body with `Transfer-Encoding: chunked`, no Content-Length.
     pub fn chunked(mut self) -> Serve {
         self.chunked = true;
+        self
+    }
+
+    /// Reset the connection (RST) after `n` body bytes.
+    pub fn reset_after(mut self, n: usize) -> Serve {
+        self.reset_after = Some(n);
+        self
+    }
+
+    /// Announce `Content-Length: n` whatever the body holds (and send the
+    /// body as it is): a lying upstream.
+    pub fn length(mut self, n: usize) -> Serve {
+        self.length = Some(n);
+        self
+    }
+
+    /// Ignore `Range` and always send the whole body with 200.
+    pub fn no_ranges(mut self) -> Serve {
+        self.no_ranges = true;
         self
     }
 
@@ -863,7 +889,7 @@ fn respond(
     if !serve.delay.is_zero() && !nap(shared, serve.delay) {
         return Err(stopped());
     }
-    let (status, mut headers, body) = match serve.status {
+    let (mut status, mut headers, mut body) = match serve.status {
         Some(code) => (
             code,
             vec![("Content-Type".to_owned(), "application/json".to_owned())],
@@ -871,6 +897,23 @@ fn respond(
         ),
         None => (content.status, content.headers, content.body),
     };
+    let from = head
+        .headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("range"))
+        .and_then(|(_, v)| v.strip_prefix("bytes="))
+        .and_then(|v| v.strip_suffix('-'))
+        .and_then(|v| v.parse::<usize>().ok());
+    if let (200, Some(from), false) = (status, from, serve.no_ranges) {
+        if from < body.len() {
+            headers.push((
+                "Content-Range".to_owned(),
+                format!("bytes {from}-{}/{}", body.len() - 1, body.len()),
+            ));
+            status = 206;
+            body = body[from..].into();
+        }
+    }
     headers.extend(serve.headers.iter().cloned());
     let mut out = format!("HTTP/1.1 {status} {}\r\n", reason(status));
     for (k, v) in &headers {
@@ -879,7 +922,8 @@ fn respond(
     if serve.chunked {
         out.push_str("Transfer-Encoding: chunked\r\n");
     } else {
-        out.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        let announced = serve.length.unwrap_or(body.len());
+        out.push_str(&format!("Content-Length: {announced}\r\n"));
     }
     out.push_str("\r\n");
     w.write_all(out.as_bytes())?;
@@ -898,6 +942,7 @@ fn respond(
     };
     let limit = serve
         .truncate_after
+        .or(serve.reset_after)
         .map_or(body.len(), |n| n.min(body.len()));
     let chunk = serve.chunk.unwrap_or(DEFAULT_CHUNK);
     let mut gate = serve.pause_at.clone();
@@ -934,7 +979,26 @@ fn respond(
         }
     }
     if limit < body.len() {
+        w.flush()?;
+        if serve.reset_after.is_some() {
+            // SO_LINGER 0: the last close sends RST instead of FIN; the
+            // error ends the connection's thread without a shutdown.
+            let _ = nix::sys::socket::setsockopt(
+                &*w,
+                nix::sys::socket::sockopt::Linger,
+                &nix::libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                },
+            );
+            return Err(io::Error::other("connection reset on purpose"));
+        }
         // Cut short: the client was promised more than it gets.
+        let _ = w.shutdown(Shutdown::Both);
+        return Ok(false);
+    }
+    if serve.length.is_some_and(|n| n != body.len()) {
+        // A lying Content-Length: end the connection after what was sent.
         w.flush()?;
         let _ = w.shutdown(Shutdown::Both);
         return Ok(false);

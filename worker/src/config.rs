@@ -18,6 +18,85 @@ pub struct Settings {
     pub credentials: Option<Credentials>,
     /// How long shutdown waits for requests and fills in flight.
     pub drain_timeout: Duration,
+    pub upstream_options: UpstreamOptions,
+}
+
+/// How the worker treats its upstream when it is slow, away or odd.
+#[derive(Debug, Clone)]
+pub struct UpstreamOptions {
+    /// `REGCACHE_UPSTREAM_CONNECT_TIMEOUT`: to establish a connection.
+    pub connect_timeout: Duration,
+    /// `REGCACHE_UPSTREAM_RESPONSE_TIMEOUT`: from sending to the response headers.
+    pub response_timeout: Duration,
+    /// `REGCACHE_UPSTREAM_IDLE_TIMEOUT`: between two reads of a body.
+    pub idle_timeout: Duration,
+    /// `REGCACHE_UPSTREAM_CONCURRENCY`: requests waiting for an answer at once.
+    pub concurrency: usize,
+    /// `REGCACHE_BREAKER_FAILURES`: failures in a row that take the upstream to be away (0: never).
+    pub breaker_failures: u32,
+    /// `REGCACHE_BREAKER_COOLDOWN`: how long it is then left alone.
+    pub breaker_cooldown: Duration,
+    /// `REGCACHE_OFFLINE`: never ask upstream; serve what is cached.
+    pub offline: bool,
+    /// `REGCACHE_UPSTREAM_CA_FILE`: PEM roots trusted besides the system's.
+    pub extra_roots: Vec<reqwest::Certificate>,
+    /// `REGCACHE_UPSTREAM_TLS_SKIP_VERIFY`: accept any certificate (logged loudly).
+    pub skip_verify: bool,
+}
+
+impl Default for UpstreamOptions {
+    fn default() -> Self {
+        UpstreamOptions {
+            connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(30),
+            concurrency: 32,
+            breaker_failures: 3,
+            breaker_cooldown: Duration::from_secs(15),
+            offline: false,
+            extra_roots: Vec::new(),
+            skip_verify: false,
+        }
+    }
+}
+
+impl UpstreamOptions {
+    pub fn from_env(env: &impl Fn(&str) -> Option<String>) -> Result<UpstreamOptions, Error> {
+        let d = UpstreamOptions::default();
+        let extra_roots = match env("REGCACHE_UPSTREAM_CA_FILE").filter(|p| !p.is_empty()) {
+            None => Vec::new(),
+            Some(path) => {
+                let pem = std::fs::read(&path).map_err(|source| Error::SecretFile {
+                    var: "REGCACHE_UPSTREAM_CA_FILE",
+                    path: path.clone(),
+                    source,
+                })?;
+                reqwest::Certificate::from_pem_bundle(&pem)
+                    .ok()
+                    .filter(|c| !c.is_empty())
+                    .ok_or(Error::Certificates { path })?
+            }
+        };
+        Ok(UpstreamOptions {
+            connect_timeout: duration_from(
+                env,
+                "REGCACHE_UPSTREAM_CONNECT_TIMEOUT",
+                d.connect_timeout,
+            )?,
+            response_timeout: duration_from(
+                env,
+                "REGCACHE_UPSTREAM_RESPONSE_TIMEOUT",
+                d.response_timeout,
+            )?,
+            idle_timeout: duration_from(env, "REGCACHE_UPSTREAM_IDLE_TIMEOUT", d.idle_timeout)?,
+            concurrency: number_from(env, "REGCACHE_UPSTREAM_CONCURRENCY", d.concurrency)?,
+            breaker_failures: number_from(env, "REGCACHE_BREAKER_FAILURES", d.breaker_failures)?,
+            breaker_cooldown: duration_from(env, "REGCACHE_BREAKER_COOLDOWN", d.breaker_cooldown)?,
+            offline: flag_from(env, "REGCACHE_OFFLINE")?,
+            extra_roots,
+            skip_verify: flag_from(env, "REGCACHE_UPSTREAM_TLS_SKIP_VERIFY")?,
+        })
+    }
 }
 
 /// Default wait for in-flight work at shutdown.
@@ -43,6 +122,12 @@ pub enum Error {
     Duration { var: &'static str, value: String },
     #[error("invalid upstream URL {0:?}")]
     Upstream(String),
+    #[error("invalid number {value:?} in {var}")]
+    Number { var: &'static str, value: String },
+    #[error("{var} must be true or false, not {value:?}")]
+    Flag { var: &'static str, value: String },
+    #[error("REGCACHE_UPSTREAM_CA_FILE {path} holds no PEM certificate")]
+    Certificates { path: String },
     #[error("REGISTRY_STORAGE={0} is not supported (yet): regcache stores on the filesystem")]
     Driver(String),
 }
@@ -64,6 +149,7 @@ impl Settings {
             tag_freshness: duration_from(&env, "REGCACHE_TAG_FRESHNESS", DEFAULT_TAG_FRESHNESS)?,
             credentials: credentials_from(&env)?,
             drain_timeout: duration_from(&env, "REGISTRY_HTTP_DRAINTIMEOUT", DEFAULT_DRAIN)?,
+            upstream_options: UpstreamOptions::from_env(&env)?,
         })
     }
 }
@@ -74,6 +160,7 @@ pub fn check_env(env: &impl Fn(&str) -> Option<String>) -> Result<(), Error> {
     credentials_from(env)?;
     duration_from(env, "REGCACHE_TAG_FRESHNESS", DEFAULT_TAG_FRESHNESS)?;
     duration_from(env, "REGISTRY_HTTP_DRAINTIMEOUT", DEFAULT_DRAIN)?;
+    UpstreamOptions::from_env(env)?;
     match env("REGISTRY_STORAGE").filter(|d| !d.is_empty() && d != "filesystem") {
         Some(driver) => Err(Error::Driver(driver)),
         None => Ok(()),
@@ -141,6 +228,33 @@ pub fn duration_from(
     }
 }
 
+/// Parses the number in `var` of `env`, or `default` when unset.
+pub fn number_from<T: std::str::FromStr>(
+    env: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+    default: T,
+) -> Result<T, Error> {
+    match env(var).filter(|v| !v.trim().is_empty()) {
+        None => Ok(default),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| Error::Number { var, value: v }),
+    }
+}
+
+/// Parses the boolean in `var` of `env` (`true`/`false`, `1`/`0`, `yes`/`no`); unset is false.
+pub fn flag_from(env: &impl Fn(&str) -> Option<String>, var: &'static str) -> Result<bool, Error> {
+    match env(var).map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("") | Some("false") | Some("0") | Some("no") => Ok(false),
+        Some("true") | Some("1") | Some("yes") => Ok(true),
+        Some(other) => Err(Error::Flag {
+            var,
+            value: other.to_owned(),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,5 +310,29 @@ mod tests {
         let e = Settings::from_env("https://ghcr.io", "/c".into(), |k| s3.get(k).cloned());
         assert!(matches!(e, Err(Error::Driver(_))));
         assert!(Settings::from_env("not a url", "/c".into(), |_| None).is_err());
+    }
+
+    #[test]
+    fn upstream_options() {
+        let env: HashMap<&str, String> = [
+            ("REGCACHE_UPSTREAM_RESPONSE_TIMEOUT", "2s".to_string()),
+            ("REGCACHE_BREAKER_FAILURES", "0".to_string()),
+            ("REGCACHE_OFFLINE", "yes".to_string()),
+        ]
+        .into();
+        let o = UpstreamOptions::from_env(&|k| env.get(k).cloned()).unwrap();
+        assert_eq!(
+            (o.response_timeout, o.breaker_failures, o.offline),
+            (Duration::from_secs(2), 0, true)
+        );
+        for (var, value) in [
+            ("REGCACHE_OFFLINE", "maybe"),
+            ("REGCACHE_UPSTREAM_CONCURRENCY", "lots"),
+            ("REGCACHE_UPSTREAM_CA_FILE", "/nonexistent.pem"),
+        ] {
+            let bad: HashMap<&str, String> = [(var, value.to_string())].into();
+            let e = UpstreamOptions::from_env(&|k| bad.get(k).cloned()).unwrap_err();
+            assert!(e.to_string().contains(var), "{e}");
+        }
     }
 }

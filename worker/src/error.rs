@@ -63,20 +63,23 @@ impl From<&upstream::Error> for RegistryError {
             U::Denied { .. } => (StatusCode::FORBIDDEN, ErrorCode::Denied),
             U::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests),
             U::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, ErrorCode::Unavailable),
+            U::Away { .. } => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
             U::Unreachable { .. } | U::Status { .. } | U::Garbage { .. } | U::Mismatch { .. } => {
                 (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable)
             }
         };
         let err = RegistryError::new(status, code, e.to_string());
-        match e {
+        let retry_after = match e {
             U::RateLimited {
                 retry_after: Some(v),
                 ..
-            } => match HeaderValue::from_str(v) {
-                Ok(v) => err.with_header(header::RETRY_AFTER, v),
-                Err(_) => err,
-            },
-            _ => err,
+            } => HeaderValue::from_str(v).ok(),
+            U::Away { retry_after, .. } => Some(HeaderValue::from(*retry_after)),
+            _ => None,
+        };
+        match retry_after {
+            Some(v) => err.with_header(header::RETRY_AFTER, v),
+            None => err,
         }
     }
 }

@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 mod auth;
+mod breaker;
 mod cache;
 pub mod config;
 mod error;
@@ -83,9 +84,20 @@ impl Worker {
         let store = FsStore::open(&settings.storage)?;
         let spools = store.spools().expect("an opened store has spools").clone();
         let metrics = Arc::new(metrics::Metrics::new(&name));
+        let options = settings.upstream_options.clone();
+        if options.skip_verify {
+            tracing::warn!(
+                upstream = %name,
+                "REGCACHE_UPSTREAM_TLS_SKIP_VERIFY: TLS certificates of this upstream are NOT verified; anyone in the path can serve anything"
+            );
+        }
+        if options.offline {
+            tracing::warn!(upstream = %name, "REGCACHE_OFFLINE: the upstream is never asked; only cached content is served");
+        }
         let upstream = upstream::Upstream::new(
             settings.upstream.clone(),
             settings.credentials.clone(),
+            options,
             metrics.clone(),
         )?;
         let cache = cache::Cache::new(
@@ -182,6 +194,18 @@ where
             tracing::debug!(error = %e, "connection ended with an error");
         }
     }));
+}
+
+/// Raises this process's open-file limit to its hard limit: every client
+/// connection, upstream connection and open blob is a descriptor, and the
+/// usual soft limit (1024) is reached long before memory or CPU are.
+pub fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
 }
 
 /// Asks the kernel to SIGTERM this worker when its supervisor dies, and exits

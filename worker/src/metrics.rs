@@ -28,6 +28,9 @@ pub struct Metrics {
     proxy_misses: IntCounterVec,
     pub stale_served: IntCounter,
     pub fill_failures: IntCounter,
+    pub fill_resumes: IntCounter,
+    pub upstream_refused: IntCounter,
+    pub upstream_away: IntGauge,
     fill_duration: Histogram,
 }
 
@@ -117,6 +120,18 @@ impl Metrics {
                 "regcache_fill_failures_total",
                 "Blob fills that failed and committed nothing.",
             ),
+            fill_resumes: single(
+                "regcache_fill_resumes_total",
+                "Upstream blob transfers that broke off and were resumed with Range.",
+            ),
+            upstream_refused: single(
+                "regcache_upstream_refused_total",
+                "Requests not sent upstream because it is taken to be away (breaker, Retry-After, offline).",
+            ),
+            upstream_away: gauge(
+                "regcache_upstream_away",
+                "1 while the upstream is taken to be away (breaker open, rate-limited or offline mode).",
+            ),
             fill_duration: Histogram::with_opts(HistogramOpts::new(
                 "regcache_fill_duration_seconds",
                 "Time to fetch, verify and commit one blob from upstream.",
@@ -142,6 +157,9 @@ impl Metrics {
                 Box::new(m.stored_blobs.clone()),
                 Box::new(m.stale_served.clone()),
                 Box::new(m.fill_failures.clone()),
+                Box::new(m.fill_resumes.clone()),
+                Box::new(m.upstream_refused.clone()),
+                Box::new(m.upstream_away.clone()),
                 Box::new(m.fill_duration.clone()),
             ]);
             #[cfg(target_os = "linux")]

@@ -166,6 +166,7 @@ fn pass_through(upstream: reqwest::Response) -> Response<Body> {
 
 async fn metrics(cache: &Cache) -> Response<Body> {
     let m = cache.metrics();
+    m.upstream_away.set(i64::from(cache.upstream_away()));
     match cache.usage().await {
         Ok(u) => {
             m.stored_bytes.set(u.bytes as i64);

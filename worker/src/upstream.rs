@@ -15,6 +15,8 @@ use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, LOCATION, WWW_AUTHENTI
 use reqwest::{Response, StatusCode, Url};
 
 use crate::auth::{self, Auth};
+use crate::breaker::{Admit, Breaker};
+use crate::config::UpstreamOptions;
 use crate::metrics::Metrics;
 
 /// Every manifest type we can store; upstreams refuse OCI types they were
@@ -45,6 +47,14 @@ pub enum Error {
     },
     #[error("{upstream} did not answer in time")]
     Timeout { upstream: String },
+    /// Not asked at all: offline mode, the breaker open, or a rate limit's
+    /// `Retry-After` not reached yet.
+    #[error("{upstream} is not asked for {retry_after} s: {reason}")]
+    Away {
+        upstream: String,
+        reason: String,
+        retry_after: u64,
+    },
     #[error("{upstream} is unreachable: {reason}")]
     Unreachable { upstream: String, reason: String },
     #[error("{upstream} answered HTTP {status}")]
@@ -66,6 +76,7 @@ impl Error {
             self,
             Error::RateLimited { .. }
                 | Error::Timeout { .. }
+                | Error::Away { .. }
                 | Error::Unreachable { .. }
                 | Error::Status { .. }
                 | Error::Garbage { .. }
@@ -88,30 +99,55 @@ pub struct Upstream {
     http: reqwest::Client,
     auth: Auth,
     metrics: Arc<Metrics>,
+    options: UpstreamOptions,
+    breaker: Breaker,
+    /// Requests waiting for an upstream answer at once (a Docker Hub quota
+    /// is shared by every client of the cache).
+    in_flight: tokio::sync::Semaphore,
 }
 
 impl Upstream {
     pub fn new(
         base: Url,
         credentials: Option<auth::Credentials>,
+        options: UpstreamOptions,
         metrics: Arc<Metrics>,
     ) -> Result<Self, reqwest::Error> {
         init_tls();
         let name = Authority::of(&base).to_string();
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("regcache/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(10))
-            .read_timeout(Duration::from_secs(60))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build()?;
+            .connect_timeout(options.connect_timeout)
+            // Between two reads of a body: a stalled transfer ends here.
+            .read_timeout(options.idle_timeout)
+            .pool_idle_timeout(Duration::from_secs(60));
+        if !options.extra_roots.is_empty() {
+            http = http.tls_certs_merge(options.extra_roots.clone());
+        }
+        if options.skip_verify {
+            http = http.tls_danger_accept_invalid_certs(true);
+        }
+        let breaker = Breaker::new(
+            options.breaker_failures,
+            options.breaker_cooldown,
+            options.response_timeout * 2,
+        );
         Ok(Upstream {
             base,
             name,
-            http,
+            http: http.build()?,
             auth: Auth::new(credentials, metrics.clone()),
             metrics,
+            breaker,
+            in_flight: tokio::sync::Semaphore::new(options.concurrency.max(1)),
+            options,
         })
+    }
+
+    /// Is the upstream taken to be away (breaker open, offline, rate-limited)?
+    pub fn is_away(&self) -> bool {
+        self.options.offline || self.breaker.is_open()
     }
 
     pub fn name(&self) -> &str {
@@ -127,13 +163,51 @@ impl Upstream {
         path_and_query: &str,
         accept: Option<&str>,
     ) -> Result<Response, Error> {
+        self.exchange(method, repo, path_and_query, accept, None)
+            .await
+    }
+
+    /// GETs `path` from byte `from` on (`Range: bytes=from-`): the rest of a
+    /// transfer that broke off.
+    pub async fn get_from(&self, repo: &Name, path: &str, from: u64) -> Result<Response, Error> {
+        self.exchange(Method::GET, Some(repo), path, None, Some(from))
+            .await
+    }
+
+    async fn exchange(
+        &self,
+        method: Method,
+        repo: Option<&Name>,
+        path_and_query: &str,
+        accept: Option<&str>,
+        from: Option<u64>,
+    ) -> Result<Response, Error> {
+        if self.options.offline {
+            return Err(self.away("offline mode (REGCACHE_OFFLINE)".into(), Duration::ZERO));
+        }
+        if let Admit::Refuse {
+            retry_after,
+            reason,
+            rate_limited,
+        } = self.breaker.admit()
+        {
+            self.metrics.upstream_refused.inc();
+            if rate_limited {
+                return Err(Error::RateLimited {
+                    upstream: self.name.clone(),
+                    retry_after: Some(retry_after.as_secs().max(1).to_string()),
+                });
+            }
+            return Err(self.away(reason, retry_after));
+        }
+        let _permit = self.in_flight.acquire().await.expect("never closed");
         let mut url = self.base.join(path_and_query).map_err(|e| Error::Garbage {
             upstream: self.name.clone(),
             reason: format!("bad request path: {e}"),
         })?;
         let scope = repo.map_or(String::new(), |r| format!("repository:{r}:pull"));
         for _ in 0..=MAX_REDIRECTS {
-            let resp = self.send_hop(&method, &url, &scope, accept).await?;
+            let resp = self.send_hop(&method, &url, &scope, accept, from).await?;
             if !resp.status().is_redirection() || resp.status() == StatusCode::NOT_MODIFIED {
                 return Ok(resp);
             }
@@ -157,6 +231,7 @@ impl Upstream {
         url: &Url,
         scope: &str,
         accept: Option<&str>,
+        from: Option<u64>,
     ) -> Result<Response, Error> {
         let host = Authority::of(url).to_string();
         let own_host = host == self.name;
@@ -166,16 +241,15 @@ impl Upstream {
             if let Some(a) = accept {
                 req = req.header(ACCEPT, a);
             }
+            if let Some(from) = from {
+                req = req.header(reqwest::header::RANGE, format!("bytes={from}-"));
+            }
             if let Some(a) = &authorization {
                 let mut v = HeaderValue::from_str(a).map_err(|_| self.garbage("bad token"))?;
                 v.set_sensitive(true);
                 req = req.header(AUTHORIZATION, v);
             }
-            let resp = req.send().await.map_err(|e| {
-                self.metrics.upstream(None);
-                self.transport(e)
-            })?;
-            self.metrics.upstream(Some(resp.status().as_u16()));
+            let resp = self.answer_of(req).await?;
             if let Some(left) = ratelimit_remaining(&resp) {
                 self.metrics.ratelimit_remaining.set(left);
             }
@@ -220,6 +294,51 @@ impl Upstream {
             }
         }
         unreachable!("the loop returns on its second attempt")
+    }
+
+    /// Sends one request within the response timeout, and tells the breaker
+    /// and the metrics how it went.
+    async fn answer_of(&self, req: reqwest::RequestBuilder) -> Result<Response, Error> {
+        let sent = tokio::time::timeout(self.options.response_timeout, req.send()).await;
+        let resp = match sent {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => {
+                self.metrics.upstream(None);
+                let e = self.transport(e);
+                self.breaker.failure(&e.to_string());
+                return Err(e);
+            }
+            Err(_) => {
+                self.metrics.upstream(None);
+                let e = Error::Timeout {
+                    upstream: self.name.clone(),
+                };
+                self.breaker.failure(&e.to_string());
+                return Err(e);
+            }
+        };
+        let status = resp.status();
+        self.metrics.upstream(Some(status.as_u16()));
+        match status.as_u16() {
+            502..=504 => self.breaker.failure(&format!("HTTP {status}")),
+            429 => match retry_after(&resp) {
+                Some(wait) => self.breaker.hold(
+                    std::time::Instant::now() + wait,
+                    &format!("rate-limited (HTTP 429, Retry-After {} s)", wait.as_secs()),
+                ),
+                None => self.breaker.success(),
+            },
+            _ => self.breaker.success(),
+        }
+        Ok(resp)
+    }
+
+    fn away(&self, reason: String, retry_after: Duration) -> Error {
+        Error::Away {
+            upstream: self.name.clone(),
+            reason,
+            retry_after: retry_after.as_secs().max(1),
+        }
     }
 
     /// Maps a final non-success status to an error; passes success through.
@@ -282,6 +401,21 @@ impl Upstream {
     }
 }
 
+/// `Retry-After` as seconds (HTTP dates are taken as "a minute": upstreams
+/// that rate-limit registries send seconds).
+fn retry_after(resp: &Response) -> Option<Duration> {
+    let v = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?;
+    Some(match v.trim().parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => Duration::from_secs(60),
+    })
+    .filter(|d| !d.is_zero())
+}
+
 /// Docker Hub's `ratelimit-remaining: 76;w=21600` -> 76.
 fn ratelimit_remaining(resp: &Response) -> Option<i64> {
     resp.headers()
@@ -302,7 +436,8 @@ mod tests {
 
     fn client(fake: &FakeRegistry) -> Upstream {
         let metrics = Arc::new(Metrics::new(&fake.addr()));
-        Upstream::new(fake.url().parse().unwrap(), None, metrics).unwrap()
+        let options = UpstreamOptions::default();
+        Upstream::new(fake.url().parse().unwrap(), None, options, metrics).unwrap()
     }
 
     #[tokio::test]
@@ -313,8 +448,8 @@ mod tests {
             (404, vec![]),
             (401, vec![]),
             (403, vec![]),
-            (429, vec![("Retry-After", "9")]),
             (503, vec![]),
+            (429, vec![("Retry-After", "9")]),
         ] {
             let path = format!("/v2/a/blobs/s{status}");
             fake.add_raw(&path, status, &headers, b"{}".to_vec());
@@ -335,6 +470,61 @@ mod tests {
             assert!(ok, "{status}: {e:?}");
             assert_eq!(e.allows_stale(), matches!(status, 429 | 503), "{status}");
         }
+        // Retry-After is respected: nothing is asked before it is over.
+        let before = fake.request_count();
+        let e = up
+            .send(Method::GET, None, "/v2/a/blobs/s404", None)
+            .await
+            .unwrap_err();
+        let waited = match &e {
+            Error::RateLimited { retry_after, .. } => retry_after.clone(),
+            _ => None,
+        };
+        assert!(matches!(waited.as_deref(), Some("8" | "9")), "{e:?}");
+        assert!(e.allows_stale());
+        assert_eq!(fake.request_count(), before);
+    }
+
+    #[tokio::test]
+    async fn a_dead_upstream_is_left_alone_after_failures_in_a_row_and_offline_asks_nothing() {
+        let fake = FakeRegistry::start();
+        fake.add_raw("/v2/", 503, &[], vec![]);
+        let options = UpstreamOptions {
+            breaker_failures: 2,
+            ..UpstreamOptions::default()
+        };
+        let up = Upstream::new(
+            fake.url().parse().unwrap(),
+            None,
+            options,
+            Arc::new(Metrics::new("x")),
+        )
+        .unwrap();
+        for _ in 0..2 {
+            let resp = up.send(Method::GET, None, "/v2/", None).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        }
+        assert!(up.is_away());
+        let e = up.send(Method::GET, None, "/v2/", None).await.unwrap_err();
+        assert!(matches!(e, Error::Away { .. }), "{e:?}");
+        assert_eq!(fake.count("GET", "/v2/"), 2, "the third request went out");
+
+        let offline = UpstreamOptions {
+            offline: true,
+            ..UpstreamOptions::default()
+        };
+        let up = Upstream::new(
+            fake.url().parse().unwrap(),
+            None,
+            offline,
+            Arc::new(Metrics::new("x")),
+        )
+        .unwrap();
+        assert!(matches!(
+            up.send(Method::GET, None, "/v2/", None).await,
+            Err(Error::Away { .. })
+        ));
+        assert_eq!(fake.count("GET", "/v2/"), 2);
     }
 
     #[tokio::test]
@@ -371,7 +561,13 @@ mod tests {
         let fake = FakeRegistry::start();
         let url: Url = fake.url().parse().unwrap();
         drop(fake);
-        let up = Upstream::new(url, None, Arc::new(Metrics::new("gone"))).unwrap();
+        let up = Upstream::new(
+            url,
+            None,
+            UpstreamOptions::default(),
+            Arc::new(Metrics::new("gone")),
+        )
+        .unwrap();
         let e = up
             .send(Method::GET, None, "/v2/?secret=1", None)
             .await

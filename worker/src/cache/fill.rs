@@ -31,6 +31,8 @@ const READ_CHUNK: usize = 128 << 10;
 const MIN_GROWING_READ: u64 = 64 << 10;
 /// Chunks queued between the upstream reader and the disk writer.
 const WRITE_QUEUE: usize = 16;
+/// Times a broken-off upstream transfer is resumed before the fill fails.
+const MAX_RESUMES: u32 = 3;
 
 /// The state of a fill's bytes, as readers see it.
 #[derive(Debug, Clone)]
@@ -179,7 +181,10 @@ pub(super) async fn run(
     metrics.fills_in_flight.inc();
     let started = std::time::Instant::now();
     let Writer { spool, progress } = writer;
-    let result = fetch(&store, &upstream, &name, &digest, spool, &progress).await;
+    let result = fetch(
+        &store, &upstream, &metrics, &name, &digest, spool, &progress,
+    )
+    .await;
     metrics.fills_in_flight.dec();
     match &result {
         Ok(_) => metrics.fill_seconds(started.elapsed().as_secs_f64()),
@@ -203,12 +208,35 @@ pub(super) async fn run(
     })
 }
 
+/// `GET path` from byte `from` on: a 206 starting exactly there, or an error.
+async fn resume(
+    up: &Upstream,
+    name: &Name,
+    path: &str,
+    from: u64,
+) -> Result<reqwest::Response, upstream::Error> {
+    let resp = up.get_from(name, path, from).await?;
+    let resp = up.check(resp, Kind::Blob, path)?;
+    let starts_at = resp
+        .headers()
+        .get(reqwest::header::CONTENT_RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("bytes "))
+        .and_then(|v| v.split('-').next())
+        .and_then(|v| v.parse::<u64>().ok());
+    if resp.status() != reqwest::StatusCode::PARTIAL_CONTENT || starts_at != Some(from) {
+        return Err(up.garbage("no usable answer to a Range request for the rest of a blob"));
+    }
+    Ok(resp)
+}
+
 /// The fetch itself: written and hashed in parallel, off the async threads.
 /// The last byte is released (Done) as soon as size and digest check out,
 /// before the commit that makes the blob visible to later requests.
 async fn fetch(
     store: &Arc<dyn Store>,
     up: &Upstream,
+    metrics: &Metrics,
     name: &Name,
     digest: &Digest,
     spool: Spool,
@@ -250,22 +278,41 @@ async fn fetch(
     });
     let mut stream = resp.bytes_stream();
     let mut received = 0u64;
+    let mut resumes = 0;
     let mut failure = None;
-    while let Some(chunk) = stream.next().await {
-        match chunk {
-            Ok(chunk) => {
-                received += chunk.len() as u64;
-                if total.is_some_and(|t| received > t) {
-                    failure = Some(up.garbage("blob longer than its Content-Length"));
-                    break;
+    loop {
+        let broke = loop {
+            match stream.next().await {
+                None => break None,
+                Some(Ok(chunk)) => {
+                    received += chunk.len() as u64;
+                    if total.is_some_and(|t| received > t) {
+                        failure = Some(up.garbage("blob longer than its Content-Length"));
+                        break None;
+                    }
+                    let queued = to_hash.send(chunk.clone()).await.is_ok();
+                    if !queued || to_disk.send(chunk).await.is_err() {
+                        break None; // the writer failed; its error is reported below
+                    }
                 }
-                let queued = to_hash.send(chunk.clone()).await.is_ok();
-                if !queued || to_disk.send(chunk).await.is_err() {
-                    break; // the writer failed; its error is reported below
-                }
+                Some(Err(e)) => break Some(up.transport(e)),
             }
+        };
+        let Some(broken) = broke else { break };
+        // The transfer broke off: ask for the rest (the whole blob is still
+        // hashed and checked), when upstream can say how much there is.
+        let resumable = total.is_some_and(|t| received < t) && resumes < MAX_RESUMES;
+        if !resumable {
+            failure = Some(broken);
+            break;
+        }
+        resumes += 1;
+        metrics.fill_resumes.inc();
+        tracing::info!(%name, %digest, received, error = %broken, "resuming an interrupted blob fetch");
+        match resume(up, name, &path, received).await {
+            Ok(rest) => stream = rest.bytes_stream(),
             Err(e) => {
-                failure = Some(up.transport(e));
+                failure = Some(e);
                 break;
             }
         }

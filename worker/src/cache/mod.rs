@@ -140,6 +140,11 @@ impl Cache {
         &self.metrics
     }
 
+    /// Is the upstream taken to be away right now?
+    pub fn upstream_away(&self) -> bool {
+        self.upstream.is_away()
+    }
+
     /// Waits until every blob fill that has started is committed or has
     /// failed, so that shutdown does not throw away a download.
     pub async fn drain_fills(&self) {

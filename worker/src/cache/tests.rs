@@ -29,7 +29,9 @@ pub(crate) fn harness(tag_freshness: Duration) -> Harness {
     let store = FsStore::open(dir.path()).unwrap();
     let spools = store.spools().unwrap().clone();
     let metrics = Arc::new(Metrics::new(&fake.addr()));
-    let upstream = Upstream::new(fake.url().parse().unwrap(), None, metrics.clone()).unwrap();
+    let options = crate::config::UpstreamOptions::default();
+    let upstream =
+        Upstream::new(fake.url().parse().unwrap(), None, options, metrics.clone()).unwrap();
     let cache = Arc::new(Cache::new(
         Arc::new(store),
         spools,
