@@ -187,8 +187,13 @@ fn check_workers(settings: &Settings) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-/// Logs, once each, `REGISTRY_*` variables regcache does not act on.
+/// Logs, once each, `REGISTRY_*` variables regcache does not act on, and
+/// what the settings do that their author may not expect.
 fn warn_unused_variables(settings: &Settings) {
+    let inherited: Vec<(String, String)> = std::env::vars().collect();
+    for w in settings.warnings(&inherited) {
+        tracing::warn!("{w}");
+    }
     let global: Vec<String> = std::env::vars().map(|(k, _)| k).collect();
     for name in config::unused_registry_vars(global.iter().map(String::as_str)) {
         tracing::warn!(variable = name, "not used by regcache; ignored");
@@ -208,6 +213,10 @@ fn check_config(args: FrontArgs) -> ExitCode {
         Ok(s) => {
             if let Err(e) = check_workers(&s) {
                 eprintln!("regcache: warning (on this machine): {e}");
+            }
+            let inherited: Vec<(String, String)> = std::env::vars().collect();
+            for w in s.warnings(&inherited) {
+                eprintln!("regcache: warning: {w}");
             }
             print!("{}", s.describe(&args.listen.to_string()));
             ExitCode::SUCCESS
@@ -276,7 +285,9 @@ async fn worker(args: WorkerArgs) -> ExitCode {
 }
 
 async fn run_worker(args: WorkerArgs, settings: regcache_worker::Settings) -> ExitCode {
-    let started = regcache_worker::Worker::start(settings).map_err(|e| e.to_string());
+    let started = regcache_worker::Worker::start(settings)
+        .await
+        .map_err(|e| e.to_string());
     let listener = match (&args.socket, args.listen) {
         (Some(path), _) => regcache_worker::bind_unix(path)
             .map(regcache_worker::Listener::Unix)

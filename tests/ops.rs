@@ -920,6 +920,84 @@ fn sigterm_lets_started_fills_finish() {
     );
 }
 
+/// Only the supervisor is SIGKILLed while a fill is half-way, and a new one
+/// starts at once on the same storage: its worker waits for the old worker
+/// (which finishes its fill and exits) instead of sharing the root with it;
+/// the old worker's commit succeeds, and the new regcache serves the blob
+/// from cache.
+#[test]
+fn a_new_supervisor_on_the_same_storage_waits_for_the_old_worker() {
+    let fake = FakeRegistry::start();
+    let blob = fake.add_blob("org/img", &random_bytes(2 << 20));
+    let gate = Gate::new();
+    let _open = OpenOnDrop(gate.clone());
+    fake.once(&blob.path, Serve::ok().only("GET").pause_at(1 << 20, &gate));
+    let storage_parent = temp_dir("regcache-storage-");
+    let storage = storage_parent.path().join("storage");
+    let config = config_json(&[(&fake.url(), &["upstream.test"])]);
+    let mut old = Regcache::start(&config, &storage);
+    let path = blob.path_via("upstream.test");
+    let client = http_open(old.addr(), "GET", &path, &[]).unwrap();
+    assert_eq!(client.status, 200, "{}", client.describe());
+    assert!(
+        gate.wait_reached(1, Duration::from_secs(20)),
+        "{}",
+        fake.describe_requests()
+    );
+    let old_workers = old.worker_pids();
+    kill(Pid::from_raw(old.pid().unwrap()), Signal::SIGKILL).unwrap();
+    old.wait_exit(Duration::from_secs(5))
+        .expect("the supervisor died");
+    drop(client);
+
+    // The old worker drains its fill; let it finish a moment after the new
+    // regcache has started (its worker is then waiting for the root).
+    let opener = {
+        let gate = gate.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1500));
+            gate.open();
+        })
+    };
+    let new = Regcache::start(&config, &storage);
+    opener.join().unwrap();
+    let root = upstream_root(&storage, &fake.addr());
+    let data = std::fs::read(blob_file(&root, &blob.digest)).unwrap_or_else(|e| {
+        panic!(
+            "the old worker's fill was not committed: {e}\n{}",
+            new.log_tail(30)
+        )
+    });
+    assert_eq!(sha256_digest(&data), blob.digest);
+    assert!(
+        wait_for(Duration::from_secs(10), || old_workers
+            .iter()
+            .all(|p| !is_alive(*p))
+            .then_some(()))
+        .is_some(),
+        "the old worker outlived its fill"
+    );
+    let r = get(new.addr(), &path);
+    assert_eq!(
+        (r.status, r.header("X-Cache")),
+        (200, Some("HIT")),
+        "{}",
+        r.describe()
+    );
+    assert_eq!(
+        fake.count("GET", &blob.path),
+        1,
+        "{}",
+        fake.describe_requests()
+    );
+    assert!(
+        new.log_tail(200)
+            .contains("another process holds this cache's storage"),
+        "the new worker did not wait for the old one:\n{}",
+        new.log_tail(40)
+    );
+}
+
 /// SIGKILL of the whole process group while a fill is half-way: no blob
 /// becomes visible, and after a restart on the same storage `tmp/` holds no
 /// debris and the blob is fetched afresh.

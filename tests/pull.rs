@@ -148,7 +148,7 @@ fn pull_through_then_serve_from_cache_with_upstream_down() {
         workers_before
             .iter()
             .copied()
-            .filter(|p| Path::new(&format!("/proc/{p}")).exists() && !is_zombie(*p))
+            .filter(|p| is_alive(*p))
             .collect()
     };
     let _ = wait_for(Duration::from_secs(3), || alive().is_empty().then_some(()));
@@ -200,18 +200,6 @@ fn pull_through_then_serve_from_cache_with_upstream_down() {
         "paths with '..': {:?}",
         dotdot_paths(&storage)
     );
-}
-
-fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit(')')
-                .next()
-                .unwrap_or("")
-                .trim_start()
-                .starts_with('Z')
-        })
-        .unwrap_or(true)
 }
 
 /// The worker serving `up` (alias `alias`): found by its command line or,
@@ -912,10 +900,7 @@ fn workers_die_with_a_killed_supervisor() {
     assert_eq!(workers.len(), 2);
     kill(Pid::from_raw(rc.pid().unwrap()), Signal::SIGKILL).unwrap();
     let gone = wait_for(Duration::from_secs(10), || {
-        workers
-            .iter()
-            .all(|&p| !Path::new(&format!("/proc/{p}")).exists() || is_zombie(p))
-            .then_some(())
+        workers.iter().all(|&p| !is_alive(p)).then_some(())
     });
     assert!(
         gone.is_some(),

@@ -33,6 +33,12 @@ use crate::{
     Usage, Verified,
 };
 
+/// The exclusive hold on a store root taken by [`FsStore::lock`].
+#[derive(Debug)]
+pub struct RootLock {
+    _file: File,
+}
+
 /// The filesystem store of one upstream.
 #[derive(Clone)]
 pub struct FsStore {
@@ -78,6 +84,25 @@ impl FsStore {
         let tmp = root.join("tmp");
         let spools = SpoolDir::open(&tmp).map_err(io_err("open", &tmp))?;
         Ok(FsStore::new(root, Some(spools)))
+    }
+
+    /// Takes the exclusive lock of the store at `root` (`<root>/.lock`, held
+    /// until the [`RootLock`] is dropped or the process dies): one writer per
+    /// local root. `Ok(None)`: another process holds it.
+    pub fn lock(root: &Path) -> Result<Option<RootLock>> {
+        fs::create_dir_all(root).map_err(io_err("create", root))?;
+        let path = root.join(".lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err("open", &path))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(RootLock { _file: file })),
+            Err(fs::TryLockError::WouldBlock) => Ok(None),
+            Err(fs::TryLockError::Error(e)) => Err(io_err("lock", &path)(e)),
+        }
     }
 
     /// A read-only view of a store another process owns (the front's hit
@@ -511,6 +536,22 @@ mod tests {
             store.manifest_get(&d).await,
             Err(Error::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn one_root_lock_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = FsStore::lock(dir.path()).unwrap();
+        assert!(first.is_some());
+        assert!(
+            FsStore::lock(dir.path()).unwrap().is_none(),
+            "a second holder"
+        );
+        drop(first);
+        assert!(
+            FsStore::lock(dir.path()).unwrap().is_some(),
+            "released on drop"
+        );
     }
 
     #[tokio::test]

@@ -37,7 +37,7 @@ mod fs;
 pub mod spool;
 mod touch;
 
-pub use fs::FsStore;
+pub use fs::{FsStore, RootLock};
 pub use spool::{Spool, SpoolDir, Verified};
 pub use touch::Toucher;
 

@@ -55,6 +55,9 @@ pub struct Upstream {
     pub external_uri: Option<String>,
     /// lhns: wait for the worker to answer before routing (always done here).
     pub healthcheck: bool,
+    /// Another upstream has the same host on another port: the bare host
+    /// names neither.
+    pub host_shared: bool,
 }
 
 impl fmt::Debug for Upstream {
@@ -91,7 +94,7 @@ impl Upstream {
     /// Every name that routes here: authority, host (when unambiguous) and aliases.
     pub fn names(&self) -> Vec<String> {
         let mut names = vec![self.name()];
-        if self.authority.port().is_some() {
+        if self.authority.port().is_some() && !self.host_shared {
             names.push(self.authority.host().to_owned());
         }
         names.extend(self.aliases.iter().cloned());
@@ -145,6 +148,29 @@ pub fn unused_registry_vars<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec
         .collect()
 }
 
+/// What a valid CONFIG still does that its author may not expect.
+pub fn warnings(upstreams: &[Upstream]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut seen = Vec::new();
+    for up in upstreams.iter().filter(|u| u.host_shared) {
+        let host = up.authority.host();
+        if seen.contains(&host) {
+            continue;
+        }
+        seen.push(host);
+        let sharing: Vec<String> = upstreams
+            .iter()
+            .filter(|u| u.authority.host() == host)
+            .map(Upstream::name)
+            .collect();
+        out.push(format!(
+            "upstreams {} share the host {host:?}: it routes to none of them; reach each by its host:port or an alias",
+            sharing.join(" and ")
+        ));
+    }
+    out
+}
+
 /// Parses CONFIG text into the list of upstreams.
 pub fn parse(text: &str) -> Result<Vec<Upstream>, Error> {
     let whole = |reason: String| Error { item: None, reason };
@@ -166,6 +192,14 @@ pub fn parse(text: &str) -> Result<Vec<Upstream>, Error> {
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let mut upstreams = upstreams;
+    let hosts: Vec<String> = upstreams
+        .iter()
+        .map(|u| u.authority.host().to_owned())
+        .collect();
+    for up in &mut upstreams {
+        up.host_shared = hosts.iter().filter(|h| *h == up.authority.host()).count() > 1;
+    }
     check_unique_names(&upstreams)?;
     Ok(upstreams)
 }
@@ -210,6 +244,7 @@ fn parse_item(index: usize, item: &Value) -> Result<Upstream, String> {
         variables: BTreeMap::new(),
         external_uri: None,
         healthcheck: true,
+        host_shared: false,
     };
     let Some(obj) = obj else { return Ok(up) };
     for (key, value) in obj {
@@ -404,6 +439,18 @@ mod tests {
         assert_eq!(ups[1].url(), "http://h.test");
         assert_eq!(ups[0].hostnames(), ["ghcr.io"]);
         assert_eq!(ups[2].hostnames(), ["upstream.test"]);
+    }
+
+    #[test]
+    fn a_host_shared_by_two_ports_routes_to_neither_and_is_said() {
+        let ups =
+            parse(r#"["http://127.0.0.1:1", "http://127.0.0.1:2", "http://h.test:3"]"#).unwrap();
+        assert!(!ups[0].names().contains(&"127.0.0.1".to_string()));
+        assert!(!ups[1].names().contains(&"127.0.0.1".to_string()));
+        assert!(ups[2].names().contains(&"h.test".to_string()));
+        let w = warnings(&ups);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("127.0.0.1:1 and 127.0.0.1:2"), "{w:?}");
     }
 
     #[test]

@@ -159,6 +159,21 @@ impl Settings {
         workers::check_worker_env(inherited, &self.upstreams)
     }
 
+    /// What the operator should know before it runs: credentials from the
+    /// environment given to several upstreams, names that cannot route.
+    pub fn warnings(&self, inherited: &[(String, String)]) -> Vec<String> {
+        let mut out = config::warnings(&self.upstreams);
+        let given = workers::inherited_credentials(inherited, &self.upstreams);
+        if !given.is_empty() {
+            out.push(format!(
+                "REGISTRY_PROXY_USERNAME/PASSWORD from the environment are given to: {} \
+                 (limit with REGCACHE_INHERIT_CREDENTIALS=<names>|none, or set them in each entry's variables)",
+                given.join(", ")
+            ));
+        }
+        out
+    }
+
     /// What `regcache check-config` prints: upstreams, names, storage, routing.
     pub fn describe(&self, listen: &str) -> String {
         let mut s = format!(

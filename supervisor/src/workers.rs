@@ -65,14 +65,73 @@ impl Worker {
     }
 }
 
+/// The variables that carry an upstream's credentials.
+const CREDENTIALS: [&str; 4] = [
+    "REGISTRY_PROXY_USERNAME",
+    "REGISTRY_PROXY_USERNAME_FILE",
+    "REGISTRY_PROXY_PASSWORD",
+    "REGISTRY_PROXY_PASSWORD_FILE",
+];
+/// Which upstreams get credentials set in the supervisor's own environment.
+const INHERIT: &str = "REGCACHE_INHERIT_CREDENTIALS";
+
+/// Does `up` take credentials from the supervisor's own environment?
+/// `REGCACHE_INHERIT_CREDENTIALS`: `all` (the default, as lhns does), `none`,
+/// or a comma-separated list of upstream names or aliases.
+fn inherits_credentials(policy: Option<&str>, up: &Upstream) -> bool {
+    match policy.map(str::trim) {
+        None | Some("") | Some("all") => true,
+        Some("none") => false,
+        Some(list) => {
+            let names = up.names();
+            list.split(',')
+                .any(|n| names.contains(&n.trim().to_ascii_lowercase()))
+        }
+    }
+}
+
+/// Which upstreams receive credentials from the supervisor's environment
+/// (none has its own): said at start and by `check-config`, since one
+/// registry's password offered to another is a leak.
+pub fn inherited_credentials(
+    inherited: &[(String, String)],
+    upstreams: &[Upstream],
+) -> Vec<String> {
+    let get = |k: &str| {
+        inherited
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+    };
+    if !CREDENTIALS
+        .iter()
+        .any(|c| get(c).is_some_and(|v| !v.is_empty()))
+    {
+        return Vec::new();
+    }
+    upstreams
+        .iter()
+        .filter(|up| inherits_credentials(get(INHERIT), up))
+        .filter(|up| !CREDENTIALS.iter().any(|c| up.variables.contains_key(*c)))
+        .map(Upstream::name)
+        .collect()
+}
+
 /// The environment of `up`'s worker, from the supervisor's own `inherited`.
 pub fn worker_env(
     inherited: impl IntoIterator<Item = (String, String)>,
     up: &Upstream,
 ) -> BTreeMap<String, String> {
+    let inherited: Vec<(String, String)> = inherited.into_iter().collect();
+    let policy = inherited
+        .iter()
+        .find(|(k, _)| k == INHERIT)
+        .map(|(_, v)| v.clone());
+    let inherit = inherits_credentials(policy.as_deref(), up);
     let mut env: BTreeMap<String, String> = inherited
         .into_iter()
         .filter(|(k, _)| !WITHHELD.contains(&k.as_str()))
+        .filter(|(k, _)| inherit || !CREDENTIALS.contains(&k.as_str()))
         .collect();
     env.extend(up.variables.clone());
     env.insert(
@@ -237,6 +296,47 @@ mod tests {
         let half = [("REGISTRY_PROXY_USERNAME".to_string(), "u".to_string())];
         assert!(check_worker_env(&half, &ups[..1]).is_err());
         assert!(check_worker_env(&[], &ups[..1]).is_ok());
+    }
+
+    #[test]
+    fn inherited_credentials_are_said_and_can_be_limited() {
+        let ups = config::parse(
+            r#"["docker.io", "ghcr.io",
+                {"registry": "quay.io", "variables": {"REGISTRY_PROXY_USERNAME": "q", "REGISTRY_PROXY_PASSWORD": "qp"}}]"#,
+        )
+        .unwrap();
+        let creds = |policy: Option<&str>| {
+            let mut env = vec![
+                ("REGISTRY_PROXY_USERNAME".to_string(), "hub".to_string()),
+                ("REGISTRY_PROXY_PASSWORD".to_string(), "hubpw".to_string()),
+            ];
+            if let Some(p) = policy {
+                env.push((INHERIT.to_string(), p.to_string()));
+            }
+            env
+        };
+        assert_eq!(
+            inherited_credentials(&creds(None), &ups),
+            ["registry-1.docker.io", "ghcr.io"]
+        );
+        assert_eq!(
+            inherited_credentials(&creds(Some("docker.io")), &ups),
+            ["registry-1.docker.io"]
+        );
+        assert!(inherited_credentials(&creds(Some("none")), &ups).is_empty());
+        assert!(inherited_credentials(&[], &ups).is_empty());
+        let ghcr = worker_env(creds(Some("docker.io")), &ups[1]);
+        assert!(
+            !ghcr.contains_key("REGISTRY_PROXY_PASSWORD"),
+            "ghcr.io got Docker Hub's password"
+        );
+        let hub = worker_env(creds(Some("docker.io")), &ups[0]);
+        assert_eq!(hub["REGISTRY_PROXY_PASSWORD"], "hubpw");
+        let quay = worker_env(creds(Some("none")), &ups[2]);
+        assert_eq!(
+            quay["REGISTRY_PROXY_PASSWORD"], "qp",
+            "its own variables always apply"
+        );
     }
 
     #[test]

@@ -1679,6 +1679,16 @@ fn is_regcache_worker(pid: i32) -> bool {
     exe.is_some() && exe == ours && cmdline.split(|c| *c == 0).any(|a| a == b"worker")
 }
 
+/// Is `pid` a running process (not gone, not a zombie)?
+pub fn is_alive(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            let state = s.rsplit(')').next().unwrap_or("").trim_start();
+            !state.starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
 /// Direct children of `ppid` from /proc: (pid, cmdline joined with spaces).
 pub fn children_of(ppid: i32) -> Vec<(i32, String)> {
     let mut out = Vec::new();

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 /// Tokens are dropped this long before the server says they expire.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
+/// Tokens (and their locks) kept before expired ones are dropped.
+const KEYS_BEFORE_PRUNING: usize = 256;
 /// Lifetime assumed when the token response carries no `expires_in`.
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 
@@ -188,8 +190,9 @@ pub struct Auth {
     /// (host, our scope) -> the scope that host's challenge named instead.
     scopes: Mutex<HashMap<(String, String), String>>,
     tokens: Mutex<HashMap<TokenKey, Token>>,
-    /// Serialises token requests so concurrent misses for one scope make one.
-    fetching: tokio::sync::Mutex<()>,
+    /// One lock per token key: concurrent misses for one scope make one
+    /// token request, while other scopes go ahead.
+    fetching: Mutex<HashMap<TokenKey, Arc<tokio::sync::Mutex<()>>>>,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -227,7 +230,7 @@ impl Auth {
             hosts: Mutex::new(HashMap::new()),
             scopes: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
-            fetching: tokio::sync::Mutex::new(()),
+            fetching: Mutex::new(HashMap::new()),
             metrics,
         }
     }
@@ -325,7 +328,14 @@ impl Auth {
         key: TokenKey,
         stale: Option<&str>,
     ) -> Result<Secret, TokenError> {
-        let _one_at_a_time = self.fetching.lock().await;
+        let lock = {
+            let mut fetching = self.fetching.lock().unwrap();
+            if fetching.len() > KEYS_BEFORE_PRUNING {
+                fetching.retain(|_, l| Arc::strong_count(l) > 1);
+            }
+            fetching.entry(key.clone()).or_default().clone()
+        };
+        let _one_per_scope = lock.lock().await;
         // Whoever waited here may find the token its predecessor fetched.
         if let Some(t) = self.tokens.lock().unwrap().get(&key) {
             let refused =
@@ -390,7 +400,12 @@ impl Auth {
             .unwrap_or(DEFAULT_TOKEN_LIFETIME);
         let valid_until = Instant::now() + lifetime.saturating_sub(EXPIRY_MARGIN);
         let value = Secret::new(value);
-        self.tokens.lock().unwrap().insert(
+        let mut tokens = self.tokens.lock().unwrap();
+        if tokens.len() > KEYS_BEFORE_PRUNING {
+            let now = Instant::now();
+            tokens.retain(|_, t| t.valid_until > now);
+        }
+        tokens.insert(
             key,
             Token {
                 value: value.clone(),
@@ -449,6 +464,59 @@ mod tests {
     #[test]
     fn basic_headers() {
         assert_eq!(basic_header("user", "pass"), "Basic dXNlcjpwYXNz");
+    }
+
+    /// A slow token request for one scope holds back no other scope.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn token_requests_for_other_scopes_do_not_wait_for_each_other() {
+        use regcache_testkit::fake::{FakeRegistry, Gate, Reply, Serve};
+        let fake = FakeRegistry::start();
+        let gate = Gate::new();
+        let held = gate.clone();
+        fake.intercept(move |r| {
+            let q = r.query.clone().unwrap_or_default();
+            let reply = Reply::json(200, &serde_json::json!({"token": "t"}));
+            if q.contains("slow") {
+                Some(reply.serve(Serve::ok().pause_at(0, &held)))
+            } else {
+                Some(reply)
+            }
+        });
+        let auth = Arc::new(Auth::new(None, Arc::new(crate::metrics::Metrics::new("x"))));
+        crate::upstream::init_tls();
+        let http = reqwest::Client::new();
+        let challenge = |scope: &str| {
+            vec![Challenge::Bearer {
+                realm: format!("{}/token", fake.url()),
+                service: None,
+                scope: Some(scope.to_owned()),
+            }]
+        };
+        let (a, h, slow) = (
+            auth.clone(),
+            http.clone(),
+            challenge("repository:slow:pull"),
+        );
+        let first = tokio::spawn(async move { a.answer(&h, "x", true, &slow, "", None).await });
+        assert!(fake.wait_count("GET", "/token", 1, std::time::Duration::from_secs(10)));
+        let other = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            auth.answer(
+                &http,
+                "x",
+                true,
+                &challenge("repository:fast:pull"),
+                "",
+                None,
+            ),
+        )
+        .await;
+        assert!(
+            matches!(other, Ok(Ok(Some(_)))),
+            "the other scope waited: {other:?}"
+        );
+        gate.open();
+        assert!(first.await.unwrap().unwrap().is_some());
     }
 
     #[test]

@@ -21,6 +21,7 @@ mod breaker;
 mod cache;
 pub mod config;
 mod error;
+mod flights;
 pub mod metrics;
 mod server;
 mod upstream;
@@ -49,6 +50,8 @@ pub enum StartError {
     Storage(#[from] regcache_store::Error),
     #[error("HTTP client: {0}")]
     Client(#[from] reqwest::Error),
+    #[error("cache storage {0} is held by another process (another worker on the same storage?)")]
+    RootHeld(String),
 }
 
 /// Per-connection HTTP/1 buffer limit, on the worker and the front.
@@ -76,11 +79,18 @@ pub fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
 pub struct Worker {
     cache: Arc<cache::Cache>,
     drain_timeout: Duration,
+    /// This worker's exclusive hold on its storage root.
+    _root: regcache_store::RootLock,
 }
 
+/// How long a worker waits for another process to let go of its root (a
+/// predecessor still draining after its supervisor was killed).
+const ROOT_WAIT: Duration = Duration::from_secs(25);
+
 impl Worker {
-    pub fn start(settings: Settings) -> Result<Worker, StartError> {
+    pub async fn start(settings: Settings) -> Result<Worker, StartError> {
         let name = Authority::of(&settings.upstream).to_string();
+        let root = lock_root(&settings.storage).await?;
         let store = FsStore::open(&settings.storage)?;
         let spools = store.spools().expect("an opened store has spools").clone();
         let metrics = Arc::new(metrics::Metrics::new(&name));
@@ -111,6 +121,7 @@ impl Worker {
         Ok(Worker {
             cache: Arc::new(cache),
             drain_timeout: settings.drain_timeout,
+            _root: root,
         })
     }
 
@@ -157,8 +168,30 @@ pub async fn run(
     listener: Listener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartError> {
-    Worker::start(settings)?.serve(listener, shutdown).await;
+    Worker::start(settings)
+        .await?
+        .serve(listener, shutdown)
+        .await;
     Ok(())
+}
+
+/// Takes the root's lock, waiting for a predecessor that still holds it.
+async fn lock_root(root: &Path) -> Result<regcache_store::RootLock, StartError> {
+    let deadline = tokio::time::Instant::now() + ROOT_WAIT;
+    let mut said = false;
+    loop {
+        if let Some(lock) = FsStore::lock(root)? {
+            return Ok(lock);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(StartError::RootHeld(root.display().to_string()));
+        }
+        if !said {
+            tracing::warn!(storage = %root.display(), "another process holds this cache's storage; waiting for it to exit");
+            said = true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 enum Conn {

@@ -16,7 +16,6 @@
 //! traffic, not answers.
 
 mod fill;
-mod flights;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -33,8 +32,8 @@ use regcache_store::{BlobReader, Key, SpoolDir, Store, TagRecord, Toucher};
 
 use fill::Fill;
 pub use fill::Reader;
-use flights::Flights;
 
+use crate::flights::Flights;
 use crate::metrics::Metrics;
 use crate::upstream::{self, Upstream, MANIFEST_ACCEPT};
 

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 
-pub(super) struct Flights<K, T> {
+pub(crate) struct Flights<K, T> {
     running: Mutex<HashMap<K, Shared<BoxFuture<'static, T>>>>,
 }
 
@@ -21,7 +21,7 @@ impl<K, T> Default for Flights<K, T> {
 }
 
 impl<K: Eq + Hash + Clone, T: Clone + Send + Sync + 'static> Flights<K, T> {
-    pub(super) async fn run(&self, key: K, work: impl Future<Output = T> + Send + 'static) -> T {
+    pub(crate) async fn run(&self, key: K, work: impl Future<Output = T> + Send + 'static) -> T {
         let flight = self
             .running
             .lock()
