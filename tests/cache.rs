@@ -1300,3 +1300,43 @@ fn concurrent_manifest_requests_share_one_upstream_exchange() {
         "GETs of the digest:\n{requests}"
     );
 }
+
+/// A blob cached for one repository is not served under another that the
+/// upstream does not grant it, neither by the front nor by the worker: the
+/// worker asks upstream (one HEAD) and passes on its 404.
+#[test]
+fn a_cached_blob_is_not_served_under_a_repository_upstream_refuses() {
+    let s = Setup::start();
+    let blob = s.fake.add_blob("org/private", &random_bytes(300_000));
+    let r = get_with(&s.cache(), &blob.path_via(PREFIX), &[]);
+    assert_eq!(r.status, 200, "{}", r.describe());
+    let elsewhere = format!("/v2/{PREFIX}/org/other/blobs/{}", blob.digest);
+    for method in ["GET", "HEAD"] {
+        let r = http(&s.cache(), method, &elsewhere, &[]).unwrap();
+        assert_eq!(r.status, 404, "{method} {elsewhere}: {}", r.describe());
+        if method == "GET" {
+            assert_eq!(r.error_codes(), ["BLOB_UNKNOWN"], "{}", r.describe());
+        }
+    }
+    let asked = format!("/v2/org/other/blobs/{}", blob.digest);
+    assert_eq!(
+        s.fake.count("GET", &asked),
+        0,
+        "{}",
+        s.fake.describe_requests()
+    );
+    assert!(
+        s.fake.count("HEAD", &asked) >= 1,
+        "{}",
+        s.fake.describe_requests()
+    );
+    // The repository that has it: from cache, the front answering.
+    let r = get_with(&s.cache(), &blob.path_via(PREFIX), &[]);
+    assert_eq!(
+        (r.status, r.header("X-Cache")),
+        (200, Some("HIT")),
+        "{}",
+        r.describe()
+    );
+    assert_eq!(s.fake.count("GET", &blob.path), 1);
+}

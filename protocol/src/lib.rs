@@ -10,6 +10,7 @@
 //! - [`error`]: the registry error envelope, the only place it is built
 //! - [`body`]: the response body type
 //! - [`internal`]: the worker endpoints only the front asks, and their types
+//! - [`manifest`]: what a manifest refers to (blobs, child manifests)
 //!
 //! Nothing here does I/O: this crate is the vocabulary both processes use.
 #![forbid(unsafe_code)]
@@ -17,6 +18,7 @@
 pub mod body;
 pub mod error;
 pub mod internal;
+pub mod manifest;
 pub mod range;
 pub mod reference;
 pub mod request;

@@ -5,7 +5,7 @@
 //! show the same contents (a restart). Everything the crate docs promise is
 //! checked: commit visibility, idempotent double commits, nothing visible
 //! after a crash between write and commit, ranges, explicit tag times,
-//! listing, delete, usage and last use.
+//! listing, links, delete, usage and last use.
 
 use std::io::Write;
 use std::path::Path;
@@ -224,8 +224,9 @@ async fn listing(open: &impl Fn(&Path) -> Subject) {
         ("library/debian", &["12", "bookworm"][..]),
         ("org/a/b", &["v1"][..]),
     ] {
-        s.store.link(&name(repo), &m.digest).await.unwrap();
-        s.store.link(&name(repo), &m.digest).await.unwrap();
+        let key = Key::Manifest(m.digest.clone());
+        s.store.link(&name(repo), &key).await.unwrap();
+        s.store.link(&name(repo), &key).await.unwrap();
         for t in tags {
             s.store.tag_put(&name(repo), &tag(t), &rec).await.unwrap();
         }
@@ -242,6 +243,25 @@ async fn listing(open: &impl Fn(&Path) -> Subject) {
     );
     assert_eq!(debian.tags[&tag("12")], rec);
     assert_eq!(debian.manifests, std::slice::from_ref(&m.digest));
+    // Links: what each repository was seen to have, and nothing else.
+    let blob = Key::Blob(sha256(b"layer"));
+    s.store.link(&name("org/a/b"), &blob).await.unwrap();
+    assert!(s.store.linked(&name("org/a/b"), &blob).await.unwrap());
+    assert!(!s
+        .store
+        .linked(&name("library/debian"), &blob)
+        .await
+        .unwrap());
+    assert!(s
+        .store
+        .linked(&name("library/debian"), &Key::Manifest(m.digest.clone()))
+        .await
+        .unwrap());
+    assert!(!s
+        .store
+        .linked(&name("nope"), &Key::Manifest(m.digest.clone()))
+        .await
+        .unwrap());
     let tags = s.store.tags(&name("library/debian")).await.unwrap();
     assert_eq!(tags, [tag("12"), tag("bookworm")]);
     assert!(s.store.tags(&name("nope")).await.unwrap().is_empty());

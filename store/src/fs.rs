@@ -4,7 +4,8 @@
 //! blobs/sha256/ab/<hex>            blob bytes, exactly as upstream sent them
 //! manifests/sha256/ab/<hex>        "<media type>\n" + the manifest bytes
 //! repositories/<name>/_tags/<tag>  "<digest>\n<confirmed, ms since the epoch>\n"
-//! repositories/<name>/_manifests/<digest>  empty: this repository had that manifest
+//! repositories/<name>/_manifests/<digest>  empty: this repository has that manifest
+//! repositories/<name>/_blobs/<digest>      empty: this repository has that blob
 //! tmp/                             spools (same filesystem: commits are renames)
 //! ```
 //! Every write goes to a spool, is fsynced and renamed into place, so a
@@ -148,6 +149,17 @@ impl FsStore {
         let mut p = self.inner.root.join("repositories");
         p.extend(name.components());
         p
+    }
+
+    /// `_blobs/<digest>` or `_manifests/<digest>` of a repository (a tag
+    /// links nothing: it is the repository's own).
+    fn link_path(&self, name: &Name, key: &Key) -> PathBuf {
+        let (dir, digest) = match key {
+            Key::Blob(d) => ("_blobs", d.to_string()),
+            Key::Manifest(d) => ("_manifests", d.to_string()),
+            Key::Tag(_, tag) => ("_tags", tag.to_string()),
+        };
+        self.repo_dir(name).join(dir).join(digest)
     }
 
     fn path_of(&self, key: &Key) -> PathBuf {
@@ -364,18 +376,27 @@ impl Store for FsStore {
         blocking(move || store.write_file(&dest, &[text.as_bytes()])).await
     }
 
-    async fn link(&self, name: &Name, digest: &Digest) -> Result<()> {
+    async fn link(&self, name: &Name, key: &Key) -> Result<()> {
         self.writable()?;
-        let dir = self.repo_dir(name).join("_manifests");
-        let path = dir.join(digest.to_string());
+        let path = self.link_path(name, key);
         if path.exists() {
             return Ok(());
         }
-        fs::create_dir_all(&dir).map_err(io_err("create", &dir))?;
+        let dir = path.parent().expect("link paths have parents");
+        fs::create_dir_all(dir).map_err(io_err("create", dir))?;
         match OpenOptions::new().write(true).create_new(true).open(&path) {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
             Err(e) => Err(io_err("create", &path)(e)),
+        }
+    }
+
+    async fn linked(&self, name: &Name, key: &Key) -> Result<bool> {
+        let path = self.link_path(name, key);
+        match fs::symlink_metadata(&path) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err("stat", &path)(e)),
         }
     }
 
@@ -416,6 +437,7 @@ impl Store for FsStore {
                                 .filter_map(|d| d.parse().ok())
                                 .collect();
                         }
+                        "_blobs" => {}
                         _ => stack.push(e.path()),
                     }
                 }

@@ -88,7 +88,7 @@ pub struct Usage {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Repository {
     pub tags: BTreeMap<Tag, TagRecord>,
-    /// Manifests fetched for this repository, by tag or by digest.
+    /// Manifests this repository was seen to have.
     pub manifests: Vec<Digest>,
 }
 
@@ -194,8 +194,11 @@ pub trait Store: Send + Sync + 'static {
 
     async fn tag_get(&self, name: &Name, tag: &Tag) -> Result<Option<TagRecord>>;
     async fn tag_put(&self, name: &Name, tag: &Tag, record: &TagRecord) -> Result<()>;
-    /// Records that `name` had manifest `digest`.
-    async fn link(&self, name: &Name, digest: &Digest) -> Result<()>;
+    /// Records that repository `name` was seen to have `key` (a blob or a
+    /// manifest) upstream, so that it may be served under that name.
+    async fn link(&self, name: &Name, key: &Key) -> Result<()>;
+    /// Was `name` seen to have `key`?
+    async fn linked(&self, name: &Name, key: &Key) -> Result<bool>;
 
     /// Every repository with its tags and manifests.
     async fn repositories(&self) -> Result<BTreeMap<Name, Repository>>;

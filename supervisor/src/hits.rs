@@ -6,8 +6,10 @@
 //! always of the local filesystem tier (a read-only [`FsStore::view`] of the
 //! worker's root), which every store configuration has. Anything not there
 //! (a miss, a tag, content only another store tier holds) is the worker's.
-//! Immutable content by digest is the only thing answered here; tags need
-//! their freshness rules, which are the worker's alone.
+//! Immutable content by digest is the only thing answered here, and only
+//! under a repository linked to it (seen to have it upstream); tags need
+//! their freshness rules, and unlinked content a word with upstream, which
+//! are the worker's alone.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -56,6 +58,16 @@ impl LocalHits {
         request: &RepoRequest,
     ) -> Option<Response<Body>> {
         let started = Instant::now();
+        // Content is answered here only under a repository that was seen to
+        // have it upstream; the worker decides the rest (and asks upstream).
+        let key = match &request.endpoint {
+            Endpoint::Blob(d) => Key::Blob(d.clone()),
+            Endpoint::Manifest(Reference::Digest(d)) => Key::Manifest(d.clone()),
+            _ => return None,
+        };
+        if !self.store.linked(&request.name, &key).await.ok()? {
+            return None;
+        }
         let resp = match &request.endpoint {
             Endpoint::Blob(d) => {
                 let reader = self.store.blob_open(d).await.ok()??;

@@ -356,18 +356,25 @@ mod tests {
         assert_eq!(resp.status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(error_code(&body), "UNAVAILABLE");
         assert_eq!(resp.headers[header::RETRY_AFTER], "1");
-        // Committed content by digest: answered by the front itself.
+        // Committed content by digest of a repository that has it: answered
+        // by the front itself; under another repository, the worker's (503).
         let bytes = Bytes::from_static(br#"{"schemaVersion":2}"#);
         let m = Manifest {
             media_type: OCI_MANIFEST.into(),
             digest: Digest::of(Algorithm::Sha256, &bytes),
             bytes,
         };
-        FsStore::open(&worker.storage)
-            .unwrap()
-            .manifest_put(&m)
-            .await
-            .unwrap();
+        let store = FsStore::open(&worker.storage).unwrap();
+        store.manifest_put(&m).await.unwrap();
+        let key = regcache_store::Key::Manifest(m.digest.clone());
+        store.link(&"org/app".parse().unwrap(), &key).await.unwrap();
+        let other = format!("/v2/upstream.test/org/other/manifests/{}", m.digest);
+        let (resp, _) = send(&front, "GET", &other, &[]).await;
+        assert_eq!(
+            resp.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "served under a repository without it"
+        );
         let path = format!("/v2/upstream.test/org/app/manifests/{}", m.digest);
         let (resp, body) = send(&front, "GET", &path, &[]).await;
         assert_eq!((resp.status, &body[..]), (StatusCode::OK, &m.bytes[..]));

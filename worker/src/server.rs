@@ -112,9 +112,8 @@ async fn blob_head(cache: &Cache, headers: &HeaderMap, r: &RepoRequest, digest: 
 }
 
 async fn blob_get(cache: &Cache, headers: &HeaderMap, r: &RepoRequest, digest: &Digest) -> Answer {
-    let mut blob = cache.blob(&r.name, digest).await?;
-    let size = blob.size().await?;
-    let outcome = blob.outcome();
+    let blob = cache.blob(&r.name, digest).await?;
+    let (size, outcome) = (blob.size, blob.outcome);
     let metrics = cache.metrics().clone();
     let resp = response::blob(
         headers,

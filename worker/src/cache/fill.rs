@@ -51,6 +51,8 @@ enum Progress {
 pub(super) struct Fill {
     file: Arc<File>,
     progress: watch::Receiver<Progress>,
+    /// The repository it is fetched for (upstream's answer is for it alone).
+    pub(super) repo: Name,
 }
 
 /// The fill's end of the bargain: what [`run`] reports through.
@@ -61,11 +63,12 @@ pub(super) struct Writer {
 
 impl Fill {
     /// A new fill writing to `spool`, and the writer that runs it.
-    pub(super) fn new(spool: Spool) -> (Arc<Fill>, Writer) {
+    pub(super) fn new(spool: Spool, repo: Name) -> (Arc<Fill>, Writer) {
         let (tx, rx) = watch::channel(Progress::Starting);
         let fill = Arc::new(Fill {
             file: spool.file().clone(),
             progress: rx,
+            repo,
         });
         (
             fill,

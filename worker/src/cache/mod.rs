@@ -56,32 +56,39 @@ pub enum Error {
     Shared(Arc<Error>),
 }
 
-/// A readable blob: committed in the store, or being filled.
-pub enum Blob {
+impl Error {
+    /// Did upstream refuse this repository the content (404, 401, 403),
+    /// as opposed to failing?
+    pub(crate) fn is_refusal(&self) -> bool {
+        match self {
+            Error::Upstream(e) => matches!(
+                e,
+                upstream::Error::NotFound { .. } | upstream::Error::Denied { .. }
+            ),
+            Error::Shared(e) => e.is_refusal(),
+            _ => false,
+        }
+    }
+}
+
+/// A readable blob, committed in the store or being filled, with its size
+/// once known (`None`: upstream sent no length).
+pub struct Blob {
+    pub size: Option<u64>,
+    pub outcome: Outcome,
+    source: Source,
+}
+
+enum Source {
     Stored(BlobReader),
     Filling(Reader),
 }
 
 impl Blob {
-    pub fn outcome(&self) -> Outcome {
-        match self {
-            Blob::Stored(_) => Outcome::Hit,
-            Blob::Filling(r) => r.outcome,
-        }
-    }
-
-    /// The size, once known (a fill waits for upstream's headers).
-    pub async fn size(&mut self) -> Result<Option<u64>, Error> {
-        match self {
-            Blob::Stored(r) => Ok(Some(r.size)),
-            Blob::Filling(r) => r.size().await,
-        }
-    }
-
     pub fn stream(self, start: u64, end: Option<u64>) -> BlobStream {
-        match self {
-            Blob::Stored(r) => r.stream(start, end),
-            Blob::Filling(r) => r.stream(start, end),
+        match self.source {
+            Source::Stored(r) => r.stream(start, end),
+            Source::Filling(r) => r.stream(start, end),
         }
     }
 }
@@ -97,7 +104,7 @@ pub enum TagsList {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum FlightKey {
     Tag(Name, Tag),
-    Digest(Digest),
+    Digest(Name, Digest),
 }
 
 /// The cache of one worker: its store, its upstream and the work in flight.
@@ -188,32 +195,135 @@ impl Cache {
         self.fills.lock().unwrap().get(digest).cloned()
     }
 
-    /// A blob for GET: from a fill in flight, the store, or a new fill.
+    /// May `name` be served `key`? Yes when it was seen to have it upstream
+    /// (a link); else upstream is asked with a HEAD for `name`, and a yes is
+    /// linked. So content fetched for one repository is never served under
+    /// another that upstream would refuse. `true` when upstream was asked.
+    async fn confirm(&self, name: &Name, key: &Key) -> Result<bool, Error> {
+        let linked = self.store.linked(name, key).await;
+        if linked.as_ref().is_ok_and(|l| *l) {
+            return Ok(false);
+        }
+        let (kind, path, accept) = match key {
+            Key::Blob(d) => (Kind::Blob, format!("/v2/{name}/blobs/{d}"), None),
+            Key::Manifest(d) => (
+                Kind::Manifest,
+                format!("/v2/{name}/manifests/{d}"),
+                Some(MANIFEST_ACCEPT),
+            ),
+            Key::Tag(..) => return Ok(false),
+        };
+        let up = &self.upstream;
+        let resp = up.send(Method::HEAD, Some(name), &path, accept).await?;
+        up.check(resp, kind, &path)?;
+        self.link(name, key).await;
+        Ok(true)
+    }
+
+    async fn link(&self, name: &Name, key: &Key) {
+        if let Err(e) = self.store.link(name, key).await {
+            tracing::warn!(%name, ?key, error = %e, "could not record what a repository has");
+        }
+    }
+
+    /// Links `name` to manifest `m` and to everything it refers to.
+    async fn link_manifest(&self, name: &Name, m: &Manifest) {
+        self.link(name, &Key::Manifest(m.digest.clone())).await;
+        match regcache_protocol::manifest::references(m) {
+            Ok(refs) => {
+                let keys = refs.blobs.into_iter().map(Key::Blob);
+                for key in keys.chain(refs.manifests.into_iter().map(Key::Manifest)) {
+                    self.link(name, &key).await;
+                }
+            }
+            Err(e) => tracing::debug!(%name, error = %e, "manifest references not linked"),
+        }
+    }
+
+    /// A blob for GET: from a fill in flight, the store, or a new fill, once
+    /// `name` may have it; its size known before a byte is sent.
     ///
     /// The fill map is asked before and after the store: a fill leaves the
     /// map only once committed, so a blob missing from both is truly missing.
+    /// A fill started for another repository that upstream refused (404,
+    /// 401, 403) says nothing about `name`: it gets a fill of its own.
     pub async fn blob(&self, name: &Name, digest: &Digest) -> Result<Blob, Error> {
-        if let Some(fill) = self.fill_of(digest) {
-            return Ok(Blob::Filling(fill.attach()));
+        let key = Key::Blob(digest.clone());
+        let mut refused: Option<Arc<Fill>> = None;
+        loop {
+            let fill = self
+                .fill_of(digest)
+                .filter(|f| !refused.as_ref().is_some_and(|r| Arc::ptr_eq(f, r)));
+            if let Some(fill) = fill {
+                if fill.repo != *name {
+                    self.confirm(name, &key).await?;
+                }
+                let mut reader = fill.attach();
+                match reader.size().await {
+                    Ok(size) => {
+                        return Ok(Blob {
+                            size,
+                            outcome: reader.outcome,
+                            source: Source::Filling(reader),
+                        })
+                    }
+                    Err(e) if fill.repo != *name && refused.is_none() && e.is_refusal() => {
+                        refused = Some(fill);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if let Some(stored) = self.stored_blob(digest).await {
+                let asked = self.confirm(name, &key).await?;
+                return Ok(Blob {
+                    size: Some(stored.size),
+                    outcome: if asked {
+                        Outcome::Revalidated
+                    } else {
+                        Outcome::Hit
+                    },
+                    source: Source::Stored(stored),
+                });
+            }
+            let fill = {
+                let mut fills = self.fills.lock().unwrap();
+                match fills.get(digest) {
+                    Some(f) if !refused.as_ref().is_some_and(|r| Arc::ptr_eq(f, r)) => None,
+                    _ => {
+                        let spool = self.spools.create().map_err(|source| {
+                            Error::Storage(regcache_store::Error::Io {
+                                op: "create spool in",
+                                path: self.spools.path().to_owned(),
+                                source,
+                            })
+                        })?;
+                        let (fill, writer) = Fill::new(spool, name.clone());
+                        fills.insert(digest.clone(), fill.clone());
+                        Some((fill, writer))
+                    }
+                }
+            };
+            // Another request started a fill meanwhile: attach to it.
+            let Some((fill, writer)) = fill else { continue };
+            self.spawn_fill(fill.clone(), writer, name, digest);
+            let mut reader = fill.attach();
+            let size = reader.size().await?;
+            return Ok(Blob {
+                size,
+                outcome: reader.outcome,
+                source: Source::Filling(reader),
+            });
         }
-        if let Some(stored) = self.stored_blob(digest).await {
-            return Ok(Blob::Stored(stored));
-        }
-        let mut fills = self.fills.lock().unwrap();
-        if let Some(fill) = fills.get(digest) {
-            return Ok(Blob::Filling(fill.attach()));
-        }
-        let spool = self.spools.create().map_err(|source| {
-            Error::Storage(regcache_store::Error::Io {
-                op: "create spool in",
-                path: self.spools.path().to_owned(),
-                source,
-            })
-        })?;
-        let (fill, writer) = Fill::new(spool);
-        fills.insert(digest.clone(), fill.clone());
-        drop(fills);
-        let (fills, d) = (self.fills.clone(), digest.clone());
+    }
+
+    fn spawn_fill(&self, fill: Arc<Fill>, writer: fill::Writer, name: &Name, digest: &Digest) {
+        let (fills, store, d, n) = (
+            self.fills.clone(),
+            self.store.clone(),
+            digest.clone(),
+            name.clone(),
+        );
         let run = fill::run(
             writer,
             self.store.clone(),
@@ -224,32 +334,49 @@ impl Cache {
         );
         self.fill_tasks
             .spawn(tracing::Instrument::in_current_span(async move {
-                let _ = run.await;
+                if run.await.is_ok() {
+                    if let Err(e) = store.link(&n, &Key::Blob(d.clone())).await {
+                        tracing::warn!(name = %n, error = %e, "could not record what a repository has");
+                    }
+                }
                 // Only now: a request that misses the map finds the blob stored.
-                fills.lock().unwrap().remove(&d);
+                let mut fills = fills.lock().unwrap();
+                if fills.get(&d).is_some_and(|f| Arc::ptr_eq(f, &fill)) {
+                    fills.remove(&d);
+                }
             }));
-        Ok(Blob::Filling(fill.attach()))
     }
 
     /// A blob's size for HEAD, without downloading it: from a fill in
-    /// flight, the store, or an upstream HEAD.
+    /// flight, the store, or an upstream HEAD (each once `name` may have it).
     pub async fn blob_size(
         &self,
         name: &Name,
         digest: &Digest,
     ) -> Result<(Option<u64>, Outcome), Error> {
-        if let Some(fill) = self.fill_of(digest) {
-            let mut reader = fill.attach();
-            return Ok((reader.size().await?, reader.outcome));
-        }
         let key = Key::Blob(digest.clone());
+        if let Some(fill) = self.fill_of(digest) {
+            if fill.repo == *name || self.store.linked(name, &key).await.unwrap_or(false) {
+                let mut reader = fill.attach();
+                return Ok((reader.size().await?, reader.outcome));
+            }
+        }
         if let Some(size) = self.found(&key, self.store.blob_size(digest).await).await {
-            return Ok((Some(size), Outcome::Hit));
+            let asked = self.confirm(name, &key).await?;
+            return Ok((
+                Some(size),
+                if asked {
+                    Outcome::Revalidated
+                } else {
+                    Outcome::Hit
+                },
+            ));
         }
         let up = &self.upstream;
         let path = format!("/v2/{name}/blobs/{digest}");
         let resp = up.send(Method::HEAD, Some(name), &path, None).await?;
         let resp = up.check(resp, Kind::Blob, &digest.to_string())?;
+        self.link(name, &key).await;
         // Not `content_length()`: that is the (empty) HEAD body's length.
         let size = resp
             .headers()
@@ -268,7 +395,13 @@ impl Cache {
         match reference {
             Reference::Digest(d) => {
                 if let Some(m) = self.stored_manifest(d).await {
-                    return Ok((m, Outcome::Hit));
+                    let asked = self.confirm(name, &Key::Manifest(d.clone())).await?;
+                    let outcome = if asked {
+                        Outcome::Revalidated
+                    } else {
+                        Outcome::Hit
+                    };
+                    return Ok((m, outcome));
                 }
                 Ok((self.fetch_by_digest(name, d).await?, Outcome::Miss))
             }
@@ -321,6 +454,7 @@ impl Cache {
         name: &Name,
         d: &Digest,
     ) -> Result<Manifest, upstream::Error> {
+        let name_for_key = name.clone();
         let (cache, name, digest) = (self.clone(), name.clone(), d.clone());
         let fetch = async move {
             let m = cache
@@ -328,10 +462,8 @@ impl Cache {
                 .await?;
             Ok((m, Outcome::Miss))
         };
-        let (m, _) = self
-            .manifests
-            .run(FlightKey::Digest(d.clone()), fetch)
-            .await?;
+        let key = FlightKey::Digest(name_for_key, d.clone());
+        let (m, _) = self.manifests.run(key, fetch).await?;
         Ok(m)
     }
 
@@ -355,8 +487,12 @@ impl Cache {
                 self.record_tag(name, tag, &m.digest).await;
                 return Ok((m, Outcome::Revalidated));
             }
+            // Upstream says the tag has it: the repository may have it.
             Some(d) => match self.stored_manifest(&d).await {
-                Some(m) => m,
+                Some(m) => {
+                    self.link_manifest(name, &m).await;
+                    m
+                }
                 None => self.fetch_by_digest(name, &d).await?,
             },
             // No digest in the HEAD answer: fetch by tag and hash what we got.
@@ -440,12 +576,11 @@ impl Cache {
             bytes,
             digest,
         };
-        let stored = match self.store.manifest_put(&m).await {
-            Ok(()) => self.store.link(name, &m.digest).await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = stored {
-            tracing::error!(%name, digest = %m.digest, error = %e, "could not store manifest");
+        match self.store.manifest_put(&m).await {
+            Ok(()) => self.link_manifest(name, &m).await,
+            Err(e) => {
+                tracing::error!(%name, digest = %m.digest, error = %e, "could not store manifest")
+            }
         }
         Ok(m)
     }

@@ -78,7 +78,7 @@ async fn concurrent_readers_share_one_fill_and_later_ones_hit() {
     );
     // Verified bytes are a hit, whether the commit has finished or not.
     let again = h.cache.blob(&name("org/img"), &digest).await.unwrap();
-    assert_eq!(again.outcome(), Outcome::Hit);
+    assert_eq!(again.outcome, Outcome::Hit);
     assert_eq!(h.fake.count("GET", &blob.path), 1);
 }
 
@@ -214,5 +214,114 @@ async fn a_corrupt_stored_manifest_is_removed_and_fetched_again() {
         2,
         "{}",
         h.fake.describe_requests()
+    );
+}
+
+/// Content fetched for one repository is never served under another that
+/// upstream refuses it, in flight or committed; under one upstream grants it,
+/// one HEAD confirms it and the stored bytes are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_is_served_only_under_repositories_upstream_grants_it() {
+    let h = harness(Duration::from_secs(60));
+    let data = random_bytes(400_000);
+    let a = h.fake.add_blob("org/a", &data);
+    let granted = h.fake.add_blob("org/c", &data);
+    let gate = regcache_testkit::fake::Gate::new();
+    h.fake
+        .once(&a.path, Serve::ok().only("GET").pause_at(100_000, &gate));
+    let digest: Digest = a.digest.parse().unwrap();
+    let filling = h.cache.blob(&name("org/a"), &digest).await.unwrap();
+    assert!(gate.wait_reached(1, Duration::from_secs(10)));
+    // org/b does not have it upstream: refused while A's fill runs...
+    let during = h.cache.blob(&name("org/b"), &digest).await;
+    assert!(
+        matches!(&during, Err(e) if e.is_refusal()),
+        "served under org/b during the fill"
+    );
+    gate.open();
+    assert_eq!(read_all(filling).await.unwrap(), data);
+    h.cache.drain_fills().await;
+    // ...and once committed, by GET and by HEAD.
+    assert!(h.cache.blob(&name("org/b"), &digest).await.is_err());
+    assert!(h.cache.blob_size(&name("org/b"), &digest).await.is_err());
+    // org/c has it upstream: one HEAD, then the stored bytes; then no asking.
+    let c = h.cache.blob(&name("org/c"), &digest).await.unwrap();
+    assert_eq!(c.outcome, Outcome::Revalidated);
+    assert_eq!(read_all(c).await.unwrap(), data);
+    assert_eq!(
+        (
+            h.fake.count("HEAD", &granted.path),
+            h.fake.count("GET", &granted.path)
+        ),
+        (1, 0)
+    );
+    let again = h.cache.blob(&name("org/c"), &digest).await.unwrap();
+    assert_eq!(again.outcome, Outcome::Hit);
+    assert_eq!(
+        h.fake.count("HEAD", &granted.path),
+        1,
+        "{}",
+        h.fake.describe_requests()
+    );
+}
+
+/// A fill for a repository upstream refuses does not fail another
+/// repository's request for the same digest: that one gets its own fill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_fill_does_not_fail_another_repository() {
+    let h = harness(Duration::from_secs(60));
+    let data = random_bytes(200_000);
+    let a = h.fake.add_blob("org/a", &data);
+    let digest: Digest = a.digest.parse().unwrap();
+    // org/b's GET is refused slowly; org/a asks meanwhile.
+    let b_path = format!("/v2/org/b/blobs/{digest}");
+    h.fake.add_raw(&b_path, 404, &[], b"{}".to_vec());
+    h.fake
+        .set(&b_path, Serve::status(404).only("GET").delay(ms(300)));
+    let cache = h.cache.clone();
+    let d = digest.clone();
+    let b = tokio::spawn(async move { cache.blob(&name("org/b"), &d).await.map(|_| ()) });
+    assert!(h
+        .fake
+        .wait_count("GET", &b_path, 1, Duration::from_secs(10)));
+    let got = h.cache.blob(&name("org/a"), &digest).await.unwrap();
+    assert_eq!(read_all(got).await.unwrap(), data);
+    assert!(b.await.unwrap().is_err(), "org/b was served");
+}
+
+/// Blobs of a pulled image need no word with upstream: its manifest linked them.
+#[tokio::test]
+async fn a_manifest_fetched_for_a_repository_links_its_blobs() {
+    let h = harness(Duration::from_secs(60));
+    let image = h.fake.add_image("org/app", "1", &[10_000, 20_000]);
+    h.cache
+        .manifest(&name("org/app"), &Reference::Tag("1".parse().unwrap()))
+        .await
+        .unwrap();
+    for d in image.blob_digests() {
+        let digest: Digest = d.parse().unwrap();
+        read_all(h.cache.blob(&name("org/app"), &digest).await.unwrap())
+            .await
+            .unwrap();
+    }
+    let mark = h.fake.request_count();
+    // Another repository with the same image upstream: its manifest, and
+    // then every blob from the store without a HEAD each.
+    h.fake
+        .add_manifest("org/copy", Some("1"), OCI_MANIFEST, &image.manifest);
+    h.cache
+        .manifest(&name("org/copy"), &Reference::Tag("1".parse().unwrap()))
+        .await
+        .unwrap();
+    for d in image.blob_digests() {
+        let digest: Digest = d.parse().unwrap();
+        let b = h.cache.blob(&name("org/copy"), &digest).await.unwrap();
+        assert_eq!(b.outcome, Outcome::Hit);
+    }
+    let since = h.fake.requests_since(mark);
+    assert!(
+        since.iter().all(|r| r.path.contains("/manifests/")),
+        "{}",
+        regcache_testkit::fake::describe(&since)
     );
 }

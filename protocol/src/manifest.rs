@@ -1,0 +1,181 @@
+//! What a manifest refers to: the blobs (config and layers) of an image
+//! manifest, the child manifests of an index. Parsed with `oci-spec`'s types
+//! (Docker's schema 2 manifests and lists share their shape); Docker's
+//! schema 1 lists its layers as `fsLayers[].blobSum`.
+//!
+//! Used to link a repository to the content it was seen to have upstream,
+//! and to keep an image's blobs together.
+
+use oci_spec::image::{ImageIndex, ImageManifest};
+
+use crate::reference::{Digest, Manifest};
+
+/// An OCI index or a Docker manifest list.
+const INDEX_TYPES: [&str; 2] = [
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+const SCHEMA1_TYPES: [&str; 3] = [
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    "application/json",
+];
+
+/// The digests a manifest refers to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct References {
+    /// Config and layers (of an image manifest).
+    pub blobs: Vec<Digest>,
+    /// Child manifests (of an index).
+    pub manifests: Vec<Digest>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("manifest {digest} ({media_type}) cannot be read: {reason}")]
+pub struct Error {
+    digest: String,
+    media_type: String,
+    reason: String,
+}
+
+/// The references of `m`, by its media type (an unknown type is tried as an
+/// image manifest, then as an index: artifacts use both shapes).
+pub fn references(m: &Manifest) -> Result<References, Error> {
+    let fail = |reason: String| Error {
+        digest: m.digest.to_string(),
+        media_type: m.media_type.clone(),
+        reason,
+    };
+    let digests = |ds: Vec<String>| -> Result<Vec<Digest>, Error> {
+        ds.iter()
+            .map(|d| {
+                d.parse()
+                    .map_err(|e: crate::reference::Error| fail(e.to_string()))
+            })
+            .collect()
+    };
+    let mt = m.media_type.as_str();
+    if SCHEMA1_TYPES.contains(&mt) {
+        #[derive(serde::Deserialize)]
+        struct Schema1 {
+            #[serde(rename = "fsLayers", default)]
+            fs_layers: Vec<Layer>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Layer {
+            #[serde(rename = "blobSum")]
+            blob_sum: String,
+        }
+        let s: Schema1 = serde_json::from_slice(&m.bytes).map_err(|e| fail(e.to_string()))?;
+        let mut blobs = digests(s.fs_layers.into_iter().map(|l| l.blob_sum).collect())?;
+        blobs.sort();
+        blobs.dedup();
+        return Ok(References {
+            blobs,
+            manifests: Vec::new(),
+        });
+    }
+    let as_index = || -> Result<References, Error> {
+        let index: ImageIndex =
+            serde_json::from_slice(&m.bytes).map_err(|e| fail(e.to_string()))?;
+        Ok(References {
+            blobs: Vec::new(),
+            manifests: digests(
+                index
+                    .manifests()
+                    .iter()
+                    .map(|d| d.digest().to_string())
+                    .collect(),
+            )?,
+        })
+    };
+    let as_image = || -> Result<References, Error> {
+        let image: ImageManifest =
+            serde_json::from_slice(&m.bytes).map_err(|e| fail(e.to_string()))?;
+        let all = std::iter::once(image.config())
+            .chain(image.layers())
+            .map(|d| d.digest().to_string())
+            .collect();
+        Ok(References {
+            blobs: digests(all)?,
+            manifests: Vec::new(),
+        })
+    };
+    if INDEX_TYPES.contains(&mt) {
+        as_index()
+    } else {
+        as_image().or_else(|e| as_index().map_err(|_| e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reference::Algorithm;
+    use bytes::Bytes;
+
+    fn manifest(media_type: &str, json: serde_json::Value) -> Manifest {
+        let bytes = Bytes::from(json.to_string());
+        Manifest {
+            media_type: media_type.into(),
+            digest: Digest::of(Algorithm::Sha256, &bytes),
+            bytes,
+        }
+    }
+
+    fn d(c: char) -> String {
+        format!("sha256:{}", c.to_string().repeat(64))
+    }
+
+    fn desc(mt: &str, digest: &str) -> serde_json::Value {
+        serde_json::json!({"mediaType": mt, "size": 1, "digest": digest})
+    }
+
+    #[test]
+    fn every_shape() {
+        let image = manifest(
+            "application/vnd.docker.distribution.manifest.v2+json",
+            serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                "config": desc("application/vnd.docker.container.image.v1+json", &d('c')),
+                "layers": [desc("application/vnd.docker.image.rootfs.diff.tar.gzip", &d('a')),
+                           desc("application/vnd.docker.image.rootfs.diff.tar.gzip", &d('b'))]
+            }),
+        );
+        let r = references(&image).unwrap();
+        let got: Vec<String> = r.blobs.iter().map(Digest::to_string).collect();
+        assert_eq!(got, [d('c'), d('a'), d('b')]);
+        assert!(r.manifests.is_empty());
+
+        let index = manifest(
+            "application/vnd.oci.image.index.v1+json",
+            serde_json::json!({
+                "schemaVersion": 2,
+                "manifests": [desc("application/vnd.oci.image.manifest.v1+json", &d('1')),
+                              desc("application/vnd.oci.image.manifest.v1+json", &d('2'))]
+            }),
+        );
+        let r = references(&index).unwrap();
+        assert_eq!(r.manifests.len(), 2);
+        assert!(r.blobs.is_empty());
+
+        let schema1 = manifest(
+            "application/vnd.docker.distribution.manifest.v1+prettyjws",
+            serde_json::json!({"schemaVersion": 1, "fsLayers": [{"blobSum": d('e')}, {"blobSum": d('e')}]}),
+        );
+        assert_eq!(references(&schema1).unwrap().blobs.len(), 1);
+
+        let artifact = manifest(
+            "application/vnd.example.thing+json",
+            serde_json::json!({"schemaVersion": 2, "manifests": [desc("x/y", &d('9'))]}),
+        );
+        assert_eq!(references(&artifact).unwrap().manifests.len(), 1);
+
+        let garbage = manifest(
+            "application/vnd.oci.image.manifest.v1+json",
+            serde_json::json!({"x": 1}),
+        );
+        assert!(references(&garbage).is_err());
+    }
+}
