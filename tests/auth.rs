@@ -570,3 +570,104 @@ fn upstream_traffic_goes_through_the_configured_proxy() {
         proxy.seen()
     );
 }
+
+/// An access policy over htpasswd users: alice may pull the private
+/// repository, bob may not (403 DENIED), and clients without credentials may
+/// pull only the public one (else 401, which makes clients log in); the
+/// catalog shows each caller what it may pull. skopeo pulls with and
+/// without credentials.
+#[test]
+fn access_policy_grants_repositories_per_user() {
+    let up = Upstream::start();
+    let private = seed_image(&up, "org/private/app", "1", &[50_000]);
+    let public = seed_image(&up, "org/public/app", "1", &[40_000]);
+    let work = temp_dir("regcache-e2e-");
+    let mut users = String::new();
+    for (user, pass) in [("alice", "pw-alice"), ("bob", "pw-bob")] {
+        let out = Command::new("htpasswd")
+            .args(["-Bbn", user, pass])
+            .output()
+            .unwrap();
+        users.push_str(String::from_utf8_lossy(&out.stdout).trim());
+        users.push('\n');
+    }
+    let htpasswd = work.path().join("htpasswd");
+    std::fs::write(&htpasswd, users).unwrap();
+    let policy = work.path().join("access");
+    std::fs::write(
+        &policy,
+        "alice      upstream.test/org/private/*\nanonymous  upstream.test/org/public/*\n",
+    )
+    .unwrap();
+    let storage = temp_dir("regcache-storage-");
+    let rc = Regcache::start_with_env(
+        &config_json(&[(&up.url(), &["upstream.test"])]),
+        &storage.path().join("storage"),
+        &[
+            (
+                "REGISTRY_AUTH_HTPASSWD_PATH",
+                &htpasswd.display().to_string(),
+            ),
+            ("REGCACHE_ACCESS_FILE", &policy.display().to_string()),
+        ],
+    );
+    let cache = rc.addr().to_owned();
+    let pull = |image: &str, creds: Option<&str>, dest: &str| {
+        let mut cmd = skopeo_command();
+        cmd.args(["copy", "-q", "--src-tls-verify=false"]);
+        match creds {
+            Some(c) => cmd.args(["--src-creds", c]),
+            None => cmd.arg("--src-no-creds"),
+        };
+        cmd.arg(format!("docker://{cache}/upstream.test/{image}"))
+            .arg(format!("dir:{}", work.path().join(dest).display()));
+        run_with_timeout(&mut cmd, Duration::from_secs(60))
+    };
+    let out = pull("org/private/app:1", Some("alice:pw-alice"), "alice");
+    assert!(out.success(), "alice: {}", out.stderr);
+    check_image_copy("alice", &private.image, &work.path().join("alice"));
+    let out = pull("org/private/app:1", Some("bob:pw-bob"), "bob");
+    assert!(!out.success(), "bob pulled the private image");
+    assert!(
+        out.stderr.to_lowercase().contains("denied"),
+        "bob: {}",
+        out.stderr
+    );
+    let out = pull("org/public/app:1", None, "anonymous");
+    assert!(out.success(), "anonymous: {}", out.stderr);
+    check_image_copy("anonymous", &public.image, &work.path().join("anonymous"));
+
+    let path = "/v2/upstream.test/org/private/app/manifests/1";
+    let accept = ("Accept", MANIFEST_ACCEPT);
+    let r = http(&cache, "GET", path, &[accept]).unwrap();
+    assert_eq!(r.status, 401, "anonymous: {}", r.describe());
+    assert!(r
+        .header("WWW-Authenticate")
+        .is_some_and(|v| v.starts_with("Basic")));
+    let bob = format!("Basic {}", base64_encode(b"bob:pw-bob"));
+    let r = http(&cache, "GET", path, &[accept, ("Authorization", &bob)]).unwrap();
+    assert_eq!(
+        (r.status, r.error_codes()),
+        (403, vec!["DENIED".to_string()]),
+        "bob: {}",
+        r.describe()
+    );
+    let r = http(&cache, "GET", "/v2/_catalog", &[("Authorization", &bob)]).unwrap();
+    assert_eq!(
+        r.json()["repositories"],
+        serde_json::json!(["upstream.test/org/public/app"]),
+        "{}",
+        r.describe()
+    );
+    let alice = format!("Basic {}", base64_encode(b"alice:pw-alice"));
+    let r = http(&cache, "GET", "/v2/_catalog", &[("Authorization", &alice)]).unwrap();
+    assert_eq!(
+        r.json()["repositories"],
+        serde_json::json!([
+            "upstream.test/org/private/app",
+            "upstream.test/org/public/app"
+        ]),
+        "{}",
+        r.describe()
+    );
+}

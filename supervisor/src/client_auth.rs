@@ -39,7 +39,8 @@ pub struct Htpasswd {
 
 /// The outcome of checking a request.
 pub enum Check {
-    Allowed,
+    /// Right credentials, of this user.
+    Allowed(String),
     /// No or malformed credentials: ask for them.
     Missing,
     /// Wrong user or password (the user name, for the log).
@@ -80,7 +81,12 @@ impl Htpasswd {
 
     /// Checks a request's `Authorization` header.
     pub async fn check(self: &Arc<Self>, authorization: Option<&HeaderValue>) -> Check {
-        let Some((user, password)) = authorization.and_then(parse_basic) else {
+        // Clients without credentials answer a Basic challenge with an empty
+        // pair (containers/image does): that is no credentials at all.
+        let Some((user, password)) = authorization
+            .and_then(parse_basic)
+            .filter(|(u, p)| !(u.is_empty() && p.is_empty()))
+        else {
             return Check::Missing;
         };
         let key: [u8; 32] = Sha256::new()
@@ -91,7 +97,7 @@ impl Htpasswd {
             .into();
         if let Some(at) = self.verified.lock().unwrap().get(&key) {
             if at.elapsed() < REMEMBER {
-                return Check::Allowed;
+                return Check::Allowed(user);
             }
         }
         let Some(hash) = self.users.get(&user).cloned() else {
@@ -105,7 +111,7 @@ impl Htpasswd {
             let mut v = self.verified.lock().unwrap();
             v.retain(|_, at| at.elapsed() < REMEMBER);
             v.insert(key, Instant::now());
-            Check::Allowed
+            Check::Allowed(user)
         } else {
             Check::Refused(user)
         }
@@ -155,12 +161,12 @@ mod tests {
         };
         assert!(matches!(
             h.check(Some(&basic("alice", "s3cret"))).await,
-            Check::Allowed
+            Check::Allowed(_)
         ));
         // Remembered: same answer without bcrypt.
         assert!(matches!(
             h.check(Some(&basic("alice", "s3cret"))).await,
-            Check::Allowed
+            Check::Allowed(_)
         ));
         assert!(
             matches!(h.check(Some(&basic("alice", "wrong"))).await, Check::Refused(u) if u == "alice")

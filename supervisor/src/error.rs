@@ -16,6 +16,13 @@ pub enum Error {
     Unauthorized { realm: String, reason: &'static str },
     #[error("this listener serves /metrics, /healthz and /readyz only")]
     ProbesOnly,
+    /// The access policy does not grant the caller this repository.
+    #[error("{repository} of {upstream} is not granted to {caller}")]
+    Denied {
+        caller: String,
+        upstream: String,
+        repository: String,
+    },
     /// The upstream's worker is not running (or not answering).
     #[error("the cache for {upstream} is restarting; retry shortly")]
     Unavailable { upstream: String },
@@ -57,6 +64,9 @@ impl From<&Error> for RegistryError {
                         header::WWW_AUTHENTICATE,
                         HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static("Basic")),
                     )
+            }
+            Error::Denied { .. } => {
+                RegistryError::new(StatusCode::FORBIDDEN, ErrorCode::Denied, msg)
             }
             Error::Unavailable { .. } => {
                 RegistryError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, msg)

@@ -16,6 +16,7 @@
 //! - [`client_auth`], [`tls`], [`access_log`], [`metrics`], [`inventory`]
 #![forbid(unsafe_code)]
 
+pub mod access;
 mod access_log;
 pub mod client_auth;
 pub mod config;
@@ -128,6 +129,7 @@ pub(crate) fn front(
         workers,
         metrics,
         auth: settings.auth.clone(),
+        access: settings.access.clone(),
         probes_only: false,
         local: Arc::new(local),
     }

@@ -14,6 +14,7 @@ use regcache_protocol::internal::{Inventory, INVENTORY_PATH, METRICS_PATH};
 use regcache_protocol::request::{Method, RepoRequest};
 use regcache_protocol::response::{self, json, text};
 
+use crate::access::{Caller, Policy};
 use crate::access_log::{Entry, Logged};
 use crate::client_auth::{Check, Htpasswd};
 use crate::error::Error;
@@ -32,6 +33,7 @@ pub struct Front {
     pub proxy: Proxy,
     pub metrics: Arc<Metrics>,
     pub auth: Option<Arc<Htpasswd>>,
+    pub access: Option<Arc<Policy>>,
     /// The metrics listener: `/metrics` and the probes, nothing else.
     pub probes_only: bool,
     /// Per worker: its locally committed content, answered here.
@@ -89,38 +91,49 @@ impl Front {
         if self.probes_only && !route.is_probe() {
             return Err(Error::ProbesOnly);
         }
-        if !route.is_probe() {
-            self.authenticate(req, peer).await?;
-        }
+        let caller = if route.is_probe() {
+            Caller::Anonymous
+        } else {
+            self.authenticate(req, peer).await?
+        };
         let own = |resp| Ok((resp, None));
         match route {
             Route::Health => own(text(StatusCode::OK, "ok\n")),
             Route::Ready => own(self.readiness()),
             Route::Metrics => own(self.render_metrics().await),
-            Route::Inventory => own(pretty(&self.inventory().await)),
-            Route::Summary => own(pretty(&inventory::summary(&self.inventory().await))),
-            Route::Catalog { n, last } => own(self.catalog(n, last.as_deref()).await),
+            Route::Inventory => own(pretty(&self.inventory(&caller).await)),
+            Route::Summary => own(pretty(&inventory::summary(&self.inventory(&caller).await))),
+            Route::Catalog { n, last } => own(self.catalog(&caller, n, last.as_deref()).await),
+            // The ping asks for credentials even when some pulls need none:
+            // clients (containers/image, docker) decide on it whether to
+            // send the credentials they have.
+            Route::Base if caller == Caller::Anonymous && self.auth.is_some() => {
+                Err(self.login("authentication required"))
+            }
             Route::Base => own(json(Bytes::from_static(b"{}"))),
             Route::Upstream {
                 index,
                 request,
                 namespace,
-            } => self.upstream(index, &request, namespace, req).await,
+            } => {
+                self.check_access(&caller, index, &request)?;
+                self.upstream(index, &request, namespace, req).await
+            }
         }
     }
 
-    /// With htpasswd on, every route but the probes needs valid credentials;
-    /// the `/v2/` ping answers 401 too, which is how docker learns to log in.
-    async fn authenticate<B>(&self, req: &Request<B>, peer: SocketAddr) -> Result<(), Error> {
+    /// With htpasswd on, every route but the probes needs valid credentials
+    /// (unless the access policy grants anonymous pulls); the `/v2/` ping
+    /// answers 401 too, which is how docker learns to log in.
+    async fn authenticate<B>(&self, req: &Request<B>, peer: SocketAddr) -> Result<Caller, Error> {
         let Some(auth) = &self.auth else {
-            return Ok(());
+            return Ok(Caller::Anonymous);
         };
-        let refuse = |reason| Error::Unauthorized {
-            realm: auth.realm().to_owned(),
-            reason,
-        };
+        let refuse = |reason| self.login(reason);
+        let anonymous_allowed = self.access.as_ref().is_some_and(|p| p.has_anonymous());
         match auth.check(req.headers().get(header::AUTHORIZATION)).await {
-            Check::Allowed => Ok(()),
+            Check::Allowed(user) => Ok(Caller::User(user)),
+            Check::Missing if anonymous_allowed => Ok(Caller::Anonymous),
             Check::Missing => Err(refuse("authentication required")),
             Check::Refused(user) => {
                 // SECURITY: the user name and address only, never the password.
@@ -128,6 +141,45 @@ impl Front {
                 Err(refuse("invalid user name or password"))
             }
         }
+    }
+
+    /// 401 with the challenge that makes clients log in.
+    fn login(&self, reason: &'static str) -> Error {
+        Error::Unauthorized {
+            realm: self
+                .auth
+                .as_ref()
+                .map_or("regcache", |a| a.realm())
+                .to_owned(),
+            reason,
+        }
+    }
+
+    /// The access policy's word on `caller` pulling `request`.
+    fn check_access(
+        &self,
+        caller: &Caller,
+        index: usize,
+        request: &RepoRequest,
+    ) -> Result<(), Error> {
+        let Some(policy) = &self.access else {
+            return Ok(());
+        };
+        let upstream = &self.workers[index].upstream;
+        if policy.allows(caller, upstream, request.name.as_str()) {
+            return Ok(());
+        }
+        Err(match (caller, &self.auth) {
+            (Caller::Anonymous, Some(_)) => self.login("authentication required"),
+            (caller, _) => Error::Denied {
+                caller: match caller {
+                    Caller::User(u) => format!("user {u}"),
+                    Caller::Anonymous => "anonymous clients".into(),
+                },
+                upstream: upstream.name(),
+                repository: request.name.to_string(),
+            },
+        })
     }
 
     /// A registry request: a local hit, else the worker.
@@ -216,7 +268,9 @@ impl Front {
         r
     }
 
-    async fn inventory(&self) -> Vec<UpstreamCache> {
+    /// What is cached, as far as `caller` may see it (the access policy's
+    /// grants: repository names are not for everyone either).
+    async fn inventory(&self, caller: &Caller) -> Vec<UpstreamCache> {
         let answers = futures_util::future::join_all(self.workers.iter().enumerate().map(
             |(i, w)| async move {
                 if !w.is_ready() {
@@ -230,13 +284,21 @@ impl Front {
         self.workers
             .iter()
             .zip(answers)
-            .map(|(w, inv)| inventory::build(&w.upstream, inv))
+            .map(|(w, inv)| {
+                let mut cache = inventory::build(&w.upstream, inv);
+                if let Some(policy) = &self.access {
+                    cache
+                        .repositories
+                        .retain(|r| policy.allows(caller, &w.upstream, &r.name));
+                }
+                cache
+            })
             .collect()
     }
 
     /// `/v2/_catalog?n=&last=`: cached repositories, paginated per the spec.
-    async fn catalog(&self, n: usize, last: Option<&str>) -> Response<Body> {
-        let caches = self.inventory().await;
+    async fn catalog(&self, caller: &Caller, n: usize, last: Option<&str>) -> Response<Body> {
+        let caches = self.inventory(caller).await;
         let (page, more) = inventory::catalog_page(&caches, n, last);
         let body =
             serde_json::to_vec(&serde_json::json!({ "repositories": page })).expect("serialisable");

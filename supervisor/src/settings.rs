@@ -19,6 +19,8 @@ pub struct Settings {
     pub drain_timeout: Duration,
     /// Client authentication (htpasswd), if configured.
     pub auth: Option<Arc<Htpasswd>>,
+    /// Who may pull what, if configured (`REGCACHE_ACCESS_FILE`, `REGCACHE_ACCESS`).
+    pub access: Option<Arc<crate::access::Policy>>,
     /// HTTPS on the front, if configured.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// The binary started as `regcache worker` for each upstream.
@@ -68,6 +70,17 @@ pub enum Error {
     Config { error: config::Error, from: String },
     #[error(transparent)]
     Htpasswd(#[from] crate::client_auth::Error),
+    #[error("{var}: {error}")]
+    Access {
+        var: &'static str,
+        error: crate::access::Error,
+    },
+    #[error("REGCACHE_ACCESS_FILE {path}: {source}")]
+    ReadAccess {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Tls(#[from] tls::Error),
     #[error(transparent)]
@@ -110,6 +123,27 @@ impl Settings {
             )?)),
             None => None,
         };
+        let access = match (env("REGCACHE_ACCESS_FILE"), env("REGCACHE_ACCESS")) {
+            (Some(path), _) => {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|source| Error::ReadAccess { path, source })?;
+                let policy =
+                    crate::access::Policy::parse(&text).map_err(|error| Error::Access {
+                        var: "REGCACHE_ACCESS_FILE",
+                        error,
+                    })?;
+                Some(Arc::new(policy))
+            }
+            (None, Some(text)) => {
+                let policy =
+                    crate::access::Policy::parse(&text).map_err(|error| Error::Access {
+                        var: "REGCACHE_ACCESS",
+                        error,
+                    })?;
+                Some(Arc::new(policy))
+            }
+            (None, None) => None,
+        };
         regcache_worker::init_tls();
         let tls = tls::from_env(env)?;
         let drain_timeout = regcache_worker::config::duration_from(
@@ -135,6 +169,7 @@ impl Settings {
             storage,
             drain_timeout,
             auth,
+            access,
             tls,
             worker_exe: std::env::current_exe().map_err(Error::Exe)?,
             limits,
@@ -201,11 +236,16 @@ impl Settings {
         }
         s.push_str(&routing::Routes::new(&self.upstreams).describe(&self.upstreams));
         s.push_str(&format!(
-            "client auth: {}\ntls: {}\n",
+            "client auth: {}{}\ntls: {}\n",
             if self.auth.is_some() {
                 "htpasswd"
             } else {
                 "off"
+            },
+            if self.access.is_some() {
+                ", access policy"
+            } else {
+                ""
             },
             if self.tls.is_some() { "on" } else { "off" },
         ));
