@@ -17,6 +17,8 @@
 
 pub mod body;
 pub mod error;
+#[cfg(test)]
+mod hostile;
 pub mod internal;
 pub mod manifest;
 pub mod range;

@@ -560,6 +560,24 @@ mod tests {
         ));
     }
 
+    proptest::proptest! {
+        /// Whatever names, tags and digests validate, their paths stay
+        /// inside the root and never climb.
+        #[test]
+        fn no_path_leaves_the_root(name in r"[a-z0-9._/-]{1,60}", tag in r"[a-zA-Z0-9._-]{1,40}", hex in "[0-9a-f]{64}") {
+            let (Ok(name), Ok(tag)) = (name.parse::<Name>(), tag.parse::<Tag>()) else { return Ok(()) };
+            let digest: Digest = format!("sha256:{hex}").parse().unwrap();
+            let store = FsStore::view("/cache/root");
+            let keys = [Key::Blob(digest.clone()), Key::Manifest(digest.clone()), Key::Tag(name.clone(), tag)];
+            for key in &keys {
+                for p in [store.path_of(key), store.link_path(&name, key)] {
+                    proptest::prop_assert!(p.starts_with("/cache/root/"), "{}", p.display());
+                    proptest::prop_assert!(p.components().all(|c| !matches!(c, std::path::Component::ParentDir | std::path::Component::CurDir)), "{}", p.display());
+                }
+            }
+        }
+    }
+
     #[test]
     fn one_root_lock_at_a_time() {
         let dir = tempfile::tempdir().unwrap();

@@ -124,7 +124,7 @@ impl Htpasswd {
 }
 
 /// `Basic base64(user:password)` -> (user, password).
-fn parse_basic(v: &HeaderValue) -> Option<(String, String)> {
+pub(crate) fn parse_basic(v: &HeaderValue) -> Option<(String, String)> {
     let v = v.to_str().ok()?;
     let (scheme, b64) = v.trim().split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("basic") {

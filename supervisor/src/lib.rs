@@ -22,6 +22,8 @@ pub mod client_auth;
 pub mod config;
 mod error;
 mod hits;
+#[cfg(test)]
+mod hostile;
 mod inventory;
 mod metrics;
 mod proxy;
@@ -184,7 +186,19 @@ async fn serve(
             slot: Some(slot),
         };
         match &tls {
-            None => conn.serve(stream, Some(graceful.watcher())),
+            None => {
+                // hyper's protocol detection waits for a first byte with no
+                // timeout of its own: a client that never sends one gets
+                // the header timeout here.
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let mut byte = [0u8; 1];
+                    let first = tokio::time::timeout(limits.header_timeout, stream.peek(&mut byte));
+                    if matches!(first.await, Ok(Ok(n)) if n > 0) {
+                        conn.serve(stream, Some(watcher));
+                    }
+                });
+            }
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
                 let watcher = graceful.watcher();

@@ -15,6 +15,7 @@
 
 pub mod fake;
 pub mod inproc;
+pub mod netfault;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -1592,6 +1593,12 @@ impl Regcache {
         self.workers().into_iter().map(|(p, _)| p).collect()
     }
 
+    /// PSS of the supervisor and its workers, in KiB.
+    pub fn pss_kib(&self) -> u64 {
+        let own = self.pid().map_or(0, pss_kib);
+        own + self.worker_pids().into_iter().map(pss_kib).sum::<u64>()
+    }
+
     fn remember_workers(&mut self) {
         for p in self.worker_pids() {
             if !self.seen_workers.contains(&p) {
@@ -1677,6 +1684,19 @@ fn is_regcache_worker(pid: i32) -> bool {
     let ours = fs::canonicalize(regcache_bin()).ok();
     let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     exe.is_some() && exe == ours && cmdline.split(|c| *c == 0).any(|a| a == b"worker")
+}
+
+/// Proportional set size of `pid` in KiB (`/proc/PID/smaps_rollup`): its
+/// share of the memory it maps, pages shared with others counted once in all.
+pub fn pss_kib(pid: i32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Pss:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// Is `pid` a running process (not gone, not a zombie)?

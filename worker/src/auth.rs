@@ -198,7 +198,7 @@ pub struct Auth {
 
 /// The token endpoint's answer.
 #[derive(serde::Deserialize)]
-struct TokenResponse {
+pub(crate) struct TokenResponse {
     token: Option<String>,
     access_token: Option<String>,
     expires_in: Option<u64>,

@@ -22,6 +22,8 @@ mod cache;
 pub mod config;
 mod error;
 mod flights;
+#[cfg(test)]
+mod hostile;
 pub mod metrics;
 mod server;
 mod upstream;
