@@ -671,3 +671,48 @@ fn access_policy_grants_repositories_per_user() {
         r.describe()
     );
 }
+
+/// An upstream with a certificate from a private CA (here a regcache front
+/// with the test PKI in front of the real registry): refused by default,
+/// trusted with REGCACHE_UPSTREAM_CA_FILE, and with
+/// REGCACHE_UPSTREAM_TLS_SKIP_VERIFY taken on trust with a warning.
+#[test]
+fn upstream_ca_bundle_and_skip_verify() {
+    let up = Upstream::start();
+    let img = seed_image(&up, "org/app", "1", &[30_000]);
+    let pki = Pki::new();
+    let tls_storage = temp_dir("regcache-storage-");
+    let tls_front = Regcache::start_with_env(
+        &config_json(&[(&up.url(), &["docker.io"])]),
+        &tls_storage.path().join("storage"),
+        &[
+            ("REGISTRY_HTTP_TLS_CERTIFICATE", &pki.path("server.crt")),
+            ("REGISTRY_HTTP_TLS_KEY", &pki.path("server.key")),
+        ],
+    );
+    let in_house = format!("https://{}", tls_front.addr());
+    let config = config_json(&[(&in_house, &["in.house"])]);
+    let work = temp_dir("regcache-e2e-");
+    let pull = |env: &[(&str, &str)], dest: &str| {
+        let storage = temp_dir("regcache-storage-");
+        let rc = Regcache::start_with_env(&config, &storage.path().join("storage"), env);
+        let r = skopeo_copy(
+            &format!("{}/in.house/org/app:1", rc.addr()),
+            &work.path().join(dest),
+            false,
+        );
+        (r, rc.log_tail(200))
+    };
+    let (refused, _) = pull(&[("REGCACHE_BREAKER_FAILURES", "0")], "untrusted");
+    assert!(refused.is_err(), "an unknown CA was trusted");
+    let ca = pki.path("ca.crt");
+    let (trusted, _) = pull(&[("REGCACHE_UPSTREAM_CA_FILE", &ca)], "trusted");
+    trusted.unwrap_or_else(|e| panic!("with the CA bundle: {e}"));
+    check_image_copy("trusted", &img.image, &work.path().join("trusted"));
+    let (skipped, log) = pull(&[("REGCACHE_UPSTREAM_TLS_SKIP_VERIFY", "true")], "skipped");
+    skipped.unwrap_or_else(|e| panic!("with verification off: {e}"));
+    assert!(
+        log.contains("NOT verified"),
+        "no warning about skipped verification:\n{log}"
+    );
+}
