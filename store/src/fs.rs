@@ -128,6 +128,19 @@ impl FsStore {
         self.inner.spools.as_ref()
     }
 
+    /// A committed blob's file and size (for uploads to another tier).
+    pub fn blob_file(&self, digest: &Digest) -> Result<Option<(File, u64)>> {
+        let path = self.path_of(&Key::Blob(digest.clone()));
+        match File::open(&path) {
+            Ok(f) => {
+                let size = f.metadata().map_err(io_err("stat", &path))?.len();
+                Ok(Some((f, size)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("open", &path)(e)),
+        }
+    }
+
     fn writable(&self) -> Result<&SpoolDir> {
         self.inner.spools.as_ref().ok_or_else(|| Error::Io {
             op: "write",
@@ -209,7 +222,8 @@ fn millis(t: SystemTime) -> u128 {
     t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()
 }
 
-fn parse_manifest(d: &Digest, raw: Vec<u8>) -> Result<Manifest> {
+/// A stored manifest file's contents (the same in every store).
+pub(crate) fn parse_manifest(d: &Digest, raw: Vec<u8>) -> Result<Manifest> {
     let corrupt = |reason: &str| Error::Corrupt {
         what: format!("manifest {d}"),
         reason: reason.to_owned(),

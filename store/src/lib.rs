@@ -31,14 +31,25 @@ use futures_util::stream::BoxStream;
 
 pub use regcache_protocol::{Digest, Manifest, Name, Tag};
 
+pub mod breaker;
 #[cfg(any(test, feature = "contract"))]
 pub mod contract;
 mod fs;
+pub mod s3;
 pub mod spool;
+mod tiered;
 mod touch;
 
 pub use fs::{FsStore, RootLock};
+
+/// Installs the process-wide TLS provider (ring) once: every TLS client and
+/// server of the process needs it (the S3 client, the upstream client, the
+/// front).
+pub fn init_tls() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
 pub use spool::{Spool, SpoolDir, Verified};
+pub use tiered::TieredStore;
 pub use touch::Toucher;
 
 /// A store failing (not: a thing missing).
@@ -55,6 +66,9 @@ pub enum Error {
     Corrupt { what: String, reason: String },
     #[error("the spool for {expected} holds {actual}: not committed")]
     Mismatch { expected: Digest, actual: Digest },
+    /// A remote store (S3) failed or could not be reached.
+    #[error("{what}: {reason}")]
+    Remote { what: String, reason: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -90,6 +104,19 @@ pub struct Repository {
     pub tags: BTreeMap<Tag, TagRecord>,
     /// Manifests this repository was seen to have.
     pub manifests: Vec<Digest>,
+}
+
+/// How a store is doing, for readiness and metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Health {
+    /// Why it serves with less than it should (a shared tier away).
+    pub degraded: Option<String>,
+    /// Failures of a remote tier since start.
+    pub remote_errors: u64,
+    /// Writes waiting for a remote tier.
+    pub backfill: u64,
+    /// Is there a remote tier at all?
+    pub remote: bool,
 }
 
 /// A committed blob, opened: its size, and its bytes on demand.
@@ -180,10 +207,21 @@ pub trait Store: Send + Sync + 'static {
     /// What and where this store is, for logs and `check-config` (no secrets).
     fn describe(&self) -> String;
 
+    /// How it is doing.
+    fn health(&self) -> Health {
+        Health::default()
+    }
+
     /// The size of a committed blob.
     async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>>;
     /// A committed blob, opened for reading.
     async fn blob_open(&self, digest: &Digest) -> Result<Option<BlobReader>>;
+    /// A blob a slower tier holds that [`Store::blob_open`] does not: the
+    /// cache fills from it as it would from upstream (`None`: no such tier,
+    /// or it does not have it).
+    async fn blob_source(&self, _digest: &Digest) -> Result<Option<BlobReader>> {
+        Ok(None)
+    }
     /// Makes a verified spool visible as its digest's blob.
     async fn blob_commit(&self, blob: Verified) -> Result<()>;
 

@@ -16,6 +16,7 @@
 pub mod fake;
 pub mod inproc;
 pub mod netfault;
+pub mod s3;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};

@@ -17,7 +17,6 @@
 #![forbid(unsafe_code)]
 
 mod auth;
-mod breaker;
 mod cache;
 pub mod config;
 mod error;

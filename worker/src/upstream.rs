@@ -15,9 +15,10 @@ use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, LOCATION, WWW_AUTHENTI
 use reqwest::{Response, StatusCode, Url};
 
 use crate::auth::{self, Auth};
-use crate::breaker::{Admit, Breaker};
 use crate::config::UpstreamOptions;
 use crate::metrics::Metrics;
+use regcache_store::breaker::{Admit, Breaker};
+pub use regcache_store::init_tls;
 
 /// Every manifest type we can store; upstreams refuse OCI types they were
 /// not asked for, and the client's own preference is applied when serving.
@@ -82,12 +83,6 @@ impl Error {
                 | Error::Garbage { .. }
         )
     }
-}
-
-/// Installs the process-wide TLS provider (ring) once: every TLS client and
-/// server of the process needs it, the upstream client first.
-pub fn init_tls() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// The client for one upstream registry.

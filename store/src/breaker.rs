@@ -1,7 +1,8 @@
-//! A circuit breaker for one upstream: after a few failures in a row (no
-//! answer, a timeout, a 502/503/504) the upstream is taken to be away for a
-//! cool-down, and requests fail at once instead of each waiting for a
-//! timeout, so cached tags are served stale in milliseconds. After the
+//! A circuit breaker for one remote service (an upstream registry, a shared
+//! store): after a few failures in a row (no answer, a timeout, a
+//! 502/503/504) it is taken to be away for a cool-down, and requests fail at
+//! once instead of each waiting for a timeout, so cached tags are served
+//! stale in milliseconds and a bucket that is away costs no latency. After the
 //! cool-down one request goes through as a probe: its success closes the
 //! breaker, its failure opens it again. A `429` with `Retry-After` holds
 //! requests back the same way until that time.
