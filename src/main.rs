@@ -218,7 +218,7 @@ fn check_config(args: FrontArgs) -> ExitCode {
             for w in s.warnings(&inherited) {
                 eprintln!("regcache: warning: {w}");
             }
-            print!("{}", s.describe(&args.listen.to_string()));
+            print!("{}", s.describe(&args.listen.to_string(), &inherited));
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -9,6 +9,28 @@ use serde::{Deserialize, Serialize};
 pub const METRICS_PATH: &str = "/metrics";
 /// The worker's [`Inventory`] as JSON.
 pub const INVENTORY_PATH: &str = "/_regcache/inventory";
+/// The worker's [`Status`] as JSON.
+pub const STATUS_PATH: &str = "/_regcache/status";
+
+/// How one worker is doing.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// What and where its store is (no secrets).
+    pub store: String,
+    /// Why the store serves with less than it should (a shared tier away).
+    #[serde(default)]
+    pub degraded: Option<String>,
+    #[serde(default)]
+    pub remote_errors: u64,
+    /// Writes waiting for the shared tier.
+    #[serde(default)]
+    pub backfill: u64,
+    /// Is the upstream taken to be away (breaker open, rate-limited, offline)?
+    #[serde(default)]
+    pub upstream_away: bool,
+    #[serde(default)]
+    pub fills_in_flight: u64,
+}
 
 /// What one worker's cache holds.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]

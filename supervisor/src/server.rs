@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use regcache_protocol::body::{full, Body};
 use regcache_protocol::error::RegistryError;
-use regcache_protocol::internal::{Inventory, INVENTORY_PATH, METRICS_PATH};
+use regcache_protocol::internal::{Inventory, Status, INVENTORY_PATH, METRICS_PATH, STATUS_PATH};
 use regcache_protocol::request::{Method, RepoRequest};
 use regcache_protocol::response::{self, json, text};
 
@@ -99,7 +99,7 @@ impl Front {
         let own = |resp| Ok((resp, None));
         match route {
             Route::Health => own(text(StatusCode::OK, "ok\n")),
-            Route::Ready => own(self.readiness()),
+            Route::Ready => own(self.readiness().await),
             Route::Metrics => own(self.render_metrics().await),
             Route::Inventory => own(pretty(&self.inventory(&caller).await)),
             Route::Summary => own(pretty(&inventory::summary(&self.inventory(&caller).await))),
@@ -217,21 +217,46 @@ impl Front {
     }
 
     /// 200 when every worker is ready, else 503 listing those that are not.
-    fn readiness(&self) -> Response<Body> {
+    /// 200 when every worker is ready, else 503 listing those that are not;
+    /// a store serving without its shared tier is said, and still ready
+    /// (the local tier and upstream serve).
+    async fn readiness(&self) -> Response<Body> {
         let down: Vec<String> = self
             .workers
             .iter()
             .filter(|w| !w.is_ready())
             .map(|w| w.upstream.name())
             .collect();
+        let statuses = self.statuses().await;
+        let degraded: String = self
+            .workers
+            .iter()
+            .zip(&statuses)
+            .filter_map(|(w, s)| {
+                let reason = s.as_ref()?.degraded.as_ref()?;
+                Some(format!("store degraded: {}: {reason}\n", w.upstream.name()))
+            })
+            .collect();
         if down.is_empty() {
-            text(StatusCode::OK, "ready\n")
+            text(StatusCode::OK, &format!("ready\n{degraded}"))
         } else {
             text(
                 StatusCode::SERVICE_UNAVAILABLE,
-                &format!("not ready: {}\n", down.join(", ")),
+                &format!("not ready: {}\n{degraded}", down.join(", ")),
             )
         }
+    }
+
+    /// Every ready worker's status (`None` for the others).
+    async fn statuses(&self) -> Vec<Option<Status>> {
+        futures_util::future::join_all(self.workers.iter().enumerate().map(|(i, w)| async move {
+            if !w.is_ready() {
+                return None;
+            }
+            let body = self.proxy.fetch(i, STATUS_PATH).await?;
+            serde_json::from_slice::<Status>(&body).ok()
+        }))
+        .await
     }
 
     /// The supervisor's metrics and every ready worker's, merged.

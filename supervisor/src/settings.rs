@@ -210,7 +210,10 @@ impl Settings {
     }
 
     /// What `regcache check-config` prints: upstreams, names, storage, routing.
-    pub fn describe(&self, listen: &str) -> String {
+    /// `inherited` is the supervisor's environment (each worker's store and
+    /// credentials follow from it and the entry's variables).
+    pub fn describe(&self, listen: &str, inherited: &[(String, String)]) -> String {
+        let given = workers::inherited_credentials(inherited, &self.upstreams);
         let mut s = format!(
             "listen: {listen}\nstorage: {}\nupstreams:\n",
             self.storage.display()
@@ -227,6 +230,28 @@ impl Settings {
                 },
                 up.names().join(", "),
                 self.storage_of(up).display(),
+            ));
+            let env = workers::worker_env(inherited.iter().cloned(), up);
+            let store = regcache_worker::config::StoreSettings::from_env(
+                &|k| env.get(k).cloned(),
+                &up.authority.dir_name(),
+            )
+            .map_or_else(
+                |e| format!("invalid: {e}"),
+                |st| st.describe(&self.storage_of(up)),
+            );
+            let credentials = if ["REGISTRY_PROXY_USERNAME", "REGISTRY_PROXY_USERNAME_FILE"]
+                .iter()
+                .any(|k| up.variables.contains_key(*k))
+            {
+                "its own (variables)"
+            } else if given.contains(&up.name()) {
+                "inherited from the environment"
+            } else {
+                "none (anonymous)"
+            };
+            s.push_str(&format!(
+                "      store: {store}\n      credentials: {credentials}\n"
             ));
             if !up.variables.is_empty() {
                 // Names only: values may be secrets.
@@ -276,7 +301,30 @@ mod tests {
             PathBuf::from("/data/ghcr.io")
         );
         assert_eq!(s.storage_of(&s.upstreams[1]), PathBuf::from("/elsewhere"));
-        assert!(s.describe("0.0.0.0:5000").contains("[1] https://quay.io"));
+        let shown = s.describe("0.0.0.0:5000", &[]);
+        assert!(shown.contains("[1] https://quay.io"), "{shown}");
+        assert!(shown.contains("store: filesystem /data/ghcr.io"), "{shown}");
+        let s3 = [
+            ("REGISTRY_STORAGE".to_string(), "s3".to_string()),
+            (
+                "REGISTRY_STORAGE_S3_BUCKET".to_string(),
+                "cache".to_string(),
+            ),
+            (
+                "REGISTRY_STORAGE_S3_SECRETKEY".to_string(),
+                "hunter2".to_string(),
+            ),
+            (
+                "REGISTRY_STORAGE_S3_ACCESSKEY".to_string(),
+                "AK".to_string(),
+            ),
+        ];
+        let shown = s.describe("0.0.0.0:5000", &s3);
+        assert!(
+            shown.contains("store: s3 bucket=cache region=us-east-1 endpoint=aws prefix=ghcr.io"),
+            "{shown}"
+        );
+        assert!(!shown.contains("hunter2"), "{shown}");
     }
 
     #[test]

@@ -292,7 +292,7 @@ mod tests {
         );
         let s3 = [("REGISTRY_STORAGE".to_string(), "s3".to_string())];
         let e = check_worker_env(&s3, &ups[..1]).unwrap_err();
-        assert!(e.reason.contains("REGISTRY_STORAGE=s3"), "{e}");
+        assert!(e.reason.contains("REGISTRY_STORAGE_S3_BUCKET"), "{e}");
         let half = [("REGISTRY_PROXY_USERNAME".to_string(), "u".to_string())];
         assert!(check_worker_env(&half, &ups[..1]).is_err());
         assert!(check_worker_env(&[], &ups[..1]).is_ok());

@@ -69,54 +69,42 @@ impl S3Server {
         assert_eq!(r.status, 200, "create bucket {name}: {}", r.describe());
     }
 
-    /// Every object in `bucket` under `prefix`: (key, bytes).
+    /// Every object in `bucket` under `prefix`: (key, bytes), read with
+    /// boto3 from the same venv (moto wants signed reads).
     pub fn objects(&self, bucket: &str, prefix: &str) -> Vec<(String, Vec<u8>)> {
-        let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let mut q = format!("/{bucket}?list-type=2&prefix={prefix}");
-            if let Some(t) = &token {
-                q.push_str(&format!("&continuation-token={}", urlencode(t)));
-            }
-            let r = http(&self.addr(), "GET", &q, &[]).expect("list objects");
-            let xml = r.text();
-            for key in between_all(&xml, "<Key>", "</Key>") {
-                let key = key.replace("&amp;", "&");
-                let obj = http(&self.addr(), "GET", &format!("/{bucket}/{key}"), &[])
-                    .expect("get object");
-                out.push((key, obj.body));
-            }
-            token = between_all(&xml, "<NextContinuationToken>", "</NextContinuationToken>")
-                .into_iter()
-                .next();
-            if token.is_none() {
-                return out;
-            }
-        }
+        let python = moto_server().with_file_name("python");
+        let script = r#"
+import base64, json, sys, boto3
+s3 = boto3.client("s3", endpoint_url=sys.argv[1], aws_access_key_id="test",
+                  aws_secret_access_key="test", region_name="us-east-1")
+out = []
+for page in s3.get_paginator("list_objects_v2").paginate(Bucket=sys.argv[2], Prefix=sys.argv[3]):
+    for o in page.get("Contents", []):
+        body = s3.get_object(Bucket=sys.argv[2], Key=o["Key"])["Body"].read()
+        out.append([o["Key"], base64.b64encode(body).decode()])
+print(json.dumps(out))
+"#;
+        let out = Command::new(python)
+            .args(["-c", script, &self.endpoint(), bucket, prefix])
+            .output()
+            .expect("run the venv's python");
+        assert!(
+            out.status.success(),
+            "listing {bucket}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let listed: Vec<(String, String)> = serde_json::from_slice(&out.stdout).expect("JSON");
+        listed
+            .into_iter()
+            .map(|(k, b64)| {
+                use base64::Engine as _;
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .unwrap();
+                (k, bytes)
+            })
+            .collect()
     }
-}
-
-fn between_all(text: &str, open: &str, close: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut rest = text;
-    while let Some(i) = rest.find(open) {
-        let after = &rest[i + open.len()..];
-        let Some(j) = after.find(close) else { break };
-        out.push(after[..j].to_owned());
-        rest = &after[j + close.len()..];
-    }
-    out
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 impl Drop for S3Server {

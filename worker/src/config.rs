@@ -19,6 +19,121 @@ pub struct Settings {
     /// How long shutdown waits for requests and fills in flight.
     pub drain_timeout: Duration,
     pub upstream_options: UpstreamOptions,
+    /// Where the cache lives besides the local directory.
+    pub store: StoreSettings,
+}
+
+/// The store behind the local tier (`REGISTRY_STORAGE`).
+#[derive(Debug, Clone)]
+pub enum StoreSettings {
+    /// `filesystem` (the default): the local directory alone.
+    Filesystem,
+    /// `s3`: the local directory in front of a bucket.
+    S3(regcache_store::s3::S3Config),
+}
+
+impl StoreSettings {
+    /// From registry:2's variables (the AWS ones as a fallback); `prefix_of`
+    /// is this upstream's directory under the bucket's root directory.
+    pub fn from_env(
+        env: &impl Fn(&str) -> Option<String>,
+        upstream_dir: &str,
+    ) -> Result<StoreSettings, Error> {
+        let get = |k: &str| env(k).filter(|v| !v.trim().is_empty());
+        match get("REGISTRY_STORAGE").as_deref().map(str::trim) {
+            None | Some("filesystem") => return Ok(StoreSettings::Filesystem),
+            Some("s3") | Some("s3aws") => {}
+            Some(other) => return Err(Error::Driver(other.to_owned())),
+        }
+        let secret = |var: &'static str,
+                      file: &'static str,
+                      fallback: &'static str|
+         -> Result<Option<String>, Error> {
+            if let Some(v) = get(var) {
+                return Ok(Some(v));
+            }
+            match get(file) {
+                Some(path) => std::fs::read_to_string(&path)
+                    .map(|s| Some(s.trim_end_matches(['\r', '\n']).to_owned()))
+                    .map_err(|source| Error::SecretFile {
+                        var: file,
+                        path,
+                        source,
+                    }),
+                None => Ok(get(fallback)),
+            }
+        };
+        let bucket = get("REGISTRY_STORAGE_S3_BUCKET").ok_or(Error::S3(
+            "REGISTRY_STORAGE_S3_BUCKET is required with REGISTRY_STORAGE=s3",
+        ))?;
+        let secure = !matches!(
+            get("REGISTRY_STORAGE_S3_SECURE")
+                .map(|v| v.to_ascii_lowercase())
+                .as_deref(),
+            Some("false" | "0" | "no")
+        );
+        let endpoint = get("REGISTRY_STORAGE_S3_REGIONENDPOINT")
+            .or_else(|| get("AWS_ENDPOINT_URL_S3"))
+            .or_else(|| get("AWS_ENDPOINT_URL"))
+            .map(|e| {
+                if e.contains("://") {
+                    e
+                } else if secure {
+                    format!("https://{e}")
+                } else {
+                    format!("http://{e}")
+                }
+            });
+        let path_style = match get("REGISTRY_STORAGE_S3_FORCEPATHSTYLE") {
+            Some(_) => flag_from(env, "REGISTRY_STORAGE_S3_FORCEPATHSTYLE")?,
+            // Custom endpoints (MinIO, RGW) want the bucket in the path.
+            None => endpoint.is_some(),
+        };
+        let access_key = secret(
+            "REGISTRY_STORAGE_S3_ACCESSKEY",
+            "REGISTRY_STORAGE_S3_ACCESSKEY_FILE",
+            "AWS_ACCESS_KEY_ID",
+        )?;
+        let secret_key = secret(
+            "REGISTRY_STORAGE_S3_SECRETKEY",
+            "REGISTRY_STORAGE_S3_SECRETKEY_FILE",
+            "AWS_SECRET_ACCESS_KEY",
+        )?;
+        if access_key.is_some() != secret_key.is_some() {
+            return Err(Error::S3(
+                "the S3 access key and secret key must be set together",
+            ));
+        }
+        let root = get("REGISTRY_STORAGE_S3_ROOTDIRECTORY").unwrap_or_default();
+        let root = root.trim_matches('/');
+        Ok(StoreSettings::S3(regcache_store::s3::S3Config {
+            bucket,
+            region: get("REGISTRY_STORAGE_S3_REGION")
+                .or_else(|| get("AWS_REGION"))
+                .or_else(|| get("AWS_DEFAULT_REGION"))
+                .unwrap_or_else(|| "us-east-1".into()),
+            endpoint,
+            access_key,
+            secret_key,
+            prefix: if root.is_empty() {
+                upstream_dir.to_owned()
+            } else {
+                format!("{root}/{upstream_dir}")
+            },
+            path_style,
+            skip_verify: flag_from(env, "REGISTRY_STORAGE_S3_SKIPVERIFY")?,
+            chunk_size: number_from(env, "REGISTRY_STORAGE_S3_CHUNKSIZE", 10usize << 20)?,
+            timeout: duration_from(env, "REGCACHE_S3_TIMEOUT", Duration::from_secs(10))?,
+        }))
+    }
+
+    /// What and where, for logs and `check-config` (no secrets).
+    pub fn describe(&self, local: &std::path::Path) -> String {
+        match self {
+            StoreSettings::Filesystem => format!("filesystem {}", local.display()),
+            StoreSettings::S3(c) => format!("{} (local tier {})", c.describe(), local.display()),
+        }
+    }
 }
 
 /// How the worker treats its upstream when it is slow, away or odd.
@@ -128,8 +243,10 @@ pub enum Error {
     Flag { var: &'static str, value: String },
     #[error("REGCACHE_UPSTREAM_CA_FILE {path} holds no PEM certificate")]
     Certificates { path: String },
-    #[error("REGISTRY_STORAGE={0} is not supported (yet): regcache stores on the filesystem")]
+    #[error("REGISTRY_STORAGE={0} is not supported: use filesystem or s3")]
     Driver(String),
+    #[error("{0}")]
+    S3(&'static str),
 }
 
 impl Settings {
@@ -143,7 +260,9 @@ impl Settings {
             .parse()
             .map_err(|_| Error::Upstream(upstream.to_owned()))?;
         check_env(&env)?;
+        let dir = regcache_protocol::Authority::of(&upstream).dir_name();
         Ok(Settings {
+            store: StoreSettings::from_env(&env, &dir)?,
             upstream,
             storage,
             tag_freshness: duration_from(&env, "REGCACHE_TAG_FRESHNESS", DEFAULT_TAG_FRESHNESS)?,
@@ -161,10 +280,7 @@ pub fn check_env(env: &impl Fn(&str) -> Option<String>) -> Result<(), Error> {
     duration_from(env, "REGCACHE_TAG_FRESHNESS", DEFAULT_TAG_FRESHNESS)?;
     duration_from(env, "REGISTRY_HTTP_DRAINTIMEOUT", DEFAULT_DRAIN)?;
     UpstreamOptions::from_env(env)?;
-    match env("REGISTRY_STORAGE").filter(|d| !d.is_empty() && d != "filesystem") {
-        Some(driver) => Err(Error::Driver(driver)),
-        None => Ok(()),
-    }
+    StoreSettings::from_env(env, "check").map(|_| ())
 }
 
 /// Reads `REGISTRY_PROXY_USERNAME`/`_PASSWORD`, or their `_FILE` forms (Docker
@@ -306,10 +422,67 @@ mod tests {
             Settings::from_env("https://ghcr.io", "/c".into(), |k| env.get(k).cloned()).unwrap();
         assert_eq!(s.tag_freshness, Duration::from_secs(300));
         assert_eq!(s.drain_timeout, DEFAULT_DRAIN);
-        let s3: HashMap<&str, String> = [("REGISTRY_STORAGE", "s3".to_string())].into();
-        let e = Settings::from_env("https://ghcr.io", "/c".into(), |k| s3.get(k).cloned());
+        let gcs: HashMap<&str, String> = [("REGISTRY_STORAGE", "gcs".to_string())].into();
+        let e = Settings::from_env("https://ghcr.io", "/c".into(), |k| gcs.get(k).cloned());
         assert!(matches!(e, Err(Error::Driver(_))));
         assert!(Settings::from_env("not a url", "/c".into(), |_| None).is_err());
+    }
+
+    /// lhns's MinIO stack, word for word, and the AWS fallbacks.
+    #[test]
+    fn s3_settings_take_registry2_names() {
+        let env: HashMap<&str, String> = [
+            ("REGISTRY_STORAGE", "s3"),
+            ("REGISTRY_STORAGE_REDIRECT_DISABLE", "true"),
+            ("REGISTRY_STORAGE_S3_BUCKET", "docker-registry"),
+            ("REGISTRY_STORAGE_S3_REGION", "minio"),
+            ("REGISTRY_STORAGE_S3_REGIONENDPOINT", "http://s3:9000"),
+            ("REGISTRY_STORAGE_S3_ACCESSKEY", "minio"),
+            ("REGISTRY_STORAGE_S3_SECRETKEY", "minio123"),
+            ("REGISTRY_STORAGE_S3_ROOTDIRECTORY", "/cache/"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, v.to_string()))
+        .collect();
+        let s =
+            Settings::from_env("https://ghcr.io", "/c".into(), |k| env.get(k).cloned()).unwrap();
+        let StoreSettings::S3(c) = &s.store else {
+            panic!("not s3: {:?}", s.store)
+        };
+        assert_eq!(
+            (c.bucket.as_str(), c.region.as_str()),
+            ("docker-registry", "minio")
+        );
+        assert_eq!(c.endpoint.as_deref(), Some("http://s3:9000"));
+        assert_eq!(c.prefix, "cache/ghcr.io");
+        assert!(c.path_style);
+        let shown = format!("{:?} {}", c, s.store.describe("/data".as_ref()));
+        assert!(!shown.contains("minio123"), "{shown}");
+        let aws: HashMap<&str, String> = [
+            ("REGISTRY_STORAGE", "s3"),
+            ("REGISTRY_STORAGE_S3_BUCKET", "b"),
+            ("AWS_ACCESS_KEY_ID", "AK"),
+            ("AWS_SECRET_ACCESS_KEY", "SK"),
+            ("AWS_REGION", "eu-west-1"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, v.to_string()))
+        .collect();
+        let s = Settings::from_env("http://127.0.0.1:5000", "/c".into(), |k| {
+            aws.get(k).cloned()
+        })
+        .unwrap();
+        let StoreSettings::S3(c) = &s.store else {
+            panic!()
+        };
+        assert_eq!(
+            (c.region.as_str(), c.prefix.as_str(), c.path_style),
+            ("eu-west-1", "127.0.0.1_5000", false)
+        );
+        assert_eq!(c.access_key.as_deref(), Some("AK"));
+        let no_bucket: HashMap<&str, String> = [("REGISTRY_STORAGE", "s3".to_string())].into();
+        let e = check_env(&|k| no_bucket.get(k).cloned()).unwrap_err();
+        assert!(e.to_string().contains("REGISTRY_STORAGE_S3_BUCKET"), "{e}");
     }
 
     #[test]

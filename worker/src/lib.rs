@@ -92,8 +92,16 @@ impl Worker {
     pub async fn start(settings: Settings) -> Result<Worker, StartError> {
         let name = Authority::of(&settings.upstream).to_string();
         let root = lock_root(&settings.storage).await?;
-        let store = FsStore::open(&settings.storage)?;
-        let spools = store.spools().expect("an opened store has spools").clone();
+        let local = FsStore::open(&settings.storage)?;
+        let spools = local.spools().expect("an opened store has spools").clone();
+        let store: Arc<dyn regcache_store::Store> = match &settings.store {
+            config::StoreSettings::Filesystem => Arc::new(local),
+            config::StoreSettings::S3(s3) => Arc::new(regcache_store::TieredStore::new(
+                local,
+                regcache_store::s3::S3Store::new(s3.clone())?,
+                &settings.storage,
+            )?),
+        };
         let metrics = Arc::new(metrics::Metrics::new(&name));
         let options = settings.upstream_options.clone();
         if options.skip_verify {
@@ -111,13 +119,8 @@ impl Worker {
             options,
             metrics.clone(),
         )?;
-        let cache = cache::Cache::new(
-            Arc::new(store),
-            spools,
-            upstream,
-            settings.tag_freshness,
-            metrics,
-        );
+        tracing::info!(upstream = %name, store = %store.describe(), "cache storage");
+        let cache = cache::Cache::new(store, spools, upstream, settings.tag_freshness, metrics);
         tracing::info!(upstream = %name, storage = %settings.storage.display(), "worker started");
         Ok(Worker {
             cache: Arc::new(cache),

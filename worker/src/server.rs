@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use regcache_protocol::body::{full, Body};
 use regcache_protocol::error::RegistryError;
-use regcache_protocol::internal::{INVENTORY_PATH, METRICS_PATH};
+use regcache_protocol::internal::{INVENTORY_PATH, METRICS_PATH, STATUS_PATH};
 use regcache_protocol::request::{self, Endpoint, Kind, Method, RepoRequest, Request};
 use regcache_protocol::response::{self, Outcome};
 use regcache_protocol::{Digest, Reference};
@@ -31,6 +31,10 @@ pub async fn handle<B>(cache: Arc<Cache>, req: HttpRequest<B>) -> Response<Body>
     match (req.method(), req.uri().path()) {
         (&http::Method::GET, METRICS_PATH) => return metrics(&cache).await,
         (&http::Method::GET, INVENTORY_PATH) => return inventory(&cache).await,
+        (&http::Method::GET, STATUS_PATH) => {
+            let status = serde_json::to_vec(&cache.status()).expect("serialisable");
+            return response::json(Bytes::from(status));
+        }
         _ => {}
     }
     let parsed = request::parse(req.method(), req.uri().path(), req.uri().query());
@@ -166,6 +170,10 @@ fn pass_through(upstream: reqwest::Response) -> Response<Body> {
 async fn metrics(cache: &Cache) -> Response<Body> {
     let m = cache.metrics();
     m.upstream_away.set(i64::from(cache.upstream_away()));
+    let status = cache.status();
+    m.store_degraded.set(i64::from(status.degraded.is_some()));
+    m.store_backfill.set(status.backfill as i64);
+    m.store_remote_errors.set(status.remote_errors as i64);
     match cache.usage().await {
         Ok(u) => {
             m.stored_bytes.set(u.bytes as i64);

@@ -13,7 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use http::Method;
 use regcache_protocol::request::Kind;
 use regcache_protocol::response::{BlobStream, Outcome};
@@ -175,6 +175,7 @@ impl Reader {
 /// `store` if it verifies; readers learn the outcome through the progress.
 pub(super) async fn run(
     writer: Writer,
+    origin: Origin,
     store: Arc<dyn Store>,
     upstream: Arc<Upstream>,
     metrics: Arc<Metrics>,
@@ -185,7 +186,7 @@ pub(super) async fn run(
     let started = std::time::Instant::now();
     let Writer { spool, progress } = writer;
     let result = fetch(
-        &store, &upstream, &metrics, &name, &digest, spool, &progress,
+        origin, &store, &upstream, &metrics, &name, &digest, spool, &progress,
     )
     .await;
     metrics.fills_in_flight.dec();
@@ -209,6 +210,25 @@ pub(super) async fn run(
         });
         Error::Shared(shared)
     })
+}
+
+/// Where a fill's bytes come from.
+pub(super) enum Origin {
+    Upstream,
+    /// A slower store tier that has the blob (the shared bucket).
+    Store(regcache_store::BlobReader),
+}
+
+type Body = futures_util::stream::BoxStream<'static, Result<Bytes, upstream::Error>>;
+
+fn body_of(up: &Upstream, resp: reqwest::Response) -> Body {
+    let name = up.name().to_owned();
+    resp.bytes_stream()
+        .map_err(move |e| upstream::Error::Unreachable {
+            upstream: name.clone(),
+            reason: e.without_url().to_string(),
+        })
+        .boxed()
 }
 
 /// `GET path` from byte `from` on: a 206 starting exactly there, or an error.
@@ -236,7 +256,9 @@ async fn resume(
 /// The fetch itself: written and hashed in parallel, off the async threads.
 /// The last byte is released (Done) as soon as size and digest check out,
 /// before the commit that makes the blob visible to later requests.
+#[allow(clippy::too_many_arguments)]
 async fn fetch(
+    origin: Origin,
     store: &Arc<dyn Store>,
     up: &Upstream,
     metrics: &Metrics,
@@ -246,9 +268,25 @@ async fn fetch(
     progress: &watch::Sender<Progress>,
 ) -> Result<u64, Error> {
     let path = format!("/v2/{name}/blobs/{digest}");
-    let resp = up.send(Method::GET, Some(name), &path, None).await?;
-    let resp = up.check(resp, Kind::Blob, &digest.to_string())?;
-    let total = resp.content_length();
+    let (total, mut stream) = match origin {
+        Origin::Upstream => {
+            let resp = up.send(Method::GET, Some(name), &path, None).await?;
+            let resp = up.check(resp, Kind::Blob, &digest.to_string())?;
+            (resp.content_length(), body_of(up, resp))
+        }
+        Origin::Store(reader) => {
+            metrics.fills_from_store.inc();
+            let size = reader.size;
+            let stream = reader
+                .stream(0, None)
+                .map_err(|e| upstream::Error::Unreachable {
+                    upstream: "the shared store".into(),
+                    reason: e.to_string(),
+                })
+                .boxed();
+            (Some(size), stream)
+        }
+    };
     progress.send_replace(Progress::Writing { written: 0, total });
 
     // Bounded queues: a slow disk slows the upstream read, never a client.
@@ -279,7 +317,6 @@ async fn fetch(
         }
         hasher.finish()
     });
-    let mut stream = resp.bytes_stream();
     let mut received = 0u64;
     let mut resumes = 0;
     let mut failure = None;
@@ -298,12 +335,13 @@ async fn fetch(
                         break None; // the writer failed; its error is reported below
                     }
                 }
-                Some(Err(e)) => break Some(up.transport(e)),
+                Some(Err(e)) => break Some(e),
             }
         };
         let Some(broken) = broke else { break };
-        // The transfer broke off: ask for the rest (the whole blob is still
-        // hashed and checked), when upstream can say how much there is.
+        // The transfer broke off (from upstream or from the shared store):
+        // ask upstream for the rest (the whole blob is still hashed and
+        // checked), when it is known how much there is.
         let resumable = total.is_some_and(|t| received < t) && resumes < MAX_RESUMES;
         if !resumable {
             failure = Some(broken);
@@ -313,7 +351,7 @@ async fn fetch(
         metrics.fill_resumes.inc();
         tracing::info!(%name, %digest, received, error = %broken, "resuming an interrupted blob fetch");
         match resume(up, name, &path, received).await {
-            Ok(rest) => stream = rest.bytes_stream(),
+            Ok(rest) => stream = body_of(up, rest),
             Err(e) => {
                 failure = Some(e);
                 break;

@@ -286,6 +286,18 @@ impl Cache {
                     source: Source::Stored(stored),
                 });
             }
+            // A slower store tier's copy (the shared bucket) saves upstream.
+            let origin = match self.store.blob_source(digest).await {
+                Ok(Some(reader)) => {
+                    self.confirm(name, &key).await?;
+                    fill::Origin::Store(reader)
+                }
+                Ok(None) => fill::Origin::Upstream,
+                Err(e) => {
+                    tracing::warn!(%digest, error = %e, "shared store read failed; asking upstream");
+                    fill::Origin::Upstream
+                }
+            };
             let fill = {
                 let mut fills = self.fills.lock().unwrap();
                 match fills.get(digest) {
@@ -306,7 +318,7 @@ impl Cache {
             };
             // Another request started a fill meanwhile: attach to it.
             let Some((fill, writer)) = fill else { continue };
-            self.spawn_fill(fill.clone(), writer, name, digest);
+            self.spawn_fill(fill.clone(), writer, origin, name, digest);
             let mut reader = fill.attach();
             let size = reader.size().await?;
             return Ok(Blob {
@@ -317,7 +329,14 @@ impl Cache {
         }
     }
 
-    fn spawn_fill(&self, fill: Arc<Fill>, writer: fill::Writer, name: &Name, digest: &Digest) {
+    fn spawn_fill(
+        &self,
+        fill: Arc<Fill>,
+        writer: fill::Writer,
+        origin: fill::Origin,
+        name: &Name,
+        digest: &Digest,
+    ) {
         let (fills, store, d, n) = (
             self.fills.clone(),
             self.store.clone(),
@@ -326,6 +345,7 @@ impl Cache {
         );
         let run = fill::run(
             writer,
+            origin,
             self.store.clone(),
             self.upstream.clone(),
             self.metrics.clone(),
@@ -371,6 +391,10 @@ impl Cache {
                     Outcome::Hit
                 },
             ));
+        }
+        if let Ok(Some(shared)) = self.store.blob_source(digest).await {
+            self.confirm(name, &key).await?;
+            return Ok((Some(shared.size), Outcome::Hit));
         }
         let up = &self.upstream;
         let path = format!("/v2/{name}/blobs/{digest}");
@@ -644,6 +668,19 @@ impl Cache {
             blobs: usage.blobs,
             bytes: usage.bytes,
         })
+    }
+
+    /// How the cache is doing, for the front's readiness and status.
+    pub fn status(&self) -> internal::Status {
+        let health = self.store.health();
+        internal::Status {
+            store: self.store.describe(),
+            degraded: health.degraded,
+            remote_errors: health.remote_errors,
+            backfill: health.backfill,
+            upstream_away: self.upstream.is_away(),
+            fills_in_flight: self.fills.lock().unwrap().len() as u64,
+        }
     }
 
     /// The store's usage, for the metrics page.
