@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -63,6 +64,11 @@ P_UP_R2 = PORT_BASE + 2  # upstream front counted for registry:2 proxy
 P_RC = PORT_BASE + 10  # regcache
 P_R2 = PORT_BASE + 20  # registry:2 proxy
 P_NGX = PORT_BASE + 30  # nginx static
+P_UP_S3 = PORT_BASE + 3  # upstream front counted for regcache on S3 (both nodes)
+P_RC_S3 = PORT_BASE + 11  # regcache on S3, node 1
+P_RC_S3B = PORT_BASE + 12  # regcache on S3, node 2 (same bucket, its own disk)
+P_S3 = PORT_BASE + 40  # the S3 server (s3s-fs)
+S3_SERVER = os.environ.get("BENCH_S3_SERVER", "")  # s3s-fs binary; empty: no S3 phase
 
 REPO = "bench/app"
 COLD_REPO = "bench/cold"
@@ -143,8 +149,6 @@ def check_alive():
 
 
 def port_free(port):
-    import socket
-
     s = socket.socket()
     try:
         s.settimeout(0.5)
@@ -484,18 +488,66 @@ def group_requests(entries):
     return ", ".join(f"{k} x{n}" for k, n in counts.items()) or "none"
 
 
-def start_regcache():
-    d = os.path.join(WORK, "regcache")
+def start_regcache(name="regcache", port=P_RC, upstream=P_UP_RC, extra_env=None):
+    d = os.path.join(WORK, name)
     os.makedirs(d, exist_ok=True)
     env = dict(os.environ)
-    env["CONFIG"] = json.dumps([{"registry": f"http://127.0.0.1:{P_UP_RC}", "aliases": [RC_PREFIX, "docker.io"]}])
+    env["CONFIG"] = json.dumps([{"registry": f"http://127.0.0.1:{upstream}", "aliases": [RC_PREFIX, "docker.io"]}])
     env["REGCACHE_TAG_FRESHNESS"] = f"{TAG_FRESHNESS}s"
     for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "REGCACHE_LISTEN", "REGCACHE_STORAGE"):
         env.pop(k, None)
-    p = start("regcache", [REGCACHE, "--listen", f"127.0.0.1:{P_RC}", "--storage", os.path.join(d, "data")],
-              env=env, stdout=os.path.join(WORK, "logs", "regcache.log"))
-    wait_ready("regcache", f"http://127.0.0.1:{P_RC}/v2/", p, timeout=60)
+    env.update(extra_env or {})
+    p = start(name, [REGCACHE, "--listen", f"127.0.0.1:{port}", "--storage", os.path.join(d, "data")],
+              env=env, stdout=os.path.join(WORK, "logs", f"{name}.log"))
+    wait_ready(name, f"http://127.0.0.1:{port}/v2/", p, timeout=60)
     return p
+
+
+def start_s3():
+    """s3s-fs (an S3 server on a directory) with one bucket, and the
+    REGISTRY_STORAGE_S3_* settings of a regcache on it."""
+    root = os.path.join(WORK, "s3")
+    os.makedirs(os.path.join(root, "regcache"), exist_ok=True)
+    p = start("s3", [S3_SERVER, "--host", "127.0.0.1", "--port", str(P_S3), "--access-key", "bench",
+                     "--secret-key", "bench-secret", root])
+    deadline = time.monotonic() + 30
+    while port_free(P_S3):
+        if p.poll() is not None or time.monotonic() > deadline:
+            raise BenchError("s3s-fs did not start (logs/s3.out)")
+        time.sleep(0.1)
+    return {"REGISTRY_STORAGE": "s3", "REGISTRY_STORAGE_S3_REGIONENDPOINT": f"http://127.0.0.1:{P_S3}",
+            "REGISTRY_STORAGE_S3_REGION": "us-east-1", "REGISTRY_STORAGE_S3_BUCKET": "regcache",
+            "REGISTRY_STORAGE_S3_ACCESSKEY": "bench", "REGISTRY_STORAGE_S3_SECRETKEY": "bench-secret",
+            "REGISTRY_STORAGE_REDIRECT_DISABLE": "true"}
+
+
+def s3_phase(images, R):
+    """regcache with REGISTRY_STORAGE=s3: node 1 pulls each image cold (fills
+    upstream, writes local tier and bucket) and warm (local tier); node 2,
+    same bucket but its own empty disk, then pulls it (fills from the
+    bucket). Upstream requests are counted on their shared front."""
+    s3_env = start_s3()
+    start_registry("upstream-s3", P_UP_S3, os.path.join(WORK, "upstream-data"))
+    start_regcache("regcache-s3", P_RC_S3, P_UP_S3, s3_env)
+    start_regcache("regcache-s3b", P_RC_S3B, P_UP_S3, s3_env)
+    S = {k: [] for k in ("cold", "warm", "node2", "cold_reqs", "warm_reqs", "node2_reqs")}
+    S["node2_desc"], S["node2_blob_gets"] = "", 0
+    for im in images:
+        tag = im["tag"]
+        for key, port in (("cold", P_RC_S3), ("warm", P_RC_S3), ("node2", P_RC_S3B)):
+            check_alive()
+            n0 = len(settled_entries("upstream-s3"))
+            S[key].append(pull(f"127.0.0.1:{port}/{RC_PREFIX}/{REPO}:{tag}", f"s3-{key}"))
+            e = settled_entries("upstream-s3")[n0:]
+            S[f"{key}_reqs"].append(len(e))
+            if key == "node2":
+                S["node2_desc"] = describe_requests(e)
+                S["node2_blob_gets"] += sum(1 for m, p, _ in e if m == "GET" and "/blobs/" in p)
+        log(f"S3 {tag}: cold {S['cold'][-1]:.2f}s, warm {S['warm'][-1]:.2f}s, "
+            f"node 2 {S['node2'][-1]:.2f}s ({S['node2_reqs'][-1]} upstream req)")
+    objects = sum(len(fs) for _, _, fs in os.walk(os.path.join(WORK, "s3", "regcache")))
+    S["objects"] = objects
+    R["s3"] = S
 
 
 def start_nginx(layout, image):
@@ -665,6 +717,8 @@ def main():
     os.makedirs(os.path.join(WORK, "logs"), exist_ok=True)
 
     ports = [P_UP, P_UP_RC, P_UP_R2, P_RC, P_R2, P_NGX]
+    if S3_SERVER:
+        ports += [P_UP_S3, P_RC_S3, P_RC_S3B, P_S3]
     busy = [p for p in ports if not port_free(p)]
     if busy:
         raise BenchError(f"ports already in use: {busy} (set BENCH_PORT_BASE)")
@@ -826,7 +880,7 @@ def main():
             R[k]["late_reqs"] = len(e)
             R[k]["late_desc"] = describe_requests(e)
 
-    # --- peak RSS -----------------------------------------------------------
+    # --- peak RSS (before the S3 phase, which runs other processes) ---------
     check_alive()
     pids = tree_pids(rc.pid)
     R["regcache"]["rss_parts"] = [(pid, vm_hwm_kib(pid)) for pid in pids]
@@ -836,6 +890,11 @@ def main():
     R["registry2"]["rss"] = sum(vm_hwm_kib(p) for p in tree_pids(r2.pid)) / 1024
     R["nginx"]["rss"] = sum(vm_hwm_kib(p) for p in tree_pids(ngx.pid)) / 1024
     R["nginx"]["procs"] = len(tree_pids(ngx.pid))
+
+    # --- regcache on S3 -------------------------------------------------------
+    if S3_SERVER:
+        log("S3 phase: regcache on s3s-fs, two nodes on one bucket")
+        s3_phase(images, R)
 
     stop_all()
     b2, _ = cpu_busy_jiffies()
@@ -902,6 +961,20 @@ def report(R, images, colds, cond):
     rows.append(("peak RSS (VmHWM, all processes)", f"{ng['rss']:.1f} MiB", f"{rc['rss']:.1f} MiB",
                  f"{r2['rss']:.1f} MiB", "<= 40 MiB", mark(rc["rss"] <= 40)))
 
+    if "s3" in R:
+        s3 = R["s3"]
+        rc_cold = med(rc["cold"])
+
+        def vs(xs):
+            return f"{med(xs):.2f} s ({med(xs) / direct:.2f}x direct, {med(xs) / rc_cold:.2f}x regcache disk)"
+
+        rows.append(("regcache on S3 (s3s-fs): cold pull", f"{direct:.2f} s", vs(s3["cold"]), "-", "", ""))
+        rows.append(("  same: warm pull (local tier)", f"{direct:.2f} s", vs(s3["warm"]), "-", "", ""))
+        rows.append(("  same: 2nd node, empty disk, same bucket", f"{direct:.2f} s", vs(s3["node2"]), "-",
+                     "", ""))
+        rows.append(("  2nd node: upstream requests per pull", "-", f"{med(s3['node2_reqs']):g}", "-",
+                     "no blob GETs", mark(s3["node2_blob_gets"] == 0)))
+
     head = ("measure", "nginx static / direct", "regcache", "registry:2 proxy", "regcache target", "")
     table = [head] + rows
     widths = [max(len(r[i]) for r in table) for i in range(len(head))]
@@ -954,6 +1027,13 @@ def report(R, images, colds, cond):
     out.append(f"  warm pull upstream requests: regcache {rc['warm_desc']}; registry2 {r2['warm_desc']}")
     if AFTER_WINDOW:
         out.append(f"  warm pull after the window: regcache {rc['late_desc']}; registry2 {r2['late_desc']}")
+    if "s3" in R:
+        s3 = R["s3"]
+        out.append(f"  S3 pull seconds per pass: cold {', '.join(f'{x:.2f}' for x in s3['cold'])}; "
+                   f"warm {', '.join(f'{x:.2f}' for x in s3['warm'])}; "
+                   f"node 2 {', '.join(f'{x:.2f}' for x in s3['node2'])}; upstream requests: cold "
+                   f"{', '.join(map(str, s3['cold_reqs']))}, node 2 {', '.join(map(str, s3['node2_reqs']))} "
+                   f"({s3['node2_desc']}); {s3['objects']} objects in the bucket")
     parts = ", ".join(f"pid {p} {kib / 1024:.1f}" for p, kib in rc["rss_parts"])
     out.append(f"  regcache VmHWM MiB: {parts} (supervisor first; {len(rc['rss_parts']) - 1} worker(s)); "
                f"nginx {ng['procs']} processes")
