@@ -39,6 +39,25 @@ enum Command {
     /// Exit 0 when the regcache listening on --listen is ready, else 1
     /// (for container HEALTHCHECKs: the runtime image has no curl).
     Healthcheck(HealthArgs),
+    /// Apply the cache policy (REGCACHE_MAX_SIZE, REGCACHE_MIN_FREE,
+    /// REGISTRY_PROXY_TTL) to each upstream's storage now, or show what it
+    /// would remove (--dry-run).
+    Gc(MaintenanceArgs),
+    /// Re-hash every stored blob and manifest and follow every tag; remove
+    /// what is corrupt or dangling (not with --dry-run). Exit 1 if anything was.
+    Fsck(MaintenanceArgs),
+}
+
+#[derive(Args)]
+struct MaintenanceArgs {
+    /// Report only; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the outcome as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    front: FrontArgs,
 }
 
 #[derive(Args)]
@@ -96,7 +115,45 @@ fn main() -> ExitCode {
         Some(Command::CheckConfig(args)) => check_config(args),
         Some(Command::Worker(args)) => runtime.block_on(worker(args)),
         Some(Command::Healthcheck(args)) => runtime.block_on(healthcheck(args)),
+        Some(Command::Gc(args)) => maintenance(args, false),
+        Some(Command::Fsck(args)) => maintenance(args, true),
     }
+}
+
+/// `regcache gc` and `regcache fsck`.
+fn maintenance(args: MaintenanceArgs, fsck: bool) -> ExitCode {
+    use regcache_supervisor::maintenance;
+    let settings = match settings(&args.front).and_then(|s| check_workers(&s).map(|()| s)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("regcache: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let print = |json: String, text: String| {
+        if args.json {
+            println!("{json}");
+        } else {
+            print!("{text}");
+        }
+    };
+    if fsck {
+        let out = maintenance::fsck(&settings, args.dry_run);
+        let bad = out
+            .iter()
+            .any(|o| o.result.as_ref().is_some_and(|r| !r.clean()));
+        print(maintenance::json(&out), maintenance::fsck_text(&out));
+        if bad {
+            return ExitCode::FAILURE;
+        }
+    } else {
+        let out = maintenance::gc(&settings, args.dry_run);
+        print(
+            maintenance::json(&out),
+            maintenance::gc_text(&out, args.dry_run),
+        );
+    }
+    ExitCode::SUCCESS
 }
 
 /// `GET /readyz` on the local listener: the metrics listener when there is

@@ -49,7 +49,12 @@ pub struct Repository {
     /// Tag -> digest.
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
-    /// Manifests fetched for this repository (by tag or by digest).
+    /// Manifests fetched for this repository (by tag or by digest) and
+    /// still stored.
     #[serde(default)]
     pub manifests: Vec<String>,
+    /// Bytes its stored manifests hold with what they refer to (a blob
+    /// shared with another repository counts in both).
+    #[serde(default)]
+    pub bytes: u64,
 }

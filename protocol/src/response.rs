@@ -27,6 +27,8 @@ pub enum Outcome {
     Miss,
     Revalidated,
     Stale,
+    /// Passed through from upstream, stored nowhere (no room, or a tag rule).
+    Bypass,
 }
 
 impl Outcome {
@@ -36,6 +38,7 @@ impl Outcome {
             Outcome::Miss => "miss",
             Outcome::Revalidated => "revalidated",
             Outcome::Stale => "stale",
+            Outcome::Bypass => "bypass",
         }
     }
 
@@ -45,12 +48,13 @@ impl Outcome {
             Outcome::Miss => "MISS",
             Outcome::Revalidated => "REVALIDATED",
             Outcome::Stale => "STALE",
+            Outcome::Bypass => "BYPASS",
         }
     }
 
     /// Were the bytes of this answer local (not fetched for it)?
     pub fn from_cache(self) -> bool {
-        !matches!(self, Outcome::Miss)
+        !matches!(self, Outcome::Miss | Outcome::Bypass)
     }
 }
 

@@ -28,6 +28,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use crate::index::{Index, ManifestEntry};
+use crate::policy::Disk;
 use crate::spool::SpoolDir;
 use crate::{
     BlobReader, Digest, Error, Key, Manifest, Name, Repository, Result, Store, Tag, TagRecord,
@@ -141,6 +143,77 @@ impl FsStore {
         }
     }
 
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// Everything stored, read from disk (blocking: a walk of the root).
+    /// Sizes are file sizes; last use is the file time.
+    pub fn scan(&self) -> Index {
+        let mut index = Index::default();
+        let root = &self.inner.root;
+        for (d, _, meta) in walk_digests(&root.join("blobs")) {
+            index.add_blob(d, meta.len(), meta.modified().unwrap_or(UNIX_EPOCH));
+        }
+        for (d, path, meta) in walk_digests(&root.join("manifests")) {
+            // A corrupt manifest is fsck's to find; here it holds nothing.
+            let Ok(m) = fs::read(&path)
+                .map_err(|_| ())
+                .and_then(|raw| parse_manifest(&d, raw).map_err(|_| ()))
+            else {
+                continue;
+            };
+            let used = meta.modified().unwrap_or(UNIX_EPOCH);
+            index.add_manifest(d, ManifestEntry::of(&m, meta.len(), used));
+        }
+        for (name, repo) in walk_repositories(&root.join("repositories")) {
+            for (tag, rec) in repo.tags {
+                index.set_tag(name.clone(), tag, rec.digest);
+            }
+        }
+        index
+    }
+
+    /// When `key` was last used, now, on disk (blocking).
+    pub fn mtime(&self, key: &Key) -> Option<SystemTime> {
+        fs::metadata(self.path_of(key))
+            .and_then(|m| m.modified())
+            .ok()
+    }
+
+    /// Removes `key` now (blocking); the bytes it held.
+    pub fn remove_now(&self, key: &Key) -> Result<u64> {
+        self.writable()?;
+        let path = self.path_of(key);
+        let size = match fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io_err("stat", &path)(e)),
+        };
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io_err("remove", &path)(e)),
+        }
+        match key {
+            Key::Blob(_) => self.count(-(size as i64), -1, 0),
+            Key::Manifest(_) => self.count(-(size as i64), 0, -1),
+            Key::Tag(..) => return Ok(0),
+        }
+        Ok(size)
+    }
+
+    /// The filesystem the store is on (`statvfs`).
+    pub fn disk(&self) -> Option<Disk> {
+        let st = nix::sys::statvfs::statvfs(&self.inner.root).ok()?;
+        let frag = st.fragment_size() as u64;
+        Some(Disk {
+            total: st.blocks() as u64 * frag,
+            available: st.blocks_available() as u64 * frag,
+        })
+    }
+
     fn writable(&self) -> Result<&SpoolDir> {
         self.inner.spools.as_ref().ok_or_else(|| Error::Io {
             op: "write",
@@ -222,6 +295,11 @@ fn millis(t: SystemTime) -> u128 {
     t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()
 }
 
+/// The size of a manifest's file: its media type line and its bytes.
+pub(crate) fn manifest_file_size(m: &Manifest) -> u64 {
+    (m.media_type.len() + 1 + m.bytes.len()) as u64
+}
+
 /// A stored manifest file's contents (the same in every store).
 pub(crate) fn parse_manifest(d: &Digest, raw: Vec<u8>) -> Result<Manifest> {
     let corrupt = |reason: &str| Error::Corrupt {
@@ -247,7 +325,7 @@ pub(crate) fn parse_manifest(d: &Digest, raw: Vec<u8>) -> Result<Manifest> {
     Ok(m)
 }
 
-fn parse_tag(text: &str, modified: Option<SystemTime>) -> Option<TagRecord> {
+pub(crate) fn parse_tag(text: &str, modified: Option<SystemTime>) -> Option<TagRecord> {
     let mut lines = text.lines();
     let digest = lines.next()?.trim().parse().ok()?;
     let confirmed = match lines.next() {
@@ -291,6 +369,72 @@ fn dir_usage(dir: &Path) -> (u64, u64) {
         }
     }
     total
+}
+
+/// Every repository under `root` (`<store>/repositories`) with its tags and
+/// manifest links.
+fn walk_repositories(root: &Path) -> BTreeMap<Name, Repository> {
+    let mut out: BTreeMap<Name, Repository> = BTreeMap::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let fname = e.file_name().to_string_lossy().into_owned();
+            let name = || -> Option<Name> { dir.strip_prefix(root).ok()?.to_str()?.parse().ok() };
+            match fname.as_str() {
+                "_tags" => {
+                    let Some(name) = name() else { continue };
+                    let repo = out.entry(name).or_default();
+                    for t in names_in(&e.path()) {
+                        let p = e.path().join(&t);
+                        let (Ok(tag), Ok(text)) = (t.parse(), fs::read_to_string(&p)) else {
+                            continue;
+                        };
+                        let modified = fs::metadata(&p).and_then(|m| m.modified()).ok();
+                        if let Some(rec) = parse_tag(&text, modified) {
+                            repo.tags.insert(tag, rec);
+                        }
+                    }
+                }
+                "_manifests" => {
+                    let Some(name) = name() else { continue };
+                    let repo = out.entry(name).or_default();
+                    repo.manifests = names_in(&e.path())
+                        .iter()
+                        .filter_map(|d| d.parse().ok())
+                        .collect();
+                }
+                "_blobs" => {}
+                _ => stack.push(e.path()),
+            }
+        }
+    }
+    out
+}
+
+/// The digests stored under `dir` (`blobs` or `manifests`), with each
+/// file's metadata; files whose names are not digests are skipped.
+pub(crate) fn walk_digests(dir: &Path) -> Vec<(Digest, PathBuf, fs::Metadata)> {
+    let mut out = Vec::new();
+    for alg in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let alg_name = alg.file_name().to_string_lossy().into_owned();
+        for shard in fs::read_dir(alg.path()).into_iter().flatten().flatten() {
+            for e in fs::read_dir(shard.path()).into_iter().flatten().flatten() {
+                let hex = e.file_name().to_string_lossy().into_owned();
+                let (Ok(d), Ok(meta)) =
+                    (format!("{alg_name}:{hex}").parse::<Digest>(), e.metadata())
+                else {
+                    continue;
+                };
+                if meta.is_file() {
+                    out.push((d, e.path(), meta));
+                }
+            }
+        }
+    }
+    out
 }
 
 #[async_trait]
@@ -362,7 +506,7 @@ impl Store for FsStore {
         blocking(move || {
             // A media type never holds a newline (it came from a header value).
             store.write_file(&dest, &[m.media_type.as_bytes(), b"\n", &m.bytes])?;
-            store.count((m.media_type.len() + 1 + m.bytes.len()) as i64, 0, 1);
+            store.count(manifest_file_size(&m) as i64, 0, 1);
             Ok(())
         })
         .await
@@ -416,49 +560,7 @@ impl Store for FsStore {
 
     async fn repositories(&self) -> Result<BTreeMap<Name, Repository>> {
         let root = self.inner.root.join("repositories");
-        blocking(move || {
-            let mut out: BTreeMap<Name, Repository> = BTreeMap::new();
-            let mut stack = vec![root.clone()];
-            while let Some(dir) = stack.pop() {
-                for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
-                    if !e.file_type().is_ok_and(|t| t.is_dir()) {
-                        continue;
-                    }
-                    let fname = e.file_name().to_string_lossy().into_owned();
-                    let name =
-                        || -> Option<Name> { dir.strip_prefix(&root).ok()?.to_str()?.parse().ok() };
-                    match fname.as_str() {
-                        "_tags" => {
-                            let Some(name) = name() else { continue };
-                            let repo = out.entry(name).or_default();
-                            for t in names_in(&e.path()) {
-                                let p = e.path().join(&t);
-                                let (Ok(tag), Ok(text)) = (t.parse(), fs::read_to_string(&p))
-                                else {
-                                    continue;
-                                };
-                                let modified = fs::metadata(&p).and_then(|m| m.modified()).ok();
-                                if let Some(rec) = parse_tag(&text, modified) {
-                                    repo.tags.insert(tag, rec);
-                                }
-                            }
-                        }
-                        "_manifests" => {
-                            let Some(name) = name() else { continue };
-                            let repo = out.entry(name).or_default();
-                            repo.manifests = names_in(&e.path())
-                                .iter()
-                                .filter_map(|d| d.parse().ok())
-                                .collect();
-                        }
-                        "_blobs" => {}
-                        _ => stack.push(e.path()),
-                    }
-                }
-            }
-            Ok(out)
-        })
-        .await
+        blocking(move || Ok(walk_repositories(&root))).await
     }
 
     async fn tags(&self, name: &Name) -> Result<Vec<Tag>> {
@@ -470,24 +572,7 @@ impl Store for FsStore {
     }
 
     async fn delete(&self, key: &Key) -> Result<()> {
-        self.writable()?;
-        let path = self.path_of(key);
-        let size = match fs::metadata(&path) {
-            Ok(m) => m.len(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(io_err("stat", &path)(e)),
-        };
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(io_err("remove", &path)(e)),
-        }
-        match key {
-            Key::Blob(_) => self.count(-(size as i64), -1, 0),
-            Key::Manifest(_) => self.count(-(size as i64), 0, -1),
-            Key::Tag(..) => {}
-        }
-        Ok(())
+        self.remove_now(key).map(|_| ())
     }
 
     async fn touch(&self, key: &Key, at: SystemTime) -> Result<()> {

@@ -35,12 +35,17 @@ pub mod breaker;
 #[cfg(any(test, feature = "contract"))]
 pub mod contract;
 mod fs;
+mod fsck;
+pub mod index;
+mod managed;
+pub mod policy;
 pub mod s3;
 pub mod spool;
 mod tiered;
 mod touch;
 
 pub use fs::{FsStore, RootLock};
+pub use fsck::FsckReport;
 
 /// Installs the process-wide TLS provider (ring) once: every TLS client and
 /// server of the process needs it (the S3 client, the upstream client, the
@@ -48,6 +53,7 @@ pub use fs::{FsStore, RootLock};
 pub fn init_tls() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
+pub use managed::{Managed, NoRoom, PolicyStats, Removed, Report, Reservation};
 pub use spool::{Spool, SpoolDir, Verified};
 pub use tiered::TieredStore;
 pub use touch::Toucher;

@@ -18,6 +18,8 @@ pub struct Repository {
     pub pull: String,
     pub tags: BTreeMap<String, String>,
     pub manifests: Vec<String>,
+    /// What its images hold (shared blobs count in each repository).
+    pub bytes: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -62,6 +64,7 @@ pub fn build(up: &Upstream, inv: Option<Inventory>) -> UpstreamCache {
             name,
             tags: r.tags,
             manifests: r.manifests,
+            bytes: r.bytes,
         })
         .collect();
     UpstreamCache {

@@ -25,6 +25,7 @@ mod hits;
 #[cfg(test)]
 mod hostile;
 mod inventory;
+pub mod maintenance;
 mod metrics;
 mod proxy;
 mod routing;

@@ -250,8 +250,10 @@ impl Settings {
             } else {
                 "none (anonymous)"
             };
+            let policy = regcache_worker::config::policy_from(&|k| env.get(k).cloned())
+                .map_or_else(|e| format!("invalid: {e}"), |p| p.describe());
             s.push_str(&format!(
-                "      store: {store}\n      credentials: {credentials}\n"
+                "      store: {store}\n      keeps: {policy}\n      credentials: {credentials}\n"
             ));
             if !up.variables.is_empty() {
                 // Names only: values may be secrets.

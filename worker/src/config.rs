@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::auth::{Credentials, Secret};
+use crate::tag_rules::TagRules;
 
 /// Everything a worker needs to run.
 #[derive(Debug, Clone)]
@@ -13,14 +14,61 @@ pub struct Settings {
     pub upstream: reqwest::Url,
     /// This upstream's cache root.
     pub storage: PathBuf,
-    /// How long a tag -> digest answer is used before an upstream HEAD.
-    pub tag_freshness: Duration,
     pub credentials: Option<Credentials>,
     /// How long shutdown waits for requests and fills in flight.
     pub drain_timeout: Duration,
     pub upstream_options: UpstreamOptions,
     /// Where the cache lives besides the local directory.
     pub store: StoreSettings,
+    /// What the local tier keeps: `REGCACHE_MAX_SIZE`, `REGCACHE_MIN_FREE`,
+    /// `REGISTRY_PROXY_TTL`.
+    pub policy: regcache_store::policy::Policy,
+    /// How long a tag -> digest answer is used before an upstream HEAD
+    /// (`REGCACHE_TAG_RULES` over `REGCACHE_TAG_FRESHNESS`).
+    pub tag_rules: TagRules,
+    /// `REGCACHE_CACHE_MANIFESTS` (default true): false passes every
+    /// manifest through, storing blobs only.
+    pub cache_manifests: bool,
+    /// `REGCACHE_RECORD_USE` (default true): record last use for LRU and
+    /// expiry (false only to measure what the bookkeeping costs).
+    pub record_use: bool,
+}
+
+/// The cache policy from `REGCACHE_MAX_SIZE`, `REGCACHE_MIN_FREE` and
+/// `REGISTRY_PROXY_TTL` (`0` or unset: kept until the budget needs room).
+pub fn policy_from(
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<regcache_store::policy::Policy, Error> {
+    use regcache_store::policy::{parse_size, MinFree, Policy};
+    let get = |k: &str| env(k).filter(|v| !v.trim().is_empty());
+    let bad = |var: &'static str| move |why: String| Error::Policy { var, why };
+    let max_size = get("REGCACHE_MAX_SIZE")
+        .map(|v| parse_size(&v))
+        .transpose()
+        .map_err(bad("REGCACHE_MAX_SIZE"))?
+        .filter(|m| *m > 0);
+    let min_free = get("REGCACHE_MIN_FREE")
+        .map(|v| v.parse::<MinFree>())
+        .transpose()
+        .map_err(bad("REGCACHE_MIN_FREE"))?;
+    let ttl = duration_from(env, "REGISTRY_PROXY_TTL", Duration::ZERO)?;
+    Ok(Policy {
+        max_size,
+        min_free,
+        ttl: (!ttl.is_zero()).then_some(ttl),
+    })
+}
+
+/// `REGCACHE_TAG_RULES` over `REGCACHE_TAG_FRESHNESS`.
+pub fn tag_rules_from(env: &impl Fn(&str) -> Option<String>) -> Result<TagRules, Error> {
+    let default = duration_from(env, "REGCACHE_TAG_FRESHNESS", DEFAULT_TAG_FRESHNESS)?;
+    match env("REGCACHE_TAG_RULES").filter(|v| !v.trim().is_empty()) {
+        None => Ok(TagRules::uniform(default)),
+        Some(text) => TagRules::parse(&text, default).map_err(|why| Error::Policy {
+            var: "REGCACHE_TAG_RULES",
+            why,
+        }),
+    }
 }
 
 /// The store behind the local tier (`REGISTRY_STORAGE`).
@@ -247,6 +295,8 @@ pub enum Error {
     Driver(String),
     #[error("{0}")]
     S3(&'static str),
+    #[error("{var}: {why}")]
+    Policy { var: &'static str, why: String },
 }
 
 impl Settings {
@@ -265,10 +315,23 @@ impl Settings {
             store: StoreSettings::from_env(&env, &dir)?,
             upstream,
             storage,
-            tag_freshness: duration_from(&env, "REGCACHE_TAG_FRESHNESS", DEFAULT_TAG_FRESHNESS)?,
             credentials: credentials_from(&env)?,
             drain_timeout: duration_from(&env, "REGISTRY_HTTP_DRAINTIMEOUT", DEFAULT_DRAIN)?,
             upstream_options: UpstreamOptions::from_env(&env)?,
+            policy: policy_from(&env)?,
+            tag_rules: tag_rules_from(&env)?,
+            cache_manifests: !matches!(
+                env("REGCACHE_CACHE_MANIFESTS")
+                    .map(|v| v.trim().to_ascii_lowercase())
+                    .as_deref(),
+                Some("false" | "0" | "no")
+            ),
+            record_use: !matches!(
+                env("REGCACHE_RECORD_USE")
+                    .map(|v| v.trim().to_ascii_lowercase())
+                    .as_deref(),
+                Some("false" | "0" | "no")
+            ),
         })
     }
 }
@@ -280,6 +343,14 @@ pub fn check_env(env: &impl Fn(&str) -> Option<String>) -> Result<(), Error> {
     duration_from(env, "REGCACHE_TAG_FRESHNESS", DEFAULT_TAG_FRESHNESS)?;
     duration_from(env, "REGISTRY_HTTP_DRAINTIMEOUT", DEFAULT_DRAIN)?;
     UpstreamOptions::from_env(env)?;
+    policy_from(env)?;
+    tag_rules_from(env)?;
+    for var in ["REGCACHE_CACHE_MANIFESTS", "REGCACHE_RECORD_USE"] {
+        if env(var).is_some() {
+            // Unset means true here, so only the spelling is checked.
+            flag_from(env, var)?;
+        }
+    }
     StoreSettings::from_env(env, "check").map(|_| ())
 }
 
@@ -420,7 +491,13 @@ mod tests {
         let env: HashMap<&str, String> = [("REGCACHE_TAG_FRESHNESS", "5m".to_string())].into();
         let s =
             Settings::from_env("https://ghcr.io", "/c".into(), |k| env.get(k).cloned()).unwrap();
-        assert_eq!(s.tag_freshness, Duration::from_secs(300));
+        let (name, tag) = ("a/b".parse().unwrap(), "1".parse().unwrap());
+        assert_eq!(
+            s.tag_rules.of(&name, &tag),
+            crate::tag_rules::Freshness::For(Duration::from_secs(300))
+        );
+        assert!(s.policy.is_unlimited());
+        assert!(s.cache_manifests && s.record_use);
         assert_eq!(s.drain_timeout, DEFAULT_DRAIN);
         let gcs: HashMap<&str, String> = [("REGISTRY_STORAGE", "gcs".to_string())].into();
         let e = Settings::from_env("https://ghcr.io", "/c".into(), |k| gcs.get(k).cloned());

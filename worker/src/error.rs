@@ -51,6 +51,12 @@ impl From<&cache::Error> for RegistryError {
                 e.to_string(),
             ),
             cache::Error::Shared(inner) => (&**inner).into(),
+            // Answered uncached before it gets here; a stray one is a 503.
+            cache::Error::NoRoom(_) => RegistryError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                e.to_string(),
+            ),
         }
     }
 }

@@ -25,6 +25,7 @@ mod flights;
 mod hostile;
 pub mod metrics;
 mod server;
+mod tag_rules;
 mod upstream;
 
 use std::future::Future;
@@ -37,7 +38,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use regcache_protocol::Authority;
-use regcache_store::FsStore;
+use regcache_store::{FsStore, Store};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 
@@ -95,13 +96,16 @@ impl Worker {
         let local = FsStore::open(&settings.storage)?;
         let spools = local.spools().expect("an opened store has spools").clone();
         let store: Arc<dyn regcache_store::Store> = match &settings.store {
-            config::StoreSettings::Filesystem => Arc::new(local),
+            config::StoreSettings::Filesystem => Arc::new(local.clone()),
             config::StoreSettings::S3(s3) => Arc::new(regcache_store::TieredStore::new(
-                local,
+                local.clone(),
                 regcache_store::s3::S3Store::new(s3.clone())?,
                 &settings.storage,
             )?),
         };
+        // The policy is the local tier's, whatever is behind it.
+        let managed = regcache_store::Managed::new(store, local, settings.policy.clone());
+        managed.start();
         let metrics = Arc::new(metrics::Metrics::new(&name));
         let options = settings.upstream_options.clone();
         if options.skip_verify {
@@ -119,8 +123,13 @@ impl Worker {
             options,
             metrics.clone(),
         )?;
-        tracing::info!(upstream = %name, store = %store.describe(), "cache storage");
-        let cache = cache::Cache::new(store, spools, upstream, settings.tag_freshness, metrics);
+        tracing::info!(upstream = %name, store = %managed.describe(), policy = %settings.policy.describe(), "cache storage");
+        let options = cache::Options {
+            tags: settings.tag_rules.clone(),
+            cache_manifests: settings.cache_manifests,
+            record_use: settings.record_use,
+        };
+        let cache = cache::Cache::new(managed, spools, upstream, options, metrics);
         tracing::info!(upstream = %name, storage = %settings.storage.display(), "worker started");
         Ok(Worker {
             cache: Arc::new(cache),

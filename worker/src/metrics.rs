@@ -36,6 +36,12 @@ pub struct Metrics {
     pub upstream_refused: IntCounter,
     pub upstream_away: IntGauge,
     fill_duration: Histogram,
+    pub bypassed: IntCounter,
+    budget: IntGauge,
+    evictions: IntCounterVec,
+    evicted_bytes: IntCounterVec,
+    disk_full: IntCounter,
+    index_ready: IntGauge,
 }
 
 impl Metrics {
@@ -152,6 +158,32 @@ impl Metrics {
                 "regcache_upstream_away",
                 "1 while the upstream is taken to be away (breaker open, rate-limited or offline mode).",
             ),
+            bypassed: single(
+                "regcache_bypassed_total",
+                "Blob and manifest answers passed through from upstream and stored nowhere (no room, tag rules).",
+            ),
+            budget: gauge(
+                "regcache_cache_budget_bytes",
+                "REGCACHE_MAX_SIZE: most bytes the local cache keeps (0: no budget).",
+            ),
+            evictions: counter(
+                "regcache_evictions_total",
+                "Images (or loose blobs) removed by the cache policy, by reason (size, disk, ttl).",
+                &["reason"],
+            ),
+            evicted_bytes: counter(
+                "regcache_evicted_bytes_total",
+                "Bytes freed by the cache policy, by reason (size, disk, ttl).",
+                &["reason"],
+            ),
+            disk_full: single(
+                "regcache_disk_full_total",
+                "Writes that found the cache's disk full (ENOSPC).",
+            ),
+            index_ready: gauge(
+                "regcache_cache_index_ready",
+                "1 once the index of the local cache is built (the budget is enforced from then on).",
+            ),
             fill_duration: Histogram::with_opts(HistogramOpts::new(
                 "regcache_fill_duration_seconds",
                 "Time to fetch, verify and commit one blob from upstream.",
@@ -185,6 +217,12 @@ impl Metrics {
                 Box::new(m.upstream_refused.clone()),
                 Box::new(m.upstream_away.clone()),
                 Box::new(m.fill_duration.clone()),
+                Box::new(m.bypassed.clone()),
+                Box::new(m.budget.clone()),
+                Box::new(m.evictions.clone()),
+                Box::new(m.evicted_bytes.clone()),
+                Box::new(m.disk_full.clone()),
+                Box::new(m.index_ready.clone()),
             ]);
             #[cfg(target_os = "linux")]
             collectors.push(Box::new(
@@ -196,6 +234,29 @@ impl Metrics {
         }
         m.ratelimit_remaining.set(-1);
         m
+    }
+
+    /// Brings the policy series up to what the store says it has done.
+    pub fn policy(&self, s: &regcache_store::PolicyStats) {
+        let catch_up = |c: &IntCounter, total: u64| {
+            let now = c.get();
+            if total > now {
+                c.inc_by(total - now);
+            }
+        };
+        for (reason, units, bytes) in &s.evicted {
+            catch_up(
+                &self.evictions.with_label_values(&[reason.as_str()]),
+                *units,
+            );
+            catch_up(
+                &self.evicted_bytes.with_label_values(&[reason.as_str()]),
+                *bytes,
+            );
+        }
+        catch_up(&self.disk_full, s.disk_full);
+        self.budget.set(s.max_size.unwrap_or(0) as i64);
+        self.index_ready.set(i64::from(s.ready));
     }
 
     /// Records one answered request.

@@ -174,6 +174,7 @@ async fn metrics(cache: &Cache) -> Response<Body> {
     m.store_degraded.set(i64::from(status.degraded.is_some()));
     m.store_backfill.set(status.backfill as i64);
     m.store_remote_errors.set(status.remote_errors as i64);
+    m.policy(&cache.managed().stats());
     match cache.usage().await {
         Ok(u) => {
             m.stored_bytes.set(u.bytes as i64);

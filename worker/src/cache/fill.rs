@@ -18,7 +18,7 @@ use http::Method;
 use regcache_protocol::request::Kind;
 use regcache_protocol::response::{BlobStream, Outcome};
 use regcache_protocol::{Digest, Hasher, Name};
-use regcache_store::{Spool, Store};
+use regcache_store::{Managed, Spool, Store};
 use tokio::sync::{mpsc, watch};
 
 use super::Error;
@@ -176,7 +176,7 @@ impl Reader {
 pub(super) async fn run(
     writer: Writer,
     origin: Origin,
-    store: Arc<dyn Store>,
+    store: Arc<Managed>,
     upstream: Arc<Upstream>,
     metrics: Arc<Metrics>,
     name: Name,
@@ -192,6 +192,9 @@ pub(super) async fn run(
     metrics.fills_in_flight.dec();
     match &result {
         Ok(_) => metrics.fill_seconds(started.elapsed().as_secs_f64()),
+        Err(Error::NoRoom(e)) => {
+            tracing::info!(%name, %digest, "blob served uncached: {e}");
+        }
         Err(e) => {
             metrics.fill_failures.inc();
             tracing::warn!(%name, %digest, error = %e, "blob fill failed");
@@ -259,7 +262,7 @@ async fn resume(
 #[allow(clippy::too_many_arguments)]
 async fn fetch(
     origin: Origin,
-    store: &Arc<dyn Store>,
+    store: &Arc<Managed>,
     up: &Upstream,
     metrics: &Metrics,
     name: &Name,
@@ -287,6 +290,11 @@ async fn fetch(
             (Some(size), stream)
         }
     };
+    // Room first, before a byte is written: none means served uncached.
+    let _room = match total {
+        Some(size) => Some(store.reserve(digest, size).await?),
+        None => None,
+    };
     progress.send_replace(Progress::Writing { written: 0, total });
 
     // Bounded queues: a slow disk slows the upstream read, never a client.
@@ -294,15 +302,33 @@ async fn fetch(
     let (to_hash, mut hash_rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
     let file = spool.file().clone();
     let watcher = progress.clone();
+    let managed = store.clone();
+    let (name_, digest_) = (name.clone(), digest.clone());
     let writer = tokio::task::spawn_blocking(move || -> io::Result<u64> {
-        use std::io::Write;
         let mut written = 0u64;
+        let write = |chunk: &[u8], at: u64| -> io::Result<()> {
+            // At explicit offsets, so that a write retried after a full
+            // disk rewrites exactly what did not land.
+            loop {
+                match file.write_all_at(chunk, at) {
+                    Err(e) if e.kind() == io::ErrorKind::StorageFull => {
+                        let needed = total.map_or(chunk.len() as u64, |t| t.saturating_sub(at));
+                        if !managed.relieve(needed) {
+                            tracing::warn!(name = %name_, digest = %digest_, "cache disk full and nothing left to evict: this blob is not cached");
+                            return Err(e);
+                        }
+                        tracing::warn!(name = %name_, digest = %digest_, "cache disk full: evicted to make room");
+                    }
+                    other => return other,
+                }
+            }
+        };
         while let Some(chunk) = disk_rx.blocking_recv() {
-            (&*file).write_all(&chunk)?;
+            write(&chunk, written)?;
             written += chunk.len() as u64;
             // Wake readers once per batch, not once per network chunk.
             while let Ok(more) = disk_rx.try_recv() {
-                (&*file).write_all(&more)?;
+                write(&more, written)?;
                 written += more.len() as u64;
             }
             watcher.send_replace(Progress::Writing { written, total });

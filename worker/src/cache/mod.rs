@@ -15,6 +15,7 @@
 //! stored manifest is removed and fetched again: a broken disk costs upstream
 //! traffic, not answers.
 
+mod direct;
 mod fill;
 
 use std::collections::HashMap;
@@ -28,13 +29,14 @@ use regcache_protocol::internal::{self, Inventory};
 use regcache_protocol::request::Kind;
 use regcache_protocol::response::{BlobStream, Outcome};
 use regcache_protocol::{Algorithm, Digest, Manifest, Name, Reference, Tag};
-use regcache_store::{BlobReader, Key, SpoolDir, Store, TagRecord, Toucher};
+use regcache_store::{BlobReader, Key, Managed, SpoolDir, Store, TagRecord, Toucher};
 
 use fill::Fill;
 pub use fill::Reader;
 
 use crate::flights::Flights;
 use crate::metrics::Metrics;
+use crate::tag_rules::{Freshness, TagRules};
 use crate::upstream::{self, Upstream, MANIFEST_ACCEPT};
 
 /// Largest manifest accepted from upstream (distribution's own limit).
@@ -54,6 +56,9 @@ pub enum Error {
     /// A fill's failure, shared by every reader of it.
     #[error(transparent)]
     Shared(Arc<Error>),
+    /// The store has no room for the blob: it is served uncached.
+    #[error(transparent)]
+    NoRoom(#[from] regcache_store::NoRoom),
 }
 
 impl Error {
@@ -69,7 +74,21 @@ impl Error {
             _ => false,
         }
     }
+
+    /// The size of a blob there was no room for.
+    fn no_room(&self) -> Option<u64> {
+        match self {
+            Error::NoRoom(e) => Some(e.bytes),
+            Error::Shared(e) => e.no_room(),
+            _ => None,
+        }
+    }
 }
+
+/// How long a digest, once passed through, keeps bypassing the store.
+const BYPASS_FOR: Duration = Duration::from_secs(600);
+/// Digests remembered as bypassing, at most (oldest forgotten first).
+const BYPASS_MAX: usize = 10_000;
 
 /// A readable blob, committed in the store or being filled, with its size
 /// once known (`None`: upstream sent no length).
@@ -107,39 +126,113 @@ enum FlightKey {
     Digest(Name, Digest),
 }
 
+/// What a cache keeps of what it fetches, besides its store's policy.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub tags: TagRules,
+    /// False: manifests are passed through, never stored.
+    pub cache_manifests: bool,
+    /// False: last use is not recorded (LRU and expiry see store times).
+    pub record_use: bool,
+}
+
+impl Options {
+    /// Every tag fresh for `freshness`; everything stored and recorded.
+    #[cfg(test)]
+    pub fn uniform(freshness: Duration) -> Options {
+        Options {
+            tags: TagRules::uniform(freshness),
+            cache_manifests: true,
+            record_use: true,
+        }
+    }
+}
+
 /// The cache of one worker: its store, its upstream and the work in flight.
 pub struct Cache {
+    /// The store with its policy; `store` is the same, as a trait object.
+    managed: Arc<Managed>,
     store: Arc<dyn Store>,
     spools: SpoolDir,
     upstream: Arc<Upstream>,
     fills: Arc<Mutex<HashMap<Digest, Arc<Fill>>>>,
-    tag_freshness: Duration,
+    options: Options,
     metrics: Arc<Metrics>,
     /// The fill tasks, so that shutdown can wait for them.
     fill_tasks: tokio_util::task::TaskTracker,
     manifests: Flights<FlightKey, Result<(Manifest, Outcome), upstream::Error>>,
     touches: Toucher,
+    /// Digests served from upstream without storing: blobs there was no
+    /// room for (with their size) and what passed-through manifests refer
+    /// to (`never` tags), until the instant given.
+    bypass: Mutex<HashMap<Digest, (Option<u64>, std::time::Instant)>>,
 }
 
 impl Cache {
     pub fn new(
-        store: Arc<dyn Store>,
+        managed: Arc<Managed>,
         spools: SpoolDir,
         upstream: Upstream,
-        tag_freshness: Duration,
+        options: Options,
         metrics: Arc<Metrics>,
     ) -> Self {
         Cache {
-            store,
+            store: managed.clone(),
+            managed,
             spools,
             upstream: Arc::new(upstream),
             fills: Arc::default(),
-            tag_freshness,
+            options,
             metrics,
             fill_tasks: tokio_util::task::TaskTracker::new(),
             manifests: Flights::default(),
             touches: Toucher::new(TOUCH_EVERY),
+            bypass: Mutex::default(),
         }
+    }
+
+    /// The store with its policy.
+    pub fn managed(&self) -> &Arc<Managed> {
+        &self.managed
+    }
+
+    /// Serves `digest` from upstream, uncached, until [`BYPASS_FOR`] from now.
+    fn bypass(&self, digest: &Digest, size: Option<u64>) {
+        let now = std::time::Instant::now();
+        let mut b = self.bypass.lock().unwrap();
+        if b.len() >= BYPASS_MAX {
+            b.retain(|_, (_, until)| *until > now);
+            if b.len() >= BYPASS_MAX {
+                b.clear();
+            }
+        }
+        b.insert(digest.clone(), (size, now + BYPASS_FOR));
+    }
+
+    /// Is `digest` bypassing the store? `Some(size if known)`.
+    fn bypassing(&self, digest: &Digest) -> Option<Option<u64>> {
+        let b = self.bypass.lock().unwrap();
+        b.get(digest)
+            .filter(|(_, until)| *until > std::time::Instant::now())
+            .map(|(size, _)| *size)
+    }
+
+    /// `digest` straight from upstream: its size from `size` or a HEAD.
+    async fn direct(&self, name: &Name, digest: &Digest, size: Option<u64>) -> Result<Blob, Error> {
+        let size = match size {
+            Some(s) => s,
+            None => match self.upstream_blob_size(name, digest).await? {
+                Some(s) => s,
+                None => return Err(self.upstream.garbage("blob HEAD without a length").into()),
+            },
+        };
+        self.metrics.bypassed.inc();
+        let reader = direct::reader(self.upstream.clone(), name.clone(), digest.clone(), size);
+        Ok(Blob {
+            size: Some(size),
+            outcome: Outcome::Bypass,
+            source: Source::Stored(reader),
+        })
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -149,6 +242,17 @@ impl Cache {
     /// Is the upstream taken to be away right now?
     pub fn upstream_away(&self) -> bool {
         self.upstream.is_away()
+    }
+
+    /// Waits for the fills started so far, leaving new ones possible.
+    #[cfg(test)]
+    pub async fn drain_fills_for_tests(&self) {
+        loop {
+            if self.fills.lock().unwrap().is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Waits until every blob fill that has started is committed or has
@@ -163,7 +267,7 @@ impl Cache {
     async fn found<T>(&self, key: &Key, read: regcache_store::Result<Option<T>>) -> Option<T> {
         match read {
             Ok(found) => {
-                if found.is_some() && !matches!(key, Key::Tag(..)) {
+                if found.is_some() && !matches!(key, Key::Tag(..)) && self.options.record_use {
                     self.touches.used(&self.store, key.clone());
                 }
                 found
@@ -271,7 +375,10 @@ impl Cache {
                         refused = Some(fill);
                         continue;
                     }
-                    Err(e) => return Err(e),
+                    Err(e) => match e.no_room() {
+                        Some(size) => return self.direct(name, digest, Some(size)).await,
+                        None => return Err(e),
+                    },
                 }
             }
             if let Some(stored) = self.stored_blob(digest).await {
@@ -285,6 +392,10 @@ impl Cache {
                     },
                     source: Source::Stored(stored),
                 });
+            }
+            if let Some(size) = self.bypassing(digest) {
+                self.confirm(name, &key).await?;
+                return self.direct(name, digest, size).await;
             }
             // A slower store tier's copy (the shared bucket) saves upstream.
             let origin = match self.store.blob_source(digest).await {
@@ -320,7 +431,16 @@ impl Cache {
             let Some((fill, writer)) = fill else { continue };
             self.spawn_fill(fill.clone(), writer, origin, name, digest);
             let mut reader = fill.attach();
-            let size = reader.size().await?;
+            let size = match reader.size().await {
+                Ok(size) => size,
+                Err(e) => match e.no_room() {
+                    Some(size) => {
+                        self.bypass(digest, Some(size));
+                        return self.direct(name, digest, Some(size)).await;
+                    }
+                    None => return Err(e),
+                },
+            };
             return Ok(Blob {
                 size,
                 outcome: reader.outcome,
@@ -346,7 +466,7 @@ impl Cache {
         let run = fill::run(
             writer,
             origin,
-            self.store.clone(),
+            self.managed.clone(),
             self.upstream.clone(),
             self.metrics.clone(),
             name.clone(),
@@ -396,18 +516,27 @@ impl Cache {
             self.confirm(name, &key).await?;
             return Ok((Some(shared.size), Outcome::Hit));
         }
+        let size = self.upstream_blob_size(name, digest).await?;
+        Ok((size, Outcome::Miss))
+    }
+
+    /// An upstream HEAD of a blob for `name` (linking it on success).
+    async fn upstream_blob_size(
+        &self,
+        name: &Name,
+        digest: &Digest,
+    ) -> Result<Option<u64>, upstream::Error> {
         let up = &self.upstream;
         let path = format!("/v2/{name}/blobs/{digest}");
         let resp = up.send(Method::HEAD, Some(name), &path, None).await?;
         let resp = up.check(resp, Kind::Blob, &digest.to_string())?;
-        self.link(name, &key).await;
+        self.link(name, &Key::Blob(digest.clone())).await;
         // Not `content_length()`: that is the (empty) HEAD body's length.
-        let size = resp
+        Ok(resp
             .headers()
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
-        Ok((size, Outcome::Miss))
+            .and_then(|v| v.parse().ok()))
     }
 
     /// A manifest by tag or digest.
@@ -417,6 +546,15 @@ impl Cache {
         reference: &Reference,
     ) -> Result<(Manifest, Outcome), Error> {
         match reference {
+            Reference::Digest(d)
+                if !self.options.cache_manifests || self.bypassing(d).is_some() =>
+            {
+                let m = self
+                    .fetch_manifest(name, &d.to_string(), Some(d), false)
+                    .await?;
+                self.metrics.bypassed.inc();
+                Ok((m, Outcome::Bypass))
+            }
             Reference::Digest(d) => {
                 if let Some(m) = self.stored_manifest(d).await {
                     let asked = self.confirm(name, &Key::Manifest(d.clone())).await?;
@@ -438,6 +576,25 @@ impl Cache {
         name: &Name,
         tag: &Tag,
     ) -> Result<(Manifest, Outcome), Error> {
+        let freshness = match self.options.tags.of(name, tag) {
+            Freshness::For(_) if !self.options.cache_manifests => {
+                let m = self.fetch_manifest(name, tag.as_str(), None, false).await?;
+                self.metrics.bypassed.inc();
+                return Ok((m, Outcome::Bypass));
+            }
+            Freshness::For(d) => d,
+            // Passed through, and so is what it refers to.
+            Freshness::Never => {
+                let m = self.fetch_manifest(name, tag.as_str(), None, false).await?;
+                if let Ok(refs) = regcache_protocol::manifest::references(&m) {
+                    for d in refs.blobs.iter().chain(&refs.manifests) {
+                        self.bypass(d, None);
+                    }
+                }
+                self.metrics.bypassed.inc();
+                return Ok((m, Outcome::Bypass));
+            }
+        };
         let key = Key::Tag(name.clone(), tag.clone());
         let cached = self.found(&key, self.store.tag_get(name, tag).await).await;
         let cached_manifest = match &cached {
@@ -448,7 +605,7 @@ impl Cache {
             let age = SystemTime::now()
                 .duration_since(rec.confirmed)
                 .unwrap_or_default();
-            if age < self.tag_freshness {
+            if age < freshness {
                 return Ok((m.clone(), Outcome::Hit));
             }
         }
@@ -482,7 +639,7 @@ impl Cache {
         let (cache, name, digest) = (self.clone(), name.clone(), d.clone());
         let fetch = async move {
             let m = cache
-                .fetch_manifest(&name, &digest.to_string(), Some(&digest))
+                .fetch_manifest(&name, &digest.to_string(), Some(&digest), true)
                 .await?;
             Ok((m, Outcome::Miss))
         };
@@ -520,7 +677,7 @@ impl Cache {
                 None => self.fetch_by_digest(name, &d).await?,
             },
             // No digest in the HEAD answer: fetch by tag and hash what we got.
-            None => self.fetch_manifest(name, tag.as_str(), None).await?,
+            None => self.fetch_manifest(name, tag.as_str(), None, true).await?,
         };
         self.record_tag(name, tag, &manifest.digest).await;
         let outcome = if cached.is_some() {
@@ -543,12 +700,13 @@ impl Cache {
     }
 
     /// GETs a manifest, verifies it against `expected` (or the upstream's
-    /// `Docker-Content-Digest`) and stores it byte for byte.
+    /// `Docker-Content-Digest`) and, if `keep`, stores it byte for byte.
     async fn fetch_manifest(
         &self,
         name: &Name,
         reference: &str,
         expected: Option<&Digest>,
+        keep: bool,
     ) -> Result<Manifest, upstream::Error> {
         let up = &self.upstream;
         let path = format!("/v2/{name}/manifests/{reference}");
@@ -600,6 +758,9 @@ impl Cache {
             bytes,
             digest,
         };
+        if !keep {
+            return Ok(m);
+        }
         match self.store.manifest_put(&m).await {
             Ok(()) => self.link_manifest(name, &m).await,
             Err(e) => {
@@ -653,16 +814,26 @@ impl Cache {
         Ok(Inventory {
             repositories: repositories
                 .into_iter()
-                .map(|(name, r)| {
+                .filter_map(|(name, r)| {
+                    // What was evicted is not listed.
+                    let manifests: Vec<Digest> = r
+                        .manifests
+                        .into_iter()
+                        .filter(|d| self.managed.has_manifest(d))
+                        .collect();
+                    if manifests.is_empty() && r.tags.is_empty() {
+                        return None;
+                    }
                     let repo = internal::Repository {
                         tags: r
                             .tags
                             .into_iter()
                             .map(|(t, rec)| (t.to_string(), rec.digest.to_string()))
                             .collect(),
-                        manifests: r.manifests.iter().map(Digest::to_string).collect(),
+                        bytes: self.managed.sizes(&manifests),
+                        manifests: manifests.iter().map(Digest::to_string).collect(),
                     };
-                    (name.to_string(), repo)
+                    Some((name.to_string(), repo))
                 })
                 .collect(),
             blobs: usage.blobs,

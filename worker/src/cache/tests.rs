@@ -8,7 +8,8 @@ use bytes::Bytes;
 use futures_util::TryStreamExt;
 use regcache_protocol::response::Outcome;
 use regcache_protocol::{Digest, Name, Reference};
-use regcache_store::FsStore;
+use regcache_store::policy::Policy;
+use regcache_store::{FsStore, Managed};
 use regcache_testkit::fake::{ms, FakeRegistry, Serve};
 use regcache_testkit::{random_bytes, OCI_MANIFEST};
 
@@ -24,21 +25,27 @@ pub(crate) struct Harness {
 }
 
 pub(crate) fn harness(tag_freshness: Duration) -> Harness {
+    harness_with(super::Options::uniform(tag_freshness), Policy::default())
+}
+
+/// A cache with these options and this store policy (its index built).
+pub(crate) fn harness_with(options: super::Options, policy: Policy) -> Harness {
     let fake = FakeRegistry::start();
     let dir = tempfile::tempdir().unwrap();
     let store = FsStore::open(dir.path()).unwrap();
     let spools = store.spools().unwrap().clone();
     let metrics = Arc::new(Metrics::new(&fake.addr()));
-    let options = crate::config::UpstreamOptions::default();
-    let upstream =
-        Upstream::new(fake.url().parse().unwrap(), None, options, metrics.clone()).unwrap();
-    let cache = Arc::new(Cache::new(
-        Arc::new(store),
-        spools,
-        upstream,
-        tag_freshness,
-        metrics,
-    ));
+    let up_options = crate::config::UpstreamOptions::default();
+    let upstream = Upstream::new(
+        fake.url().parse().unwrap(),
+        None,
+        up_options,
+        metrics.clone(),
+    )
+    .unwrap();
+    let managed = Managed::new(Arc::new(store.clone()), store, policy);
+    managed.build_index();
+    let cache = Arc::new(Cache::new(managed, spools, upstream, options, metrics));
     Harness { fake, dir, cache }
 }
 
@@ -324,4 +331,187 @@ async fn a_manifest_fetched_for_a_repository_links_its_blobs() {
         "{}",
         regcache_testkit::fake::describe(&since)
     );
+}
+
+fn budget(bytes: u64) -> Policy {
+    Policy {
+        max_size: Some(bytes),
+        ..Policy::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_larger_than_the_budget_is_served_whole_and_stored_nowhere() {
+    let h = harness_with(
+        super::Options::uniform(Duration::from_secs(60)),
+        budget(1000),
+    );
+    let data = random_bytes(5000);
+    let blob = h.fake.add_blob("org/img", &data);
+    let digest: Digest = blob.digest.parse().unwrap();
+    for _ in 0..2 {
+        let got = h.cache.blob(&name("org/img"), &digest).await.unwrap();
+        assert_eq!(got.outcome, Outcome::Bypass);
+        assert_eq!(got.size, Some(5000));
+        assert!(read_all(got).await.unwrap() == data);
+    }
+    assert_eq!(h.cache.usage().await.unwrap().bytes, 0);
+    // The first request's fill learnt there was no room; the second went
+    // straight to upstream: one GET each, no more.
+    assert_eq!(
+        h.fake.count("GET", &blob.path),
+        3,
+        "{}",
+        h.fake.describe_requests()
+    );
+    let ranged = h.cache.blob(&name("org/img"), &digest).await.unwrap();
+    let chunks: Vec<Bytes> = ranged.stream(100, Some(200)).try_collect().await.unwrap();
+    assert!(chunks.concat() == data[100..200]);
+    assert_eq!(h.cache.managed().stats().refused, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fills_beyond_the_budget_evict_the_least_recently_used_image() {
+    // Each image is a 2000-byte layer (a 3072-byte tar), a config and a
+    // manifest: about 4.4 kB; two fit.
+    let h = harness_with(
+        super::Options::uniform(Duration::from_secs(60)),
+        budget(10_000),
+    );
+    let mut images = Vec::new();
+    for i in 0..3 {
+        let img = h.fake.add_image(&format!("org/app{i}"), "1", &[2000]);
+        let n = name(&format!("org/app{i}"));
+        let tag = Reference::Tag("1".parse().unwrap());
+        h.cache.manifest(&n, &tag).await.unwrap();
+        for d in [&img.config_digest, &img.layer_digests[0]] {
+            let blob = h.cache.blob(&n, &d.parse().unwrap()).await.unwrap();
+            assert_ne!(blob.outcome, Outcome::Bypass);
+            read_all(blob).await.unwrap();
+            // Committed before the next one starts (the fill runs on).
+            h.cache.drain_fills_for_tests().await;
+        }
+        assert!(h.cache.usage().await.unwrap().bytes <= 10_000);
+        images.push((n, img));
+    }
+    let stats = h.cache.managed().stats();
+    assert_eq!(stats.evicted[0].1, 1, "one image went: {stats:?}");
+    let (first, img0) = &images[0];
+    let stored = h
+        .cache
+        .store
+        .blob_size(&img0.layer_digests[0].parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(stored, None, "the least recently used image went");
+    assert!(h
+        .cache
+        .store
+        .tag_get(first, &"1".parse().unwrap())
+        .await
+        .unwrap()
+        .is_none());
+    let (_, img2) = &images[2];
+    let kept = h
+        .cache
+        .store
+        .blob_size(&img2.layer_digests[0].parse().unwrap())
+        .await
+        .unwrap();
+    assert!(kept.is_some());
+}
+
+#[tokio::test]
+async fn tag_rules_revalidate_every_time_or_pass_through_storing_nothing() {
+    let rules =
+        crate::tag_rules::TagRules::parse("latest=0s;nightly-*=never", Duration::from_secs(60))
+            .unwrap();
+    let options = super::Options {
+        tags: rules,
+        cache_manifests: true,
+        record_use: true,
+    };
+    let h = harness_with(options, Policy::default());
+    let img = h.fake.add_image("org/app", "latest", &[100]);
+    h.fake
+        .add_manifest("org/app", Some("nightly-1"), OCI_MANIFEST, &img.manifest);
+    let n = name("org/app");
+    let latest = Reference::Tag("latest".parse().unwrap());
+    h.cache.manifest(&n, &latest).await.unwrap();
+    for _ in 0..3 {
+        let mark = h.fake.request_count();
+        let (_, outcome) = h.cache.manifest(&n, &latest).await.unwrap();
+        assert_eq!(outcome, Outcome::Revalidated);
+        let since = h.fake.requests_since(mark);
+        assert_eq!(
+            since.len(),
+            1,
+            "{}",
+            regcache_testkit::fake::describe(&since)
+        );
+        assert_eq!(since[0].method, "HEAD");
+    }
+
+    let h = harness_with(
+        super::Options {
+            tags: crate::tag_rules::TagRules::parse("nightly-*=never", Duration::from_secs(60))
+                .unwrap(),
+            cache_manifests: true,
+            record_use: true,
+        },
+        Policy::default(),
+    );
+    let img = h.fake.add_image("org/app", "nightly-1", &[100]);
+    let nightly = Reference::Tag("nightly-1".parse().unwrap());
+    for _ in 0..2 {
+        let (m, outcome) = h.cache.manifest(&n, &nightly).await.unwrap();
+        assert_eq!(
+            (m.digest.to_string(), outcome),
+            (img.manifest_digest.clone(), Outcome::Bypass)
+        );
+        let layer: Digest = img.layer_digests[0].parse().unwrap();
+        let blob = h.cache.blob(&n, &layer).await.unwrap();
+        assert_eq!(blob.outcome, Outcome::Bypass);
+        read_all(blob).await.unwrap();
+    }
+    assert_eq!(h.fake.count("GET", "/v2/org/app/manifests/nightly-1"), 2);
+    assert_eq!(
+        h.cache.usage().await.unwrap(),
+        Default::default(),
+        "nothing stored"
+    );
+    assert!(h
+        .cache
+        .store
+        .tag_get(&n, &"nightly-1".parse().unwrap())
+        .await
+        .unwrap()
+        .is_none());
+}
+
+#[tokio::test]
+async fn without_manifest_caching_manifests_pass_through_and_blobs_are_still_cached() {
+    let options = super::Options {
+        cache_manifests: false,
+        ..super::Options::uniform(Duration::from_secs(60))
+    };
+    let h = harness_with(options, Policy::default());
+    let img = h.fake.add_image("org/app", "1", &[100]);
+    let n = name("org/app");
+    let by_digest = Reference::Digest(img.manifest_digest.parse().unwrap());
+    for r in [
+        Reference::Tag("1".parse().unwrap()),
+        by_digest.clone(),
+        by_digest,
+    ] {
+        let (_, outcome) = h.cache.manifest(&n, &r).await.unwrap();
+        assert_eq!(outcome, Outcome::Bypass);
+    }
+    assert_eq!(h.cache.usage().await.unwrap().manifests, 0);
+    let config: Digest = img.config_digest.parse().unwrap();
+    read_all(h.cache.blob(&n, &config).await.unwrap())
+        .await
+        .unwrap();
+    h.cache.drain_fills_for_tests().await;
+    assert_eq!(h.cache.usage().await.unwrap().blobs, 1);
 }
