@@ -60,7 +60,9 @@ pub struct Index {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unit {
     pub root: Key,
-    /// The latest use of anything in it.
+    /// The latest use of its manifests (every pull reads them; a layer read
+    /// for another image that shares it is no use of this one); for a
+    /// loose blob, its own.
     pub used: SystemTime,
     /// Stored manifests of the unit, the root first.
     pub manifests: Vec<Digest>,
@@ -219,7 +221,6 @@ impl Index {
                     unit.referenced.push(b.clone());
                     match self.blobs.get(b) {
                         Some(e) if seen.insert(b.clone()) => {
-                            unit.used = unit.used.max(e.used);
                             unit.bytes += e.size;
                             unit.blobs.push(b.clone());
                         }

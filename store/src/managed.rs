@@ -158,11 +158,7 @@ impl Managed {
     /// How often expiry and the floor are checked: often enough that
     /// nothing outlives its TTL by much more than a quarter of it.
     fn sweep_every(&self) -> Duration {
-        let every = Duration::from_secs(60);
-        match self.policy.ttl {
-            Some(ttl) => (ttl / 4).clamp(Duration::from_secs(1), every),
-            None => every,
-        }
+        self.policy.touch_every().max(Duration::from_secs(1))
     }
 
     /// Scans the local tier and merges what it found (blocking).
@@ -196,9 +192,6 @@ impl Managed {
         digest: &Digest,
         bytes: u64,
     ) -> std::result::Result<Reservation, NoRoom> {
-        if self.policy.max_size.is_none() && self.policy.min_free.is_none() {
-            return Ok(Reservation { owner: None });
-        }
         let (me, d) = (self.clone(), digest.clone());
         let result = tokio::task::spawn_blocking(move || {
             let (c, _) = me.collect_now(bytes, &me.policy, false, None);
@@ -229,7 +222,7 @@ impl Managed {
             Some(max) if bytes > max => {
                 format!("larger than REGCACHE_MAX_SIZE ({})", policy::size(max))
             }
-            _ => "everything else stored is in use by pulls in progress".into(),
+            _ => "the budget or the disk is taken by pulls in progress".into(),
         }
     }
 
@@ -260,7 +253,8 @@ impl Managed {
         dry_run: bool,
         as_reason: Option<Reason>,
     ) -> (Collected, Report) {
-        let disk = if policy.min_free.is_some() {
+        // The disk must hold what is about to be written, floor or not.
+        let disk = if policy.min_free.is_some() || need > 0 {
             self.local.disk()
         } else {
             None
@@ -401,6 +395,12 @@ impl Managed {
         !st.ready || st.index.manifest(d).is_some()
     }
 
+    /// Records a use of `key` now, in memory (the disk hears of it through
+    /// [`Store::touch`], at most once per interval).
+    pub fn used(&self, key: &Key) {
+        self.learn(|ix| ix.used(key, SystemTime::now()));
+    }
+
     /// Records in the index what a read found that it did not know (written
     /// by another tier, or before the scan).
     fn learn(&self, f: impl FnOnce(&mut Index)) {
@@ -409,14 +409,19 @@ impl Managed {
     }
 }
 
-/// Current use times of a unit's files, as the disk has them.
+/// Current use times of what a unit's use is made of (its manifests; a
+/// loose blob itself), as the disk has them.
 fn unit_times(local: &FsStore, unit: &Unit) -> Vec<(Key, SystemTime)> {
-    let keys = unit
-        .manifests
-        .iter()
-        .map(|d| Key::Manifest(d.clone()))
-        .chain(unit.blobs.iter().map(|d| Key::Blob(d.clone())));
-    keys.filter_map(|k| local.mtime(&k).map(|t| (k, t)))
+    let keys: Vec<Key> = match &unit.root {
+        Key::Blob(d) => vec![Key::Blob(d.clone())],
+        _ => unit
+            .manifests
+            .iter()
+            .map(|d| Key::Manifest(d.clone()))
+            .collect(),
+    };
+    keys.into_iter()
+        .filter_map(|k| local.mtime(&k).map(|t| (k, t)))
         .collect()
 }
 

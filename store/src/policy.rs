@@ -29,6 +29,16 @@ impl Policy {
         *self == Policy::default()
     }
 
+    /// How often a use of one item is written down: once a minute, or often
+    /// enough for the TTL to see it (a quarter of it).
+    pub fn touch_every(&self) -> Duration {
+        let minute = Duration::from_secs(60);
+        match self.ttl {
+            Some(ttl) => (ttl / 4).clamp(Duration::from_millis(100), minute),
+            None => minute,
+        }
+    }
+
     /// For logs and `check-config`.
     pub fn describe(&self) -> String {
         let mut parts = Vec::new();
@@ -140,6 +150,7 @@ pub struct Moment<'a> {
     pub now: SystemTime,
     /// Room wanted on top of what is stored (a fill about to be written).
     pub need: u64,
+    /// The filesystem, when it matters (a floor is set, or room is needed).
     pub disk: Option<Disk>,
     /// Digests being filled: images referring to them stay.
     pub filling: &'a HashSet<Digest>,
@@ -169,10 +180,11 @@ pub fn reason(
     if policy.max_size.is_some_and(|max| stored + at.need > max) {
         return Some(Reason::Size);
     }
-    if let (Some(floor), Some(disk)) = (policy.min_free, at.disk) {
-        if disk.available + freed < floor.bytes(disk.total) + at.need {
-            return Some(Reason::Disk);
-        }
+    if at
+        .disk
+        .is_some_and(|disk| disk.available + freed < floor(policy, disk) + at.need)
+    {
+        return Some(Reason::Disk);
     }
     None
 }
@@ -239,11 +251,16 @@ fn pressure(index: &Index, freed: u64, policy: &Policy, at: &Moment) -> bool {
     let over = policy
         .max_size
         .is_some_and(|max| index.bytes() + at.need > max);
-    let under = match (policy.min_free, at.disk) {
-        (Some(floor), Some(disk)) => disk.available + freed < floor.bytes(disk.total) + at.need,
-        _ => false,
-    };
+    let under = at
+        .disk
+        .is_some_and(|disk| disk.available + freed < floor(policy, disk) + at.need);
     over || under
+}
+
+/// The free space to leave: `REGCACHE_MIN_FREE`, or none (but what is
+/// about to be written must still fit).
+fn floor(policy: &Policy, disk: Disk) -> u64 {
+    policy.min_free.map_or(0, |f| f.bytes(disk.total))
 }
 
 #[cfg(test)]

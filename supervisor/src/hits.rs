@@ -25,24 +25,30 @@ use regcache_protocol::{Authority, Reference};
 use regcache_store::{FsStore, Key, Store, Toucher};
 use regcache_worker::metrics::Metrics;
 
-/// A use is written to the store at most this often per item.
-const TOUCH_EVERY: Duration = Duration::from_secs(60);
-
 /// What the front needs to answer one upstream's hits itself.
 pub struct LocalHits {
     store: Arc<dyn Store>,
     /// The worker's request series for these answers, summed with the
     /// worker's own on the metrics page.
     metrics: Arc<Metrics>,
-    touches: Toucher,
+    /// `None`: uses are not recorded (`REGCACHE_RECORD_USE=false`).
+    touches: Option<Toucher>,
 }
 
 impl LocalHits {
-    pub fn new(root: &Path, upstream: &Authority) -> LocalHits {
+    /// Hits of the store at `root`, recording uses at most once per
+    /// `touch_every` per item, as its worker does.
+    pub fn new(root: &Path, upstream: &Authority, touch_every: Option<Duration>) -> LocalHits {
         LocalHits {
             store: Arc::new(FsStore::view(root)),
             metrics: Arc::new(Metrics::for_front(&upstream.to_string())),
-            touches: Toucher::new(TOUCH_EVERY),
+            touches: touch_every.map(Toucher::new),
+        }
+    }
+
+    fn used(&self, key: Key) {
+        if let Some(t) = &self.touches {
+            t.used(&self.store, key);
         }
     }
 
@@ -71,7 +77,7 @@ impl LocalHits {
         let resp = match &request.endpoint {
             Endpoint::Blob(d) => {
                 let reader = self.store.blob_open(d).await.ok()??;
-                self.touches.used(&self.store, Key::Blob(d.clone()));
+                self.used(Key::Blob(d.clone()));
                 let metrics = self.metrics.clone();
                 let size = reader.size;
                 response::blob(
@@ -88,7 +94,7 @@ impl LocalHits {
             }
             Endpoint::Manifest(Reference::Digest(d)) => {
                 let m = self.store.manifest_get(d).await.ok()??;
-                self.touches.used(&self.store, Key::Manifest(d.clone()));
+                self.used(Key::Manifest(d.clone()));
                 let resp = response::manifest(headers, &m, Outcome::Hit);
                 if request.method == Method::Get && resp.status() == StatusCode::OK {
                     self.metrics.served(Outcome::Hit, m.bytes.len() as u64);

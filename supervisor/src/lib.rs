@@ -122,9 +122,13 @@ pub(crate) fn front(
     workers: Vec<Arc<workers::Worker>>,
     metrics: Arc<metrics::Metrics>,
 ) -> server::Front {
+    let inherited: Vec<(String, String)> = std::env::vars().collect();
     let local = workers
         .iter()
-        .map(|w| hits::LocalHits::new(&w.storage, &w.upstream.authority))
+        .map(|w| {
+            let touch = workers::touch_every(&inherited, &w.upstream);
+            hits::LocalHits::new(&w.storage, &w.upstream.authority, touch)
+        })
         .collect();
     server::Front {
         routes: routing::Routes::new(&settings.upstreams),

@@ -141,6 +141,15 @@ pub fn worker_env(
     env
 }
 
+/// How often the front records a use of `up`'s content, as its worker does
+/// (`None`: not at all).
+pub fn touch_every(inherited: &[(String, String)], up: &Upstream) -> Option<std::time::Duration> {
+    let env = worker_env(inherited.iter().cloned(), up);
+    let get = |k: &str| env.get(k).cloned();
+    let policy = regcache_worker::config::policy_from(&get).unwrap_or_default();
+    regcache_worker::config::record_use_from(&get).then(|| policy.touch_every())
+}
+
 /// Checks, before anything starts, what each worker would refuse at start
 /// (credential files it cannot read, half a username/password pair, a bad
 /// duration, an unknown storage driver): a worker failing on these would

@@ -539,9 +539,19 @@ impl FakeRegistry {
     /// bytes of `layer_sizes`, config, manifest; the same builder the real
     /// upstream is seeded with) and serve it as `repo:tag`.
     pub fn add_image(&self, repo: &str, tag: &str, layer_sizes: &[usize]) -> ImageParts {
+        let tars: Vec<Vec<u8>> = layer_sizes
+            .iter()
+            .map(|s| crate::random_layer("layer", *s))
+            .collect();
+        self.add_image_of(repo, tag, &tars)
+    }
+
+    /// Like [`FakeRegistry::add_image`], of the given layers (images made
+    /// of one layer share it).
+    pub fn add_image_of(&self, repo: &str, tag: &str, tars: &[Vec<u8>]) -> ImageParts {
         let work = temp_dir("regcache-fake-image-");
         let layout = OciLayout::create(&work.path().join("layout"));
-        let image = layout.build_image("amd64", "linux", layer_sizes);
+        let image = layout.build_image_from("amd64", "linux", tars);
         for d in image.blob_digests() {
             let data = std::fs::read(layout.dir.join("blobs/sha256").join(digest_hex(&d)))
                 .expect("read built blob");

@@ -142,6 +142,10 @@ impl CmdOutput {
     pub fn success(&self) -> bool {
         self.status.map(|s| s.success()).unwrap_or(false)
     }
+
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
 }
 
 /// Run `cmd` with stdout/stderr captured in files (no pipe deadlock), killing
@@ -877,12 +881,21 @@ impl OciLayout {
     /// Build one image of uncompressed tar layers, each holding one file of
     /// random bytes of the given size, plus its config and manifest.
     pub fn build_image(&self, arch: &str, os: &str, layer_sizes: &[usize]) -> ImageParts {
+        let tars: Vec<Vec<u8>> = layer_sizes
+            .iter()
+            .enumerate()
+            .map(|(i, size)| random_layer(&format!("layer{i}"), *size))
+            .collect();
+        self.build_image_from(arch, os, &tars)
+    }
+
+    /// Build one image of the given (uncompressed tar) layers: images built
+    /// from one layer share it.
+    pub fn build_image_from(&self, arch: &str, os: &str, tars: &[Vec<u8>]) -> ImageParts {
         let mut layers = Vec::new();
-        for (i, size) in layer_sizes.iter().enumerate() {
-            let name = format!("layer{i}-{}.bin", random_token());
-            let tar = tar_with_one_file(&name, &random_bytes(*size));
+        for tar in tars {
             let len = tar.len() as u64;
-            layers.push((self.put_blob(&tar), len));
+            layers.push((self.put_blob(tar), len));
         }
         let layer_digests: Vec<String> = layers.iter().map(|(d, _)| d.clone()).collect();
         let config = serde_json::json!({
@@ -918,6 +931,14 @@ impl OciLayout {
             os: os.to_owned(),
         }
     }
+}
+
+/// A layer: a tar of one file of `size` random bytes.
+pub fn random_layer(prefix: &str, size: usize) -> Vec<u8> {
+    tar_with_one_file(
+        &format!("{prefix}-{}.bin", random_token()),
+        &random_bytes(size),
+    )
 }
 
 /// A valid uncompressed (ustar) tar archive holding one regular file.

@@ -59,6 +59,16 @@ pub fn policy_from(
     })
 }
 
+/// `REGCACHE_RECORD_USE`: true unless set to false.
+pub fn record_use_from(env: &impl Fn(&str) -> Option<String>) -> bool {
+    !matches!(
+        env("REGCACHE_RECORD_USE")
+            .map(|v| v.trim().to_ascii_lowercase())
+            .as_deref(),
+        Some("false" | "0" | "no")
+    )
+}
+
 /// `REGCACHE_TAG_RULES` over `REGCACHE_TAG_FRESHNESS`.
 pub fn tag_rules_from(env: &impl Fn(&str) -> Option<String>) -> Result<TagRules, Error> {
     let default = duration_from(env, "REGCACHE_TAG_FRESHNESS", DEFAULT_TAG_FRESHNESS)?;
@@ -326,12 +336,7 @@ impl Settings {
                     .as_deref(),
                 Some("false" | "0" | "no")
             ),
-            record_use: !matches!(
-                env("REGCACHE_RECORD_USE")
-                    .map(|v| v.trim().to_ascii_lowercase())
-                    .as_deref(),
-                Some("false" | "0" | "no")
-            ),
+            record_use: record_use_from(&env),
         })
     }
 }

@@ -41,8 +41,6 @@ use crate::upstream::{self, Upstream, MANIFEST_ACCEPT};
 
 /// Largest manifest accepted from upstream (distribution's own limit).
 const MAX_MANIFEST_BYTES: u64 = 4 << 20;
-/// A use is written to the store at most this often per item.
-const TOUCH_EVERY: Duration = Duration::from_secs(60);
 
 /// Why the cache could not answer.
 #[derive(Debug, thiserror::Error)]
@@ -178,6 +176,7 @@ impl Cache {
     ) -> Self {
         Cache {
             store: managed.clone(),
+            touches: Toucher::new(managed.policy().touch_every()),
             managed,
             spools,
             upstream: Arc::new(upstream),
@@ -186,7 +185,6 @@ impl Cache {
             metrics,
             fill_tasks: tokio_util::task::TaskTracker::new(),
             manifests: Flights::default(),
-            touches: Toucher::new(TOUCH_EVERY),
             bypass: Mutex::default(),
         }
     }
@@ -268,6 +266,7 @@ impl Cache {
         match read {
             Ok(found) => {
                 if found.is_some() && !matches!(key, Key::Tag(..)) && self.options.record_use {
+                    self.managed.used(key);
                     self.touches.used(&self.store, key.clone());
                 }
                 found
