@@ -69,6 +69,9 @@ P_RC_S3 = PORT_BASE + 11  # regcache on S3, node 1
 P_RC_S3B = PORT_BASE + 12  # regcache on S3, node 2 (same bucket, its own disk)
 P_S3 = PORT_BASE + 40  # the S3 server (s3s-fs)
 S3_SERVER = os.environ.get("BENCH_S3_SERVER", "")  # s3s-fs binary; empty: no S3 phase
+P_RC_IDX = PORT_BASE + 13  # regcache started on a store of INDEX_BLOBS blobs
+P_RC_NOUSE = PORT_BASE + 14  # regcache with REGCACHE_RECORD_USE=false
+INDEX_BLOBS = env_int("BENCH_INDEX_BLOBS", 100_000, 0, 1_000_000)
 
 REPO = "bench/app"
 COLD_REPO = "bench/cold"
@@ -521,6 +524,115 @@ def start_s3():
             "REGISTRY_STORAGE_REDIRECT_DISABLE": "true"}
 
 
+def write_store(root, blobs, per_manifest=100):
+    """A store of `blobs` small blobs and one image manifest (with a tag) per
+    `per_manifest` of them, in regcache's filesystem layout, written
+    directly (as a long-running cache would have it)."""
+    digests = []
+    for i in range(blobs):
+        data = f"regcache bench blob {i}\n".encode()
+        hexd = hashlib.sha256(data).hexdigest()
+        d = os.path.join(root, "blobs", "sha256", hexd[:2])
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, hexd), "wb") as f:
+            f.write(data)
+        digests.append((hexd, len(data)))
+    tags = os.path.join(root, "repositories", "bench", "index", "_tags")
+    os.makedirs(tags, exist_ok=True)
+    for j in range(0, blobs, per_manifest):
+        layers = [{"mediaType": OCI_LAYER, "digest": "sha256:" + h, "size": n}
+                  for h, n in digests[j:j + per_manifest]]
+        body = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": layers[0],
+                           "layers": layers[1:]}).encode()
+        hexd = hashlib.sha256(body).hexdigest()
+        d = os.path.join(root, "manifests", "sha256", hexd[:2])
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, hexd), "wb") as f:
+            f.write(OCI_MANIFEST.encode() + b"\n" + body)
+        with open(os.path.join(tags, f"t{j}"), "w") as f:
+            f.write(f"sha256:{hexd}\n{int(time.time() * 1000)}\n")
+
+
+def timed_start(name, port, extra_env):
+    """Starts a regcache; (seconds to its first 200 on /v2/, process)."""
+    d = os.path.join(WORK, name)
+    env = dict(os.environ)
+    env["CONFIG"] = json.dumps([{"registry": f"http://127.0.0.1:{P_UP_RC}", "aliases": [RC_PREFIX]}])
+    for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "REGCACHE_LISTEN", "REGCACHE_STORAGE"):
+        env.pop(k, None)
+    env.update(extra_env)
+    t = time.monotonic()
+    p = start(name, [REGCACHE, "--listen", f"127.0.0.1:{port}", "--storage", os.path.join(d, "data")],
+              env=env, stdout=os.path.join(WORK, "logs", f"{name}.log"))
+    url = f"http://127.0.0.1:{port}/v2/"
+    while True:
+        if p.poll() is not None:
+            raise BenchError(f"{name} exited while starting; see logs/{name}.log")
+        try:
+            if http_status(url, timeout=1)[0] == 200:
+                return time.monotonic() - t, p
+        except OSError:
+            pass
+        if time.monotonic() - t > 60:
+            raise BenchError(f"{name} not ready after 60 s")
+        time.sleep(0.005)
+
+
+def index_phase(R, images, rc_pid):
+    """Start-up on a store of INDEX_BLOBS blobs beside start-up on an empty
+    one, how long the background index takes, and the warm path with
+    last-use bookkeeping on (the main regcache) and off."""
+    X = {}
+    empty_s, p = timed_start("regcache-empty", P_RC_IDX, {"REGCACHE_MAX_SIZE": "1TiB"})
+    p.terminate()
+    p.wait(timeout=30)
+    root = os.path.join(WORK, "regcache-index", "data", f"127.0.0.1_{P_UP_RC}")
+    log(f"index phase: writing a store of {INDEX_BLOBS} blobs")
+    write_store(root, INDEX_BLOBS)
+    # Cold page cache for the directories would be fairer but needs root;
+    # the files were just written, as after a restart on a busy host.
+    ready_s, p = timed_start("regcache-index", P_RC_IDX, {"REGCACHE_MAX_SIZE": "1TiB"})
+    t = time.monotonic()
+    built = None
+    while time.monotonic() - t < 120:
+        _, _, body = http_status(f"http://127.0.0.1:{P_RC_IDX}/metrics", timeout=5)
+        if re.search(rb"^regcache_cache_index_ready\{[^}]*\} 1$", body, re.M):
+            built = time.monotonic() - t + ready_s
+            m = re.search(rb"^regcache_cache_blobs\{[^}]*\} (\d+)$", body, re.M)
+            X["indexed_blobs"] = int(m.group(1)) if m else -1
+            break
+        time.sleep(0.02)
+    with open(os.path.join(WORK, "logs", "regcache-index.log"), errors="replace") as f:
+        m = re.search(r"cache index built in (\d+) ms", f.read())
+    X.update(empty_start=empty_s, start=ready_s, index_built=built,
+             scan_ms=int(m.group(1)) if m else None, rss=tree_hwm_mib(p.pid))
+    p.terminate()
+    p.wait(timeout=30)
+
+    # Bookkeeping off: same image, warmed, then wrk and blob GETs interleaved
+    # with the main regcache (bookkeeping on).
+    _, nouse = timed_start("regcache-nouse", P_RC_NOUSE, {"REGCACHE_RECORD_USE": "false"})
+    im = images[0]
+    pull(f"127.0.0.1:{P_RC_NOUSE}/{RC_PREFIX}/{REPO}:{im['tag']}", "nouse-cold")
+    mdig = im["manifest"]
+    urls = {"on": f"http://127.0.0.1:{P_RC}/v2/{RC_PREFIX}/{REPO}/manifests/{mdig}",
+            "off": f"http://127.0.0.1:{P_RC_NOUSE}/v2/{RC_PREFIX}/{REPO}/manifests/{mdig}"}
+    rps = {"on": [], "off": []}
+    for _ in range(PASSES):
+        for k, u in urls.items():
+            rps[k].append(wrk(u, headers=[f"Accept: {OCI_MANIFEST}"])["rps"])
+    big, big_size = im["layers"][0]
+    blobs = {"on": (f"http://127.0.0.1:{P_RC}/v2/{RC_PREFIX}/{REPO}/blobs/{big}", rc_pid),
+             "off": (f"http://127.0.0.1:{P_RC_NOUSE}/v2/{RC_PREFIX}/{REPO}/blobs/{big}", nouse.pid)}
+    mb = warm_blobs(blobs, big_size)
+    X.update(rps_on=statistics.median(rps["on"]), rps_off=statistics.median(rps["off"]),
+             rps_all=rps, blob_on=mb["on"][0], blob_off=mb["off"][0])
+    R["index"] = X
+    log(f"index: start {ready_s:.3f}s with {INDEX_BLOBS} blobs (empty {empty_s:.3f}s), index built "
+        f"{built if built is None else round(built, 2)}s; manifest req/s bookkeeping on "
+        f"{X['rps_on']:.0f} off {X['rps_off']:.0f}")
+
+
 def s3_phase(images, R):
     """regcache with REGISTRY_STORAGE=s3: node 1 pulls each image cold (fills
     upstream, writes local tier and bucket) and warm (local tier); node 2,
@@ -717,6 +829,8 @@ def main():
     os.makedirs(os.path.join(WORK, "logs"), exist_ok=True)
 
     ports = [P_UP, P_UP_RC, P_UP_R2, P_RC, P_R2, P_NGX]
+    if INDEX_BLOBS:
+        ports += [P_RC_IDX, P_RC_NOUSE]
     if S3_SERVER:
         ports += [P_UP_S3, P_RC_S3, P_RC_S3B, P_S3]
     busy = [p for p in ports if not port_free(p)]
@@ -891,6 +1005,10 @@ def main():
     R["nginx"]["rss"] = sum(vm_hwm_kib(p) for p in tree_pids(ngx.pid)) / 1024
     R["nginx"]["procs"] = len(tree_pids(ngx.pid))
 
+    # --- start-up on a big store, bookkeeping on/off ----------------------------
+    if INDEX_BLOBS:
+        index_phase(R, images, rc.pid)
+
     # --- regcache on S3 -------------------------------------------------------
     if S3_SERVER:
         log("S3 phase: regcache on s3s-fs, two nodes on one bucket")
@@ -975,6 +1093,18 @@ def report(R, images, colds, cond):
         rows.append(("  2nd node: upstream requests per pull", "-", f"{med(s3['node2_reqs']):g}", "-",
                      "no blob GETs", mark(s3["node2_blob_gets"] == 0)))
 
+    if "index" in R:
+        X = R["index"]
+        built = "-" if X["index_built"] is None else f"{X['index_built']:.2f} s"
+        rows.append((f"start-up (to /v2/ 200) with {INDEX_BLOBS:,} blobs stored", f"{X['empty_start']:.3f} s empty",
+                     f"{X['start']:.3f} s ({X['start'] / X['empty_start']:.2f}x empty)", "-", "<= 1 s",
+                     mark(X["start"] <= 1.0)))
+        rows.append(("  same: background index built", "-", f"{built} (scan {X['scan_ms']} ms)", "-", "", ""))
+        rows.append(("last-use bookkeeping: manifest req/s on vs off", f"{X['rps_off']:,.0f} off",
+                     f"{X['rps_on']:,.0f} on ({X['rps_on'] / X['rps_off']:.0%})", "-", "", ""))
+        rows.append(("  same: warm blob GET on vs off", fmt_mb(X["blob_off"]) + " off",
+                     f"{fmt_mb(X['blob_on'])} on ({X['blob_on'] / X['blob_off']:.0%})", "-", "", ""))
+
     head = ("measure", "nginx static / direct", "regcache", "registry:2 proxy", "regcache target", "")
     table = [head] + rows
     widths = [max(len(r[i]) for r in table) for i in range(len(head))]
@@ -1027,6 +1157,11 @@ def report(R, images, colds, cond):
     out.append(f"  warm pull upstream requests: regcache {rc['warm_desc']}; registry2 {r2['warm_desc']}")
     if AFTER_WINDOW:
         out.append(f"  warm pull after the window: regcache {rc['late_desc']}; registry2 {r2['late_desc']}")
+    if "index" in R:
+        X = R["index"]
+        out.append(f"  index phase: {X.get('indexed_blobs')} blobs indexed, VmHWM {X['rss']:.1f} MiB with them; "
+                   f"manifest req/s per pass: on {', '.join(f'{x:.0f}' for x in X['rps_all']['on'])}, "
+                   f"off {', '.join(f'{x:.0f}' for x in X['rps_all']['off'])}")
     if "s3" in R:
         s3 = R["s3"]
         out.append(f"  S3 pull seconds per pass: cold {', '.join(f'{x:.2f}' for x in s3['cold'])}; "

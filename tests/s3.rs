@@ -247,3 +247,36 @@ fn a_missing_bucket_is_one_clear_line_not_a_crash_loop() {
         "{m}"
     );
 }
+
+/// With a size budget on S3, the budget is the local disk's: the local tier
+/// stays within it while the bucket keeps everything, and an image evicted
+/// locally pulls again from the bucket with the upstream stopped.
+#[test]
+fn the_budget_is_the_local_tiers_and_the_bucket_keeps_what_it_evicts() {
+    let s3 = S3Server::start();
+    s3.create_bucket(BUCKET);
+    let mut up = Upstream::start();
+    let first = seed_image(&up, "org/first", "1", &[600_000]);
+    let second = seed_image(&up, "org/second", "1", &[600_000]);
+    let config = config_json(&[(&up.url(), &["upstream.test"])]);
+    let mut env = s3_env(&s3.endpoint());
+    env.push(("REGCACHE_MAX_SIZE", "1000000".into()));
+    let work = temp_dir("regcache-e2e-");
+    let storage = temp_dir("regcache-storage-");
+    let rc = start(&config, storage.path(), &env);
+    let reference = |repo: &str| format!("{}/upstream.test/{repo}:1", rc.addr());
+    let prefix = up.addr().replace(':', "_");
+    pull_and_check_image(&reference("org/first"), &first.image, &work.path().join("1"));
+    wait_uploaded(&s3, &prefix, &first.image);
+    pull_and_check_image(&reference("org/second"), &second.image, &work.path().join("2"));
+    wait_uploaded(&s3, &prefix, &second.image);
+    let root = upstream_root(storage.path(), &up.addr());
+    let local_layer = |img: &SeededImage| blob_file(&root, &img.image.layer_digests[0]).exists();
+    assert!(!local_layer(&first), "the first image should have left the local tier");
+    assert!(local_layer(&second));
+
+    up.stop();
+    pull_and_check_image(&reference("org/first"), &first.image, &work.path().join("again"));
+    let (bad, _) = verify_bucket(&s3);
+    assert!(bad.is_empty(), "{bad:?}");
+}

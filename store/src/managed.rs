@@ -547,19 +547,16 @@ impl Store for Managed {
         self.inner.last_used(key).await
     }
 
-    /// The local tier's usage: from the index once built.
+    /// The local tier's usage, from the index (until it is built, only
+    /// what was stored since start: counting is the index's scan, not a
+    /// second one).
     async fn usage(&self) -> Result<Usage> {
-        {
-            let st = self.lock();
-            if st.ready {
-                return Ok(Usage {
-                    bytes: st.index.bytes(),
-                    blobs: st.index.blob_count(),
-                    manifests: st.index.manifest_count(),
-                });
-            }
-        }
-        self.local.usage().await
+        let st = self.lock();
+        Ok(Usage {
+            bytes: st.index.bytes(),
+            blobs: st.index.blob_count(),
+            manifests: st.index.manifest_count(),
+        })
     }
 }
 
