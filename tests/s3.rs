@@ -266,17 +266,32 @@ fn the_budget_is_the_local_tiers_and_the_bucket_keeps_what_it_evicts() {
     let rc = start(&config, storage.path(), &env);
     let reference = |repo: &str| format!("{}/upstream.test/{repo}:1", rc.addr());
     let prefix = up.addr().replace(':', "_");
-    pull_and_check_image(&reference("org/first"), &first.image, &work.path().join("1"));
+    pull_and_check_image(
+        &reference("org/first"),
+        &first.image,
+        &work.path().join("1"),
+    );
     wait_uploaded(&s3, &prefix, &first.image);
-    pull_and_check_image(&reference("org/second"), &second.image, &work.path().join("2"));
+    pull_and_check_image(
+        &reference("org/second"),
+        &second.image,
+        &work.path().join("2"),
+    );
     wait_uploaded(&s3, &prefix, &second.image);
     let root = upstream_root(storage.path(), &up.addr());
     let local_layer = |img: &SeededImage| blob_file(&root, &img.image.layer_digests[0]).exists();
-    assert!(!local_layer(&first), "the first image should have left the local tier");
+    assert!(
+        !local_layer(&first),
+        "the first image should have left the local tier"
+    );
     assert!(local_layer(&second));
 
     up.stop();
-    pull_and_check_image(&reference("org/first"), &first.image, &work.path().join("again"));
+    pull_and_check_image(
+        &reference("org/first"),
+        &first.image,
+        &work.path().join("again"),
+    );
     let (bad, _) = verify_bucket(&s3);
     assert!(bad.is_empty(), "{bad:?}");
 }
