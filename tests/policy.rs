@@ -219,6 +219,18 @@ fn the_budget_holds_recent_images_and_evicts_the_least_recently_used_whole() {
     );
     let freed = metric(&page, "regcache_evicted_bytes_total", "reason=\"size\"").unwrap();
     assert!(freed > 0.0);
+
+    // Sizes per upstream and per repository in the inventory; evicted
+    // images are not listed.
+    let inv: serde_json::Value =
+        serde_json::from_slice(&get(s.rc.addr(), "/api/v1/cache").body).unwrap();
+    let up = &inv[0];
+    assert_eq!(up["bytes"].as_u64(), Some(stored_bytes(&s.root())), "{inv}");
+    let repos = up["repositories"].as_array().unwrap();
+    let b_repo = repos.iter().find(|r| r["name"] == "org/b").expect("org/b listed");
+    let b_size: u64 = b.layer_sizes.iter().sum::<u64>() + b.config.len() as u64;
+    assert!(b_repo["bytes"].as_u64().unwrap() >= b_size, "{b_repo}");
+    assert!(repos.iter().all(|r| r["bytes"].as_u64() > Some(0)), "{inv}");
 }
 
 /// `REGISTRY_PROXY_TTL`: what is not used for that long goes, what is used
