@@ -305,16 +305,20 @@ async fn serve(args: FrontArgs) -> ExitCode {
             Some(addr) => Some(bind(addr).await?),
             None => None,
         };
-        Ok::<_, String>((front, metrics))
+        let peer = match &settings.cluster {
+            Some(c) => Some(bind(c.listen).await?),
+            None => None,
+        };
+        Ok::<_, String>((front, metrics, peer))
     };
-    let (front, metrics) = match listeners.await {
+    let (front, metrics, peer) = match listeners.await {
         Ok(l) => l,
         Err(e) => {
             eprintln!("regcache: {e}");
             return ExitCode::from(EXIT_START);
         }
     };
-    match regcache_supervisor::run(settings, front, metrics, shutdown_signal()).await {
+    match regcache_supervisor::run(settings, front, metrics, peer, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("regcache: {e}");

@@ -227,7 +227,10 @@ fn the_budget_holds_recent_images_and_evicts_the_least_recently_used_whole() {
     let up = &inv[0];
     assert_eq!(up["bytes"].as_u64(), Some(stored_bytes(&s.root())), "{inv}");
     let repos = up["repositories"].as_array().unwrap();
-    let b_repo = repos.iter().find(|r| r["name"] == "org/b").expect("org/b listed");
+    let b_repo = repos
+        .iter()
+        .find(|r| r["name"] == "org/b")
+        .expect("org/b listed");
     let b_size: u64 = b.layer_sizes.iter().sum::<u64>() + b.config.len() as u64;
     assert!(b_repo["bytes"].as_u64().unwrap() >= b_size, "{b_repo}");
     assert!(repos.iter().all(|r| r["bytes"].as_u64() > Some(0)), "{inv}");

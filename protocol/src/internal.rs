@@ -11,6 +11,13 @@ pub const METRICS_PATH: &str = "/metrics";
 pub const INVENTORY_PATH: &str = "/_regcache/inventory";
 /// The worker's [`Status`] as JSON.
 pub const STATUS_PATH: &str = "/_regcache/status";
+/// Set by the front on requests that came from another replica of the
+/// cluster (over the authenticated peer listener): the worker answers as the
+/// owner and never asks a peer in turn. Removed from every client request.
+pub const FROM_PEER: &str = "x-regcache-peer";
+/// On a tag's manifest answered to a peer: when upstream last confirmed
+/// the tag (ms since the epoch).
+pub const CONFIRMED: &str = "x-regcache-confirmed";
 
 /// How one worker is doing.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,6 +37,9 @@ pub struct Status {
     pub upstream_away: bool,
     #[serde(default)]
     pub fills_in_flight: u64,
+    /// Live replicas of its cluster, itself included (0: no cluster).
+    #[serde(default)]
+    pub members: u64,
 }
 
 /// What one worker's cache holds.

@@ -27,6 +27,7 @@ mod hostile;
 mod inventory;
 pub mod maintenance;
 mod metrics;
+pub mod peer;
 mod proxy;
 mod routing;
 mod server;
@@ -67,12 +68,13 @@ const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 const WORKERS_READY: Duration = Duration::from_secs(30);
 
 /// Runs the supervisor on `listener` (and the probes-only `metrics`
-/// listener) until `shutdown` resolves: starts the workers, accepts once
-/// they are ready, drains, stops them.
+/// listener, and the cluster's `peer` listener) until `shutdown` resolves:
+/// starts the workers, accepts once they are ready, drains, stops them.
 pub async fn run(
     settings: Settings,
     listener: TcpListener,
     metrics: Option<TcpListener>,
+    peer: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     let sockets = socket_dir()?;
@@ -107,6 +109,11 @@ pub async fn run(
     let local = listener.local_addr().ok();
     tracing::info!(listen = ?local, upstreams = settings.upstreams.len(), "regcache ready");
     let front = Arc::new(front(&settings, workers, counters));
+    if let (Some(l), Some(cluster)) = (peer, &settings.cluster) {
+        let peers = Arc::new(peer::PeerFront::new(front.clone(), cluster.secret.clone()));
+        tracing::info!(listen = ?l.local_addr().ok(), node = peer::node_id(), "peer listener");
+        tokio::spawn(serve_peers(l, peers));
+    }
     serve(front, listener, metrics, &settings, shutdown).await;
     stop_tx.send_replace(true);
     for t in tasks {
@@ -242,6 +249,36 @@ async fn serve_probes(listener: TcpListener, front: Arc<server::Front>, limits: 
             .serve(stream, None),
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
+    }
+}
+
+/// The cluster's peer listener: HTTP/1.1, each request authenticated by
+/// [`peer::PeerFront`].
+async fn serve_peers(listener: TcpListener, peers: Arc<peer::PeerFront>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let peers = peers.clone();
+        let svc = service_fn(move |req| {
+            let peers = peers.clone();
+            async move { Ok::<_, std::convert::Infallible>(peers.handle(req).await) }
+        });
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(15))
+                .max_buf_size(regcache_worker::MAX_CONNECTION_BUFFER)
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "peer connection ended with an error");
+            }
+        });
     }
 }
 

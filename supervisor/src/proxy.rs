@@ -14,6 +14,7 @@ use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use regcache_protocol::body::Body;
+use regcache_protocol::internal::FROM_PEER;
 use regcache_protocol::request::RepoRequest;
 
 /// Connects `http://w<index>/` to worker `index`'s socket.
@@ -85,13 +86,16 @@ impl Proxy {
         Proxy { client }
     }
 
-    /// Sends `request` with the client's `headers` to worker `index`.
-    /// Requests carry no body: the cache is read-only and writes never get here.
+    /// Sends `request` with the client's `headers` to worker `index`,
+    /// marked as a peer replica's when `from_peer` (the mark is never taken
+    /// from the client). Requests carry no body: the cache is read-only and
+    /// writes never get here.
     pub async fn forward(
         &self,
         index: usize,
         request: &RepoRequest,
         headers: &HeaderMap,
+        from_peer: bool,
     ) -> Result<Response<Body>, hyper_util::client::legacy::Error> {
         let uri: Uri = format!("http://w{index}{}", request.path_and_query())
             .parse()
@@ -108,6 +112,11 @@ impl Proxy {
         // (which would otherwise be tempted to pass them upstream).
         out.headers_mut().remove(header::AUTHORIZATION);
         out.headers_mut().remove(header::CONTENT_LENGTH);
+        out.headers_mut().remove(FROM_PEER);
+        if from_peer {
+            out.headers_mut()
+                .insert(FROM_PEER, http::HeaderValue::from_static("1"));
+        }
         let resp = self.client.request(out).await?;
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);

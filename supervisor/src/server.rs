@@ -203,7 +203,7 @@ impl Front {
         }
         let mut resp = self
             .proxy
-            .forward(index, request, req.headers())
+            .forward(index, request, req.headers(), false)
             .await
             .map_err(|e| {
                 tracing::warn!(upstream = %name, error = %e, "worker unreachable");
@@ -237,6 +237,18 @@ impl Front {
                 Some(format!("store degraded: {}: {reason}\n", w.upstream.name()))
             })
             .collect();
+        // One line for the cluster: what the workers see of it.
+        let members = statuses
+            .iter()
+            .flatten()
+            .map(|s| s.members)
+            .max()
+            .unwrap_or(0);
+        let degraded = if members > 0 {
+            format!("{degraded}cluster: {members} members\n")
+        } else {
+            degraded
+        };
         if down.is_empty() {
             text(StatusCode::OK, &format!("ready\n{degraded}"))
         } else {

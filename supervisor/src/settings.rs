@@ -26,6 +26,16 @@ pub struct Settings {
     /// The binary started as `regcache worker` for each upstream.
     pub worker_exe: PathBuf,
     pub limits: Limits,
+    /// This replica's side of a cluster: the listener other replicas ask
+    /// (`REGCACHE_PEER_LISTEN`) and the secret they must show.
+    pub cluster: Option<Cluster>,
+}
+
+/// The peer listener of a replica.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub listen: std::net::SocketAddr,
+    pub secret: regcache_worker::config::PeerSecret,
 }
 
 /// What one client may hold of the front.
@@ -87,6 +97,8 @@ pub enum Error {
     Duration(#[from] regcache_worker::config::Error),
     #[error("the regcache executable: {0}")]
     Exe(std::io::Error),
+    #[error("REGCACHE_PEER_LISTEN {0:?} is not an address like 0.0.0.0:5001")]
+    PeerListen(String),
 }
 
 impl Settings {
@@ -164,6 +176,16 @@ impl Settings {
                 defaults.max_connections,
             )?,
         };
+        let cluster = match env("REGCACHE_PEER_LISTEN") {
+            None => None,
+            Some(addr) => Some(Cluster {
+                listen: addr
+                    .trim()
+                    .parse()
+                    .map_err(|_| Error::PeerListen(addr.clone()))?,
+                secret: regcache_worker::config::peer_secret_from(&env)?,
+            }),
+        };
         Ok(Settings {
             upstreams,
             storage,
@@ -173,6 +195,7 @@ impl Settings {
             tls,
             worker_exe: std::env::current_exe().map_err(Error::Exe)?,
             limits,
+            cluster,
         })
     }
 
@@ -198,6 +221,16 @@ impl Settings {
     /// environment given to several upstreams, names that cannot route.
     pub fn warnings(&self, inherited: &[(String, String)]) -> Vec<String> {
         let mut out = config::warnings(&self.upstreams);
+        let peers = inherited
+            .iter()
+            .any(|(k, v)| k == "REGCACHE_PEERS" && !v.is_empty());
+        if peers && self.cluster.is_none() {
+            out.push(
+                "REGCACHE_PEERS is set but REGCACHE_PEER_LISTEN is not: this replica asks the others \
+                 but cannot be asked (it owns nothing)"
+                    .into(),
+            );
+        }
         let given = workers::inherited_credentials(inherited, &self.upstreams);
         if !given.is_empty() {
             out.push(format!(

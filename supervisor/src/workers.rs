@@ -181,6 +181,7 @@ fn command(exe: &Path, w: &Worker) -> Command {
         .arg(&w.socket)
         .env_clear()
         .envs(worker_env(std::env::vars(), &w.upstream))
+        .env("REGCACHE_NODE_ID", crate::peer::node_id())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

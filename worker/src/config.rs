@@ -32,6 +32,68 @@ pub struct Settings {
     /// `REGCACHE_RECORD_USE` (default true): record last use for LRU and
     /// expiry (false only to measure what the bookkeeping costs).
     pub record_use: bool,
+    /// The other replicas of this cluster (`REGCACHE_PEERS`), if any.
+    pub peers: Option<crate::peers::PeerSettings>,
+}
+
+/// `REGCACHE_PEERS` with `REGCACHE_PEER_SECRET` (or `_FILE`) and the node id
+/// the supervisor gives every worker (`REGCACHE_NODE_ID`).
+pub fn peers_from(
+    env: &impl Fn(&str) -> Option<String>,
+    upstream_dir: &str,
+) -> Result<Option<crate::peers::PeerSettings>, Error> {
+    let Some(list) = env("REGCACHE_PEERS").filter(|v| !v.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let entries: Vec<String> = list
+        .split([',', ' ', '\n'])
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if let Some(bad) = entries.iter().find(|e| {
+        e.rsplit_once(':')
+            .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+    }) {
+        return Err(Error::Policy {
+            var: "REGCACHE_PEERS",
+            why: format!("{bad:?} is not host:port (the peer listener of a replica)"),
+        });
+    }
+    Ok(Some(crate::peers::PeerSettings {
+        node_id: env("REGCACHE_NODE_ID").unwrap_or_else(|| "standalone".into()),
+        entries,
+        secret: peer_secret_from(env)?,
+        upstream_dir: upstream_dir.to_owned(),
+    }))
+}
+
+/// The secret replicas of a cluster show each other.
+pub type PeerSecret = Secret;
+
+/// `REGCACHE_PEER_SECRET`, or the file `REGCACHE_PEER_SECRET_FILE` names
+/// (a Swarm secret); required: peer traffic is never unauthenticated.
+pub fn peer_secret_from(env: &impl Fn(&str) -> Option<String>) -> Result<PeerSecret, Error> {
+    let secret = match env("REGCACHE_PEER_SECRET").filter(|v| !v.is_empty()) {
+        Some(s) => s,
+        None => match env("REGCACHE_PEER_SECRET_FILE").filter(|v| !v.is_empty()) {
+            Some(path) => std::fs::read_to_string(&path)
+                .map(|s| s.trim_end_matches(['\r', '\n']).to_owned())
+                .map_err(|source| Error::SecretFile {
+                    var: "REGCACHE_PEER_SECRET_FILE",
+                    path,
+                    source,
+                })?,
+            None => String::new(),
+        },
+    };
+    if secret.len() < 16 {
+        return Err(Error::Policy {
+            var: "REGCACHE_PEER_SECRET",
+            why: "a cluster needs a shared secret of at least 16 characters (REGCACHE_PEER_SECRET or REGCACHE_PEER_SECRET_FILE): peer traffic is never unauthenticated".into(),
+        });
+    }
+    Ok(Secret::new(secret))
 }
 
 /// The cache policy from `REGCACHE_MAX_SIZE`, `REGCACHE_MIN_FREE` and
@@ -337,6 +399,7 @@ impl Settings {
                 Some("false" | "0" | "no")
             ),
             record_use: record_use_from(&env),
+            peers: peers_from(&env, &dir)?,
         })
     }
 }
@@ -350,6 +413,7 @@ pub fn check_env(env: &impl Fn(&str) -> Option<String>) -> Result<(), Error> {
     UpstreamOptions::from_env(env)?;
     policy_from(env)?;
     tag_rules_from(env)?;
+    peers_from(env, "check")?;
     for var in ["REGCACHE_CACHE_MANIFESTS", "REGCACHE_RECORD_USE"] {
         if env(var).is_some() {
             // Unset means true here, so only the spelling is checked.

@@ -24,6 +24,7 @@ mod flights;
 #[cfg(test)]
 mod hostile;
 pub mod metrics;
+mod peers;
 mod server;
 mod tag_rules;
 mod upstream;
@@ -129,7 +130,17 @@ impl Worker {
             cache_manifests: settings.cache_manifests,
             record_use: settings.record_use,
         };
-        let cache = cache::Cache::new(managed, spools, upstream, options, metrics);
+        let peers = match &settings.peers {
+            Some(p) => {
+                let peers = peers::Peers::new(p.clone())?;
+                peers.start();
+                tracing::info!(upstream = %name, node = %p.node_id, peers = %p.entries.join(","), "cluster member");
+                Some(peers)
+            }
+            None => None,
+        };
+        let cache =
+            cache::Cache::new(managed, spools, upstream, options, metrics).with_peers(peers);
         tracing::info!(upstream = %name, storage = %settings.storage.display(), "worker started");
         Ok(Worker {
             cache: Arc::new(cache),

@@ -42,6 +42,10 @@ pub struct Metrics {
     evicted_bytes: IntCounterVec,
     disk_full: IntCounter,
     index_ready: IntGauge,
+    pub peer_fetches: IntCounter,
+    pub peer_fallbacks: IntCounter,
+    pub peer_served: IntCounter,
+    pub cluster_members: IntGauge,
 }
 
 impl Metrics {
@@ -184,6 +188,22 @@ impl Metrics {
                 "regcache_cache_index_ready",
                 "1 once the index of the local cache is built (the budget is enforced from then on).",
             ),
+            peer_fetches: single(
+                "regcache_peer_fetches_total",
+                "Blobs and manifests fetched from the replica that owns them instead of upstream.",
+            ),
+            peer_fallbacks: single(
+                "regcache_peer_fallbacks_total",
+                "Fetches the owner replica failed (unreachable, slow, refusing), then made upstream.",
+            ),
+            peer_served: single(
+                "regcache_peer_served_total",
+                "Requests answered for other replicas, as the owner of what they asked for.",
+            ),
+            cluster_members: gauge(
+                "regcache_cluster_members",
+                "Live replicas of the cluster seen, this one included (0: not in a cluster).",
+            ),
             fill_duration: Histogram::with_opts(HistogramOpts::new(
                 "regcache_fill_duration_seconds",
                 "Time to fetch, verify and commit one blob from upstream.",
@@ -223,6 +243,10 @@ impl Metrics {
                 Box::new(m.evicted_bytes.clone()),
                 Box::new(m.disk_full.clone()),
                 Box::new(m.index_ready.clone()),
+                Box::new(m.peer_fetches.clone()),
+                Box::new(m.peer_fallbacks.clone()),
+                Box::new(m.peer_served.clone()),
+                Box::new(m.cluster_members.clone()),
             ]);
             #[cfg(target_os = "linux")]
             collectors.push(Box::new(

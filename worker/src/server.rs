@@ -15,12 +15,14 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use regcache_protocol::body::{full, Body};
 use regcache_protocol::error::RegistryError;
-use regcache_protocol::internal::{INVENTORY_PATH, METRICS_PATH, STATUS_PATH};
+use regcache_protocol::internal::{
+    CONFIRMED, FROM_PEER, INVENTORY_PATH, METRICS_PATH, STATUS_PATH,
+};
 use regcache_protocol::request::{self, Endpoint, Kind, Method, RepoRequest, Request};
 use regcache_protocol::response::{self, Outcome};
 use regcache_protocol::{Digest, Reference};
 
-use crate::cache::{Cache, TagsList};
+use crate::cache::{Cache, TagsList, Via};
 use crate::error::Error;
 
 type Answer = Result<(Response<Body>, Option<Outcome>), Error>;
@@ -45,7 +47,15 @@ pub async fn handle<B>(cache: Arc<Cache>, req: HttpRequest<B>) -> Response<Body>
     };
     let answer = match parsed {
         Ok(Request::Base(_)) => Ok((response::json(Bytes::from_static(b"{}")), None)),
-        Ok(Request::Repo(r)) => route(&cache, req.headers(), &r).await,
+        Ok(Request::Repo(r)) => {
+            let via = if req.headers().contains_key(FROM_PEER) {
+                cache.metrics().peer_served.inc();
+                Via::Peer
+            } else {
+                Via::Client
+            };
+            route(&cache, req.headers(), &r, via).await
+        }
         Err(e) => Err(e.into()),
     };
     finish(&cache, kind, method, answer, started)
@@ -78,13 +88,13 @@ fn finish(
     resp
 }
 
-async fn route(cache: &Arc<Cache>, headers: &HeaderMap, r: &RepoRequest) -> Answer {
+async fn route(cache: &Arc<Cache>, headers: &HeaderMap, r: &RepoRequest, via: Via) -> Answer {
     match &r.endpoint {
-        Endpoint::Manifest(reference) => manifest(cache, headers, r, reference).await,
+        Endpoint::Manifest(reference) => manifest(cache, headers, r, reference, via).await,
         Endpoint::Blob(digest) if r.method == Method::Head => {
             blob_head(cache, headers, r, digest).await
         }
-        Endpoint::Blob(digest) => blob_get(cache, headers, r, digest).await,
+        Endpoint::Blob(digest) => blob_get(cache, headers, r, digest, via).await,
         Endpoint::TagsList => tags_list(cache, r).await,
         Endpoint::Referrers(_) => {
             let upstream = cache.forward(&r.name, &r.path_and_query()).await?;
@@ -98,9 +108,16 @@ async fn manifest(
     headers: &HeaderMap,
     r: &RepoRequest,
     reference: &Reference,
+    via: Via,
 ) -> Answer {
-    let (m, outcome) = cache.manifest(&r.name, reference).await?;
-    let resp = response::manifest(headers, &m, outcome);
+    let (m, outcome) = cache.manifest_for(&r.name, reference, via).await?;
+    let mut resp = response::manifest(headers, &m, outcome);
+    if let (Via::Peer, Reference::Tag(tag)) = (via, reference) {
+        // The asking replica keeps the tag as long as this one does.
+        if let Some(ms) = cache.tag_confirmed_ms(&r.name, tag).await {
+            resp.headers_mut().insert(CONFIRMED, HeaderValue::from(ms));
+        }
+    }
     if r.method == Method::Get && resp.status() == http::StatusCode::OK {
         cache.metrics().served(outcome, m.bytes.len() as u64);
     }
@@ -115,8 +132,14 @@ async fn blob_head(cache: &Cache, headers: &HeaderMap, r: &RepoRequest, digest: 
     Ok((resp, Some(outcome)))
 }
 
-async fn blob_get(cache: &Cache, headers: &HeaderMap, r: &RepoRequest, digest: &Digest) -> Answer {
-    let blob = cache.blob(&r.name, digest).await?;
+async fn blob_get(
+    cache: &Cache,
+    headers: &HeaderMap,
+    r: &RepoRequest,
+    digest: &Digest,
+    via: Via,
+) -> Answer {
+    let blob = cache.blob_for(&r.name, digest, via).await?;
     let (size, outcome) = (blob.size, blob.outcome);
     let metrics = cache.metrics().clone();
     let resp = response::blob(
@@ -170,6 +193,7 @@ fn pass_through(upstream: reqwest::Response) -> Response<Body> {
 async fn metrics(cache: &Cache) -> Response<Body> {
     let m = cache.metrics();
     m.upstream_away.set(i64::from(cache.upstream_away()));
+    m.cluster_members.set(cache.members() as i64);
     let status = cache.status();
     m.store_degraded.set(i64::from(status.degraded.is_some()));
     m.store_backfill.set(status.backfill as i64);

@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::Error;
 use crate::metrics::Metrics;
+use crate::peers::{Member, Peers};
 use crate::upstream::{self, Upstream};
 
 /// Read size when streaming a blob that is being filled.
@@ -220,6 +221,8 @@ pub(super) enum Origin {
     Upstream,
     /// A slower store tier that has the blob (the shared bucket).
     Store(regcache_store::BlobReader),
+    /// The replica of the cluster that owns the digest (upstream if it fails).
+    Peer(Arc<Peers>, Member),
 }
 
 type Body = futures_util::stream::BoxStream<'static, Result<Bytes, upstream::Error>>;
@@ -271,13 +274,26 @@ async fn fetch(
     progress: &watch::Sender<Progress>,
 ) -> Result<u64, Error> {
     let path = format!("/v2/{name}/blobs/{digest}");
-    let (total, mut stream) = match origin {
-        Origin::Upstream => {
-            let resp = up.send(Method::GET, Some(name), &path, None).await?;
-            let resp = up.check(resp, Kind::Blob, &digest.to_string())?;
-            (resp.content_length(), body_of(up, resp))
-        }
-        Origin::Store(reader) => {
+    // The owner replica first, when another one owns the digest.
+    let from_peer = match &origin {
+        Origin::Peer(peers, owner) => match peers.send(owner, Method::GET, &path, None, None).await
+        {
+            Ok(resp) => {
+                metrics.peer_fetches.inc();
+                Some(resp)
+            }
+            Err(e) => {
+                metrics.peer_fallbacks.inc();
+                tracing::info!(%name, %digest, owner = %owner.id, error = %e, "the owner replica failed; asking upstream");
+                None
+            }
+        },
+        _ => None,
+    };
+    let (total, mut stream) = match (from_peer, origin) {
+        // A break in the owner's stream is resumed from upstream, like any.
+        (Some(resp), _) => (resp.content_length(), body_of(up, resp)),
+        (None, Origin::Store(reader)) => {
             metrics.fills_from_store.inc();
             let size = reader.size;
             let stream = reader
@@ -288,6 +304,11 @@ async fn fetch(
                 })
                 .boxed();
             (Some(size), stream)
+        }
+        (None, _) => {
+            let resp = up.send(Method::GET, Some(name), &path, None).await?;
+            let resp = up.check(resp, Kind::Blob, &digest.to_string())?;
+            (resp.content_length(), body_of(up, resp))
         }
     };
     // Room first, before a byte is written: none means served uncached.

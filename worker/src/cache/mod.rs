@@ -36,6 +36,7 @@ pub use fill::Reader;
 
 use crate::flights::Flights;
 use crate::metrics::Metrics;
+use crate::peers::{self, Member, Peers};
 use crate::tag_rules::{Freshness, TagRules};
 use crate::upstream::{self, Upstream, MANIFEST_ACCEPT};
 
@@ -124,6 +125,14 @@ enum FlightKey {
     Digest(Name, Digest),
 }
 
+/// Who is asking: a client, or another replica that takes this one to own
+/// what it asks for (which then never asks a peer in turn).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    Client,
+    Peer,
+}
+
 /// What a cache keeps of what it fetches, besides its store's policy.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -164,6 +173,8 @@ pub struct Cache {
     /// room for (with their size) and what passed-through manifests refer
     /// to (`never` tags), until the instant given.
     bypass: Mutex<HashMap<Digest, (Option<u64>, std::time::Instant)>>,
+    /// The other replicas of the cluster, if any.
+    peers: Option<Arc<Peers>>,
 }
 
 impl Cache {
@@ -186,7 +197,26 @@ impl Cache {
             fill_tasks: tokio_util::task::TaskTracker::new(),
             manifests: Flights::default(),
             bypass: Mutex::default(),
+            peers: None,
         }
+    }
+
+    /// This cache as one replica of a cluster.
+    pub fn with_peers(mut self, peers: Option<Arc<Peers>>) -> Self {
+        self.peers = peers;
+        self
+    }
+
+    /// The replica that owns `key`, when that is another one and `via` is
+    /// a client (a peer's request is answered here, as the owner).
+    fn owner(&self, key: &str, via: Via) -> Option<(Arc<Peers>, Member)> {
+        let peers = self.peers.as_ref().filter(|_| via == Via::Client)?;
+        Some((peers.clone(), peers.owner(key)?))
+    }
+
+    /// Live members of the cluster (0: not in one).
+    pub fn members(&self) -> usize {
+        self.peers.as_ref().map_or(0, |p| p.count())
     }
 
     /// The store with its policy.
@@ -350,7 +380,13 @@ impl Cache {
     /// map only once committed, so a blob missing from both is truly missing.
     /// A fill started for another repository that upstream refused (404,
     /// 401, 403) says nothing about `name`: it gets a fill of its own.
+    #[cfg(test)]
     pub async fn blob(&self, name: &Name, digest: &Digest) -> Result<Blob, Error> {
+        self.blob_for(name, digest, Via::Client).await
+    }
+
+    /// [`Cache::blob`], for `via`: a miss a peer owns is filled from it.
+    pub async fn blob_for(&self, name: &Name, digest: &Digest, via: Via) -> Result<Blob, Error> {
         let key = Key::Blob(digest.clone());
         let mut refused: Option<Arc<Fill>> = None;
         loop {
@@ -402,7 +438,10 @@ impl Cache {
                     self.confirm(name, &key).await?;
                     fill::Origin::Store(reader)
                 }
-                Ok(None) => fill::Origin::Upstream,
+                Ok(None) => match self.owner(&digest.to_string(), via) {
+                    Some((peers, owner)) => fill::Origin::Peer(peers, owner),
+                    None => fill::Origin::Upstream,
+                },
                 Err(e) => {
                     tracing::warn!(%digest, error = %e, "shared store read failed; asking upstream");
                     fill::Origin::Upstream
@@ -539,10 +578,22 @@ impl Cache {
     }
 
     /// A manifest by tag or digest.
+    #[cfg(test)]
     pub async fn manifest(
         self: &Arc<Self>,
         name: &Name,
         reference: &Reference,
+    ) -> Result<(Manifest, Outcome), Error> {
+        self.manifest_for(name, reference, Via::Client).await
+    }
+
+    /// [`Cache::manifest`], for `via`: a miss or a revalidation a peer owns
+    /// is asked of it.
+    pub async fn manifest_for(
+        self: &Arc<Self>,
+        name: &Name,
+        reference: &Reference,
+        via: Via,
     ) -> Result<(Manifest, Outcome), Error> {
         match reference {
             Reference::Digest(d)
@@ -564,9 +615,9 @@ impl Cache {
                     };
                     return Ok((m, outcome));
                 }
-                Ok((self.fetch_by_digest(name, d).await?, Outcome::Miss))
+                Ok((self.fetch_by_digest(name, d, via).await?, Outcome::Miss))
             }
-            Reference::Tag(tag) => self.manifest_by_tag(name, tag).await,
+            Reference::Tag(tag) => self.manifest_by_tag(name, tag, via).await,
         }
     }
 
@@ -574,6 +625,7 @@ impl Cache {
         self: &Arc<Self>,
         name: &Name,
         tag: &Tag,
+        via: Via,
     ) -> Result<(Manifest, Outcome), Error> {
         let freshness = match self.options.tags.of(name, tag) {
             Freshness::For(_) if !self.options.cache_manifests => {
@@ -615,7 +667,7 @@ impl Cache {
             tag.clone(),
             cached_manifest.clone(),
         );
-        let revalidate = async move { cache.revalidate(&n, &t, m.as_ref()).await };
+        let revalidate = async move { cache.revalidate(&n, &t, m.as_ref(), via).await };
         let key = FlightKey::Tag(name.clone(), tag.clone());
         match self.manifests.run(key, revalidate).await {
             Ok(found) => Ok(found),
@@ -633,10 +685,20 @@ impl Cache {
         self: &Arc<Self>,
         name: &Name,
         d: &Digest,
+        via: Via,
     ) -> Result<Manifest, upstream::Error> {
         let name_for_key = name.clone();
         let (cache, name, digest) = (self.clone(), name.clone(), d.clone());
         let fetch = async move {
+            if let Some((peers, owner)) = cache.owner(&digest.to_string(), via) {
+                let path = format!("/v2/{name}/manifests/{digest}");
+                if let Some((m, _)) = cache
+                    .ask_owner(&peers, &owner, &name, &path, Some(&digest))
+                    .await
+                {
+                    return Ok((m, Outcome::Miss));
+                }
+            }
             let m = cache
                 .fetch_manifest(&name, &digest.to_string(), Some(&digest), true)
                 .await?;
@@ -654,7 +716,27 @@ impl Cache {
         name: &Name,
         tag: &Tag,
         cached: Option<&Manifest>,
+        via: Via,
     ) -> Result<(Manifest, Outcome), upstream::Error> {
+        // In a cluster the tag's owner revalidates, once for every replica.
+        if let Some((peers, owner)) = self.owner(&format!("{name}:{tag}"), via) {
+            let path = format!("/v2/{name}/manifests/{tag}");
+            if let Some((m, confirmed)) = self.ask_owner(&peers, &owner, name, &path, None).await {
+                let record = TagRecord {
+                    digest: m.digest.clone(),
+                    confirmed: confirmed.unwrap_or_else(SystemTime::now),
+                };
+                if let Err(e) = self.store.tag_put(name, tag, &record).await {
+                    tracing::error!(%name, %tag, error = %e, "could not record tag");
+                }
+                let outcome = if cached.is_some() {
+                    Outcome::Revalidated
+                } else {
+                    Outcome::Miss
+                };
+                return Ok((m, outcome));
+            }
+        }
         let up = &self.upstream;
         let path = format!("/v2/{name}/manifests/{tag}");
         let resp = up
@@ -673,7 +755,7 @@ impl Cache {
                     self.link_manifest(name, &m).await;
                     m
                 }
-                None => self.fetch_by_digest(name, &d).await?,
+                None => self.fetch_by_digest(name, &d, via).await?,
             },
             // No digest in the HEAD answer: fetch by tag and hash what we got.
             None => self.fetch_manifest(name, tag.as_str(), None, true).await?,
@@ -685,6 +767,80 @@ impl Cache {
             Outcome::Miss
         };
         Ok((manifest, outcome))
+    }
+
+    /// A manifest from the replica that owns it, verified (against
+    /// `expected`, or the digest the owner names) and stored; with when the
+    /// owner's upstream last confirmed the tag, for a tag. `None`: the owner
+    /// failed (counted, logged): the caller asks upstream itself.
+    async fn ask_owner(
+        &self,
+        peers: &Peers,
+        owner: &Member,
+        name: &Name,
+        path: &str,
+        expected: Option<&Digest>,
+    ) -> Option<(Manifest, Option<SystemTime>)> {
+        let fetched = async {
+            let resp = peers
+                .send(owner, Method::GET, path, Some(MANIFEST_ACCEPT), None)
+                .await?;
+            let header = |h: &str| {
+                resp.headers()
+                    .get(h)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            let media_type = header("content-type").ok_or("no Content-Type")?;
+            let confirmed = header(peers::CONFIRMED)
+                .and_then(|ms| ms.parse::<u64>().ok())
+                .map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms));
+            let named = header("docker-content-digest").and_then(|d| d.parse::<Digest>().ok());
+            let want = expected.cloned().or(named).ok_or("no digest named")?;
+            if resp
+                .content_length()
+                .is_some_and(|l| l > MAX_MANIFEST_BYTES)
+            {
+                return Err("manifest larger than 4 MiB".to_string());
+            }
+            let bytes = resp
+                .bytes()
+                .await
+                .map_err(|e| e.without_url().to_string())?;
+            let m = Manifest {
+                media_type,
+                bytes,
+                digest: want,
+            };
+            if !m.verifies() {
+                return Err("the owner sent bytes that do not match the digest".to_string());
+            }
+            Ok::<_, String>((m, confirmed))
+        };
+        match fetched.await {
+            Ok((m, confirmed)) => {
+                self.metrics.peer_fetches.inc();
+                match self.store.manifest_put(&m).await {
+                    Ok(()) => self.link_manifest(name, &m).await,
+                    Err(e) => {
+                        tracing::error!(%name, digest = %m.digest, error = %e, "could not store manifest")
+                    }
+                }
+                Some((m, confirmed))
+            }
+            Err(e) => {
+                self.metrics.peer_fallbacks.inc();
+                tracing::info!(%name, %path, owner = %owner.id, error = %e, "the owner replica failed; asking upstream");
+                None
+            }
+        }
+    }
+
+    /// When upstream last confirmed `name:tag` (ms since the epoch), if cached.
+    pub async fn tag_confirmed_ms(&self, name: &Name, tag: &Tag) -> Option<u64> {
+        let rec = self.store.tag_get(name, tag).await.ok()??;
+        let since = rec.confirmed.duration_since(std::time::UNIX_EPOCH).ok()?;
+        Some(since.as_millis() as u64)
     }
 
     /// Records that upstream confirmed `name:tag -> digest` just now.
@@ -850,6 +1006,7 @@ impl Cache {
             backfill: health.backfill,
             upstream_away: self.upstream.is_away(),
             fills_in_flight: self.fills.lock().unwrap().len() as u64,
+            members: self.members() as u64,
         }
     }
 
