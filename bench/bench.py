@@ -72,6 +72,9 @@ S3_SERVER = os.environ.get("BENCH_S3_SERVER", "")  # s3s-fs binary; empty: no S3
 P_RC_IDX = PORT_BASE + 13  # regcache started on a store of INDEX_BLOBS blobs
 P_RC_NOUSE = PORT_BASE + 14  # regcache with REGCACHE_RECORD_USE=false
 INDEX_BLOBS = env_int("BENCH_INDEX_BLOBS", 100_000, 0, 1_000_000)
+P_UP_CL = PORT_BASE + 4  # upstream front counted for the cluster
+P_RC_CL = PORT_BASE + 15  # cluster replicas: 15, 16, 17; their peer listeners 50, 51, 52
+CLUSTER = env_int("BENCH_CLUSTER", 1, 0, 1)
 
 REPO = "bench/app"
 COLD_REPO = "bench/cold"
@@ -633,12 +636,61 @@ def index_phase(R, images, rc_pid):
         f"{X['rps_on']:.0f} off {X['rps_off']:.0f}")
 
 
+def cluster_phase(images, R, s3_env):
+    """Three replicas of one cluster (on the S3 server when there is one),
+    the same cold image pulled through all three at once: upstream bytes
+    against the image's size, and the slowest pull against one cold pull of
+    the same size through a single regcache (the main run's)."""
+    start_registry("upstream-cl", P_UP_CL, os.path.join(WORK, "upstream-data"))
+    peers = ",".join(f"127.0.0.1:{PORT_BASE + 50 + i}" for i in range(3))
+    for i in range(3):
+        env = dict(s3_env)
+        env.update(REGCACHE_PEER_LISTEN=f"127.0.0.1:{PORT_BASE + 50 + i}", REGCACHE_PEERS=peers,
+                   REGCACHE_PEER_SECRET="bench-cluster-secret-0123456789")
+        start_regcache(f"regcache-cl{i}", P_RC_CL + i, P_UP_CL, env)
+    for i in range(3):
+        t = time.monotonic()
+        while b"cluster: 3 members" not in http_status(f"http://127.0.0.1:{P_RC_CL + i}/readyz")[2]:
+            if time.monotonic() - t > 30:
+                raise BenchError(f"cluster replica {i} never saw 3 members")
+            time.sleep(0.2)
+    C = {"pull": [], "ratio": [], "gets": []}
+    for im in images:
+        n0 = len(settled_entries("upstream-cl"))
+        refs = [f"127.0.0.1:{P_RC_CL + i}/{RC_PREFIX}/{REPO}:{im['tag']}" for i in range(3)]
+        t = time.monotonic()
+        procs = []
+        for i, ref in enumerate(refs):
+            dest = os.path.join(WORK, "pulls", f"cluster-{i}")
+            shutil.rmtree(dest, ignore_errors=True)
+            argv = skopeo_base() + ["copy", "-q", "--src-tls-verify=false", "--src-no-creds",
+                                    f"docker://{ref}", f"dir:{dest}"]
+            procs.append((subprocess.Popen(argv, env=skopeo_env(), stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.PIPE), time.monotonic()))
+        ends = []
+        for p, _ in procs:
+            _, err = p.communicate(timeout=600)
+            if p.returncode != 0:
+                raise BenchError(f"cluster pull failed: {err.decode(errors='replace')[-500:]}")
+            ends.append(time.monotonic() - t)
+        C["pull"].append(max(ends))
+        sizes = dict(im["layers"])
+        e = settled_entries("upstream-cl")[n0:]
+        got = [p.rsplit("/", 1)[-1] for m, p, _ in e if m == "GET" and "/blobs/" in p]
+        C["gets"].append(len(got))
+        image_bytes = sum(sizes.values())
+        C["ratio"].append(sum(sizes.get(d, 0) for d in got) / image_bytes)
+    R["cluster"] = C
+    log(f"cluster: slowest of 3 pulls {', '.join(f'{x:.2f}' for x in C['pull'])}s; upstream bytes / image "
+        f"{', '.join(f'{x:.2f}' for x in C['ratio'])}")
+
+
 def s3_phase(images, R):
     """regcache with REGISTRY_STORAGE=s3: node 1 pulls each image cold (fills
     upstream, writes local tier and bucket) and warm (local tier); node 2,
     same bucket but its own empty disk, then pulls it (fills from the
     bucket). Upstream requests are counted on their shared front."""
-    s3_env = start_s3()
+    s3_env = R["s3_env"]
     start_registry("upstream-s3", P_UP_S3, os.path.join(WORK, "upstream-data"))
     start_regcache("regcache-s3", P_RC_S3, P_UP_S3, s3_env)
     start_regcache("regcache-s3b", P_RC_S3B, P_UP_S3, s3_env)
@@ -833,6 +885,8 @@ def main():
         ports += [P_RC_IDX, P_RC_NOUSE]
     if S3_SERVER:
         ports += [P_UP_S3, P_RC_S3, P_RC_S3B, P_S3]
+    if CLUSTER:
+        ports += [P_UP_CL, P_RC_CL, P_RC_CL + 1, P_RC_CL + 2, PORT_BASE + 50, PORT_BASE + 51, PORT_BASE + 52]
     busy = [p for p in ports if not port_free(p)]
     if busy:
         raise BenchError(f"ports already in use: {busy} (set BENCH_PORT_BASE)")
@@ -1009,10 +1063,15 @@ def main():
     if INDEX_BLOBS:
         index_phase(R, images, rc.pid)
 
-    # --- regcache on S3 -------------------------------------------------------
+    # --- regcache on S3, and a cluster --------------------------------------------
     if S3_SERVER:
+        R["s3_env"] = start_s3()
         log("S3 phase: regcache on s3s-fs, two nodes on one bucket")
         s3_phase(images, R)
+    if CLUSTER:
+        log("cluster phase: three replicas, one image pulled through all at once")
+        cluster_phase(images, R, R.get("s3_env", {}))
+    R.pop("s3_env", None)
 
     stop_all()
     b2, _ = cpu_busy_jiffies()
@@ -1105,6 +1164,14 @@ def report(R, images, colds, cond):
         rows.append(("  same: warm blob GET on vs off", fmt_mb(X["blob_off"]) + " off",
                      f"{fmt_mb(X['blob_on'])} on ({X['blob_on'] / X['blob_off']:.0%})", "-", "", ""))
 
+    if "cluster" in R:
+        C = R["cluster"]
+        rc_cold = med(rc["cold"])
+        rows.append(("cluster of 3, one image through all at once: upstream bytes / image", "-",
+                     f"{med(C['ratio']):.2f}", "-", "1.0", mark(all(abs(r - 1.0) < 0.01 for r in C["ratio"]))))
+        rows.append(("  same: slowest of the 3 pulls vs one cold pull", f"{rc_cold:.2f} s one",
+                     f"{med(C['pull']):.2f} s ({med(C['pull']) / rc_cold:.2f}x)", "-", "", ""))
+
     head = ("measure", "nginx static / direct", "regcache", "registry:2 proxy", "regcache target", "")
     table = [head] + rows
     widths = [max(len(r[i]) for r in table) for i in range(len(head))]
@@ -1162,6 +1229,11 @@ def report(R, images, colds, cond):
         out.append(f"  index phase: {X.get('indexed_blobs')} blobs indexed, VmHWM {X['rss']:.1f} MiB with them; "
                    f"manifest req/s per pass: on {', '.join(f'{x:.0f}' for x in X['rps_all']['on'])}, "
                    f"off {', '.join(f'{x:.0f}' for x in X['rps_all']['off'])}")
+    if "cluster" in R:
+        C = R["cluster"]
+        out.append(f"  cluster: slowest pull per pass {', '.join(f'{x:.2f}' for x in C['pull'])} s; upstream blob "
+                   f"GETs per pass {', '.join(map(str, C['gets']))}; upstream bytes / image "
+                   f"{', '.join(f'{x:.2f}' for x in C['ratio'])}")
     if "s3" in R:
         s3 = R["s3"]
         out.append(f"  S3 pull seconds per pass: cold {', '.join(f'{x:.2f}' for x in s3['cold'])}; "
