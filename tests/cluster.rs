@@ -26,6 +26,10 @@ struct Cluster {
 
 impl Cluster {
     fn start(fake: &FakeRegistry, s3: &S3Server) -> Cluster {
+        Self::start_with(fake, s3, "10m")
+    }
+
+    fn start_with(fake: &FakeRegistry, s3: &S3Server, freshness: &str) -> Cluster {
         let storage = temp_dir("regcache-cluster-");
         let peer_addrs: Vec<String> = (0..3)
             .map(|_| format!("127.0.0.1:{}", free_port()))
@@ -44,7 +48,7 @@ impl Cluster {
                     ("REGISTRY_STORAGE_S3_REGIONENDPOINT", endpoint.as_str()),
                     ("REGISTRY_STORAGE_S3_ACCESSKEY", "minio"),
                     ("REGISTRY_STORAGE_S3_SECRETKEY", "minio123"),
-                    ("REGCACHE_TAG_FRESHNESS", "10m"),
+                    ("REGCACHE_TAG_FRESHNESS", freshness),
                     ("REGCACHE_PEER_LISTEN", addr.as_str()),
                     ("REGCACHE_PEERS", peers.as_str()),
                     ("REGCACHE_PEER_SECRET", SECRET),
@@ -289,6 +293,43 @@ fn the_owner_killed_mid_fill_costs_the_others_nothing() {
             );
         }
     }
+}
+
+/// Once a tag is older than the freshness window, pulls through all three
+/// replicas revalidate it upstream once: its owner asks, the others ask
+/// the owner.
+#[test]
+fn a_tag_is_revalidated_once_for_the_whole_cluster() {
+    let s3 = S3Server::start();
+    s3.create_bucket("regcache");
+    let fake = FakeRegistry::start();
+    let image = fake.add_image("org/app", "1", &[20_000]);
+    let c = Cluster::start_with(&fake, &s3, "3s");
+    let work = temp_dir("regcache-cluster-tags-");
+    let pull_each = |label: &str| {
+        for (i, rc) in c.replicas.iter().enumerate() {
+            let reference = format!("{}/{PREFIX}/org/app:1", rc.addr());
+            pull_and_check_image(
+                &reference,
+                &image,
+                &work.path().join(format!("{label}-{i}")),
+            );
+        }
+    };
+    pull_each("cold");
+    std::thread::sleep(Duration::from_millis(3500));
+    let mark = fake.request_count();
+    pull_each("stale");
+    let made: Vec<String> = fake
+        .requests_since(mark)
+        .iter()
+        .map(|r| r.to_string())
+        .collect();
+    assert_eq!(
+        made,
+        ["HEAD /v2/org/app/manifests/1"],
+        "one revalidation for the cluster"
+    );
 }
 
 /// The peer endpoint opens only to the cluster's secret.
