@@ -39,6 +39,9 @@ enum Command {
     /// Exit 0 when the regcache listening on --listen is ready, else 1
     /// (for container HEALTHCHECKs: the runtime image has no curl).
     Healthcheck(HealthArgs),
+    /// Show what the regcache listening on --listen is doing: upstreams,
+    /// hit ratios, sizes, downloads in progress, recent pulls.
+    Status(StatusArgs),
     /// Apply the cache policy (REGCACHE_MAX_SIZE, REGCACHE_MIN_FREE,
     /// REGISTRY_PROXY_TTL) to each upstream's storage now, or show what it
     /// would remove (--dry-run).
@@ -46,6 +49,19 @@ enum Command {
     /// Re-hash every stored blob and manifest and follow every tag; remove
     /// what is corrupt or dangling (not with --dry-run). Exit 1 if anything was.
     Fsck(MaintenanceArgs),
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// The address regcache listens on; 0.0.0.0 and [::] are asked on loopback.
+    #[arg(long, env = "REGCACHE_LISTEN", default_value = "0.0.0.0:5000")]
+    listen: SocketAddr,
+    /// user:password, when the front wants client credentials (htpasswd).
+    #[arg(long, env = "REGCACHE_STATUS_CREDENTIALS", hide_env_values = true)]
+    credentials: Option<String>,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -115,6 +131,7 @@ fn main() -> ExitCode {
         Some(Command::CheckConfig(args)) => check_config(args),
         Some(Command::Worker(args)) => runtime.block_on(worker(args)),
         Some(Command::Healthcheck(args)) => runtime.block_on(healthcheck(args)),
+        Some(Command::Status(args)) => runtime.block_on(status(args)),
         Some(Command::Gc(args)) => maintenance(args, false),
         Some(Command::Fsck(args)) => maintenance(args, true),
     }
@@ -156,19 +173,75 @@ fn maintenance(args: MaintenanceArgs, fsck: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `regcache status`: `/api/v1/status` of the local front, as a table.
+async fn status(args: StatusArgs) -> ExitCode {
+    let tls = std::env::var_os("REGISTRY_HTTP_TLS_CERTIFICATE").is_some_and(|v| !v.is_empty());
+    let scheme = if tls { "https" } else { "http" };
+    let url = format!("{scheme}://{}/api/v1/status", loopback(args.listen));
+    regcache_worker::init_tls();
+    let client = match reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .timeout(Duration::from_secs(10))
+        .no_proxy()
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("regcache status: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut req = client.get(&url);
+    if let Some((user, pass)) = args.credentials.as_deref().and_then(|c| c.split_once(':')) {
+        req = req.basic_auth(user, Some(pass));
+    }
+    let resp = match req.send().await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("regcache status: {url}: {}", e.without_url());
+            return ExitCode::FAILURE;
+        }
+    };
+    let st = resp.status();
+    let body = resp.bytes().await.unwrap_or_default();
+    if !st.is_success() {
+        eprintln!(
+            "regcache status: {url}: {st}: {}",
+            String::from_utf8_lossy(&body).trim()
+        );
+        return ExitCode::FAILURE;
+    }
+    if args.json {
+        println!("{}", String::from_utf8_lossy(&body));
+        return ExitCode::SUCCESS;
+    }
+    match regcache_supervisor::status::parse(&body) {
+        Ok(page) => {
+            print!("{}", regcache_supervisor::status::text(&page));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("regcache status: {url}: not a status page: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// 0.0.0.0 and [::] as loopback: where a local command finds the front.
+fn loopback(mut addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    addr
+}
+
 /// `GET /readyz` on the local listener: the metrics listener when there is
 /// one (plain HTTP, never behind client auth), else the front, over HTTPS
 /// when it serves TLS (loopback: the certificate's name is not checked).
 async fn healthcheck(args: HealthArgs) -> ExitCode {
-    let loopback = |mut addr: SocketAddr| {
-        if addr.ip().is_unspecified() {
-            addr.set_ip(match addr {
-                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-            });
-        }
-        addr
-    };
     let tls = std::env::var_os("REGISTRY_HTTP_TLS_CERTIFICATE").is_some_and(|v| !v.is_empty());
     let url = match (args.metrics_listen, tls) {
         (Some(m), _) => format!("http://{}/readyz", loopback(m)),

@@ -40,6 +40,52 @@ pub struct Status {
     /// Live replicas of its cluster, itself included (0: no cluster).
     #[serde(default)]
     pub members: u64,
+    /// Never asks its upstream (`REGCACHE_OFFLINE`).
+    #[serde(default)]
+    pub offline: bool,
+    /// What its own answers have been since it started (the front adds the
+    /// hits it answered itself).
+    #[serde(default)]
+    pub totals: Totals,
+    /// Bytes stored locally, and the budget (0: none).
+    #[serde(default)]
+    pub stored_bytes: u64,
+    #[serde(default)]
+    pub budget_bytes: u64,
+    /// Blob downloads in progress.
+    #[serde(default)]
+    pub fills: Vec<FillProgress>,
+}
+
+/// Counts of answers, for hit ratios and bytes saved.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    /// Blob and manifest answers from the cache (hit, stale).
+    pub hits: u64,
+    /// ... that needed upstream (miss, revalidated, bypass).
+    pub misses: u64,
+    /// Bytes sent to clients from the cache, and fetched for them upstream.
+    pub cache_bytes: u64,
+    pub upstream_bytes: u64,
+}
+
+impl Totals {
+    pub fn add(&mut self, o: &Totals) {
+        self.hits += o.hits;
+        self.misses += o.misses;
+        self.cache_bytes += o.cache_bytes;
+        self.upstream_bytes += o.upstream_bytes;
+    }
+}
+
+/// One blob download in progress.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FillProgress {
+    pub repository: String,
+    pub digest: String,
+    pub written: u64,
+    /// `None`: upstream sent no length.
+    pub total: Option<u64>,
 }
 
 /// What one worker's cache holds.
@@ -67,4 +113,8 @@ pub struct Repository {
     /// shared with another repository counts in both).
     #[serde(default)]
     pub bytes: u64,
+    /// When one of its images was last pulled (ms since the epoch; 0: not
+    /// known yet).
+    #[serde(default)]
+    pub last_used_ms: u64,
 }

@@ -388,6 +388,20 @@ impl Managed {
         total
     }
 
+    /// Bytes stored in the local tier, as the index knows them.
+    pub fn stored_bytes(&self) -> u64 {
+        self.lock().index.bytes()
+    }
+
+    /// The latest use of any of `manifests` (for "last pulled").
+    pub fn last_used(&self, manifests: &[Digest]) -> Option<SystemTime> {
+        let st = self.lock();
+        manifests
+            .iter()
+            .filter_map(|d| st.index.manifest(d).map(|m| m.used))
+            .max()
+    }
+
     /// Is manifest `d` stored, as far as the index knows (before it is
     /// built: taken to be)?
     pub fn has_manifest(&self, d: &Digest) -> bool {

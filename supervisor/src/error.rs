@@ -26,6 +26,14 @@ pub enum Error {
     /// The upstream's worker is not running (or not answering).
     #[error("the cache for {upstream} is restarting; retry shortly")]
     Unavailable { upstream: String },
+    #[error("the admin endpoints are off: set REGCACHE_ADMIN_TOKEN to use them")]
+    AdminOff,
+    #[error("the admin endpoints need Authorization: Bearer <REGCACHE_ADMIN_TOKEN>")]
+    AdminRefused,
+    #[error("use POST")]
+    AdminMethod,
+    #[error("{0}")]
+    AdminBadRequest(String),
 }
 
 impl From<request::Error> for Error {
@@ -71,6 +79,22 @@ impl From<&Error> for RegistryError {
             Error::Unavailable { .. } => {
                 RegistryError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, msg)
                     .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+            }
+            Error::AdminOff => {
+                RegistryError::new(StatusCode::NOT_FOUND, ErrorCode::Unsupported, msg)
+            }
+            Error::AdminRefused => {
+                RegistryError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, msg)
+                    .with_header(
+                        header::WWW_AUTHENTICATE,
+                        HeaderValue::from_static("Bearer realm=\"regcache admin\""),
+                    )
+            }
+            Error::AdminMethod => {
+                RegistryError::new(StatusCode::METHOD_NOT_ALLOWED, ErrorCode::Unsupported, msg)
+            }
+            Error::AdminBadRequest(_) => {
+                RegistryError::new(StatusCode::BAD_REQUEST, ErrorCode::Unsupported, msg)
             }
         }
     }

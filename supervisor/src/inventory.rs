@@ -20,6 +20,8 @@ pub struct Repository {
     pub manifests: Vec<String>,
     /// What its images hold (shared blobs count in each repository).
     pub bytes: u64,
+    /// When one of its images was last pulled (ms since the epoch; 0: not known).
+    pub last_used_ms: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -65,6 +67,7 @@ pub fn build(up: &Upstream, inv: Option<Inventory>) -> UpstreamCache {
             tags: r.tags,
             manifests: r.manifests,
             bytes: r.bytes,
+            last_used_ms: r.last_used_ms,
         })
         .collect();
     UpstreamCache {

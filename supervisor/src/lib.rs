@@ -28,10 +28,12 @@ mod inventory;
 pub mod maintenance;
 mod metrics;
 pub mod peer;
+pub mod preload;
 mod proxy;
 mod routing;
 mod server;
 pub mod settings;
+pub mod status;
 pub mod tls;
 mod workers;
 
@@ -109,6 +111,19 @@ pub async fn run(
     let local = listener.local_addr().ok();
     tracing::info!(listen = ?local, upstreams = settings.upstreams.len(), "regcache ready");
     let front = Arc::new(front(&settings, workers, counters));
+    // The last hour's figures: a sample a minute.
+    let sampler = front.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            every.tick().await;
+            sampler.sample().await;
+        }
+    });
+    if let Some(p) = settings.preload.clone() {
+        let front = front.clone();
+        tokio::spawn(async move { preload::schedule(front, p).await });
+    }
     if let (Some(l), Some(cluster)) = (peer, &settings.cluster) {
         let peers = Arc::new(peer::PeerFront::new(front.clone(), cluster.secret.clone()));
         tracing::info!(listen = ?l.local_addr().ok(), node = peer::node_id(), "peer listener");
@@ -130,6 +145,7 @@ pub(crate) fn front(
     metrics: Arc<metrics::Metrics>,
 ) -> server::Front {
     let inherited: Vec<(String, String)> = std::env::vars().collect();
+    let workers_len = workers.len();
     let local = workers
         .iter()
         .map(|w| {
@@ -145,6 +161,10 @@ pub(crate) fn front(
         auth: settings.auth.clone(),
         access: settings.access.clone(),
         probes_only: false,
+        history: Arc::new(status::History::new(workers_len)),
+        recent: Arc::default(),
+        preloads: Arc::new(preload::Preloads::new(settings.preload.is_some())),
+        admin_token: settings.admin_token.clone(),
         local: Arc::new(local),
     }
 }

@@ -5,13 +5,15 @@
 //! only once in a page, so families are merged by name rather than the texts
 //! concatenated. The supervisor's process metrics carry no `upstream` label.
 
-use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 pub struct Metrics {
     registry: Registry,
     pub worker_restarts: IntCounterVec,
     pub worker_up: IntGaugeVec,
     pub front_requests: IntCounterVec,
+    pub preload_images: IntCounterVec,
+    pub preload_bytes: IntCounter,
 }
 
 impl Default for Metrics {
@@ -47,10 +49,25 @@ impl Metrics {
             &["status"],
         )
         .expect("valid metric");
+        let preload_images = IntCounterVec::new(
+            Opts::new(
+                "regcache_preload_images_total",
+                "Images preloaded (REGCACHE_PRELOAD_FILE, POST /api/v1/preload), by result.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let preload_bytes = IntCounter::new(
+            "regcache_preload_bytes_total",
+            "Blob bytes fetched by preloading.",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(worker_restarts.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(worker_up.clone()),
             Box::new(front_requests.clone()),
+            Box::new(preload_images.clone()),
+            Box::new(preload_bytes.clone()),
         ] {
             registry.register(c).expect("unique metric");
         }
@@ -65,6 +82,8 @@ impl Metrics {
             worker_restarts,
             worker_up,
             front_requests,
+            preload_images,
+            preload_bytes,
         }
     }
 

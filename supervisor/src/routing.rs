@@ -41,6 +41,10 @@ pub enum Route {
     },
     /// `/v2/`: the API version check.
     Base,
+    /// `/`, `/ui/`: the status page.
+    Ui,
+    /// `/api/v1/status`: the status page's figures.
+    Status,
     /// A registry request for the worker of upstream `index`.
     Upstream {
         index: usize,
@@ -151,6 +155,8 @@ impl Routes {
             "/metrics" => return Ok(Route::Metrics),
             "/api/v1/cache" => return Ok(Route::Inventory),
             "/api/v1/cache/summary" => return Ok(Route::Summary),
+            "/" | "/ui" | "/ui/" => return Ok(Route::Ui),
+            "/api/v1/status" => return Ok(Route::Status),
             "/v2/_catalog" => return catalog(query),
             p if is_base(p) => return Ok(Route::Base),
             _ => {}

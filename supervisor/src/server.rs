@@ -38,18 +38,34 @@ pub struct Front {
     pub probes_only: bool,
     /// Per worker: its locally committed content, answered here.
     pub local: Arc<Vec<LocalHits>>,
+    /// Once-a-minute totals, for the last hour's figures.
+    pub history: Arc<crate::status::History>,
+    /// The last pulls by tag.
+    pub recent: Arc<crate::status::Recent>,
+    pub preloads: Arc<crate::preload::Preloads>,
+    /// `REGCACHE_ADMIN_TOKEN`: what `POST /api/v1/preload` must show (none:
+    /// the endpoint is off).
+    pub admin_token: Option<regcache_worker::Secret>,
 }
 
 type Answer = Result<(Response<Body>, Option<String>), Error>;
+
+/// `POST /api/v1/preload?image=...&image=...[&platform=...]`.
+pub const PRELOAD_PATH: &str = "/api/v1/preload";
 
 impl Front {
     /// Answers one request (its body, if any, is never read).
     pub async fn handle<B>(&self, req: Request<B>, peer: SocketAddr) -> Response<Body> {
         let started = Instant::now();
         let method = Method::parse(req.method());
-        let answer = match &method {
-            Ok(m) => self.answer(*m, &req, peer).await,
-            Err(e) => Err(e.clone().into()),
+        let answer = if req.uri().path() == PRELOAD_PATH && !self.probes_only {
+            // The one write the front takes: an admin's, with the token.
+            self.admin_preload(&req, peer).await
+        } else {
+            match &method {
+                Ok(m) => self.answer(*m, &req, peer).await,
+                Err(e) => Err(e.clone().into()),
+            }
         };
         let method = method.unwrap_or(Method::Get);
         let (mut resp, upstream) = match answer {
@@ -111,6 +127,25 @@ impl Front {
                 Err(self.login("authentication required"))
             }
             Route::Base => own(json(Bytes::from_static(b"{}"))),
+            Route::Ui => {
+                let mut resp =
+                    Response::new(full(Bytes::from_static(crate::status::PAGE.as_bytes())));
+                let h = resp.headers_mut();
+                h.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/html; charset=utf-8"),
+                );
+                // Nothing but this origin, ever: the page is self-contained.
+                h.insert(
+                    "content-security-policy",
+                    HeaderValue::from_static(
+                        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+                    ),
+                );
+                h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                own(resp)
+            }
+            Route::Status => own(pretty(&self.status_page(&caller).await)),
             Route::Upstream {
                 index,
                 request,
@@ -213,7 +248,153 @@ impl Front {
             resp.headers_mut().insert("oci-namespace", ns);
         }
         rewrite_link(resp.headers_mut(), request, req.uri().path());
+        if let (
+            Method::Get,
+            regcache_protocol::request::Endpoint::Manifest(regcache_protocol::Reference::Tag(tag)),
+        ) = (request.method, &request.endpoint)
+        {
+            if resp.status() == StatusCode::OK {
+                let cache = resp
+                    .headers()
+                    .get("x-cache")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-");
+                self.recent.push(crate::status::Pull {
+                    at_ms: crate::status::millis(std::time::SystemTime::now()),
+                    upstream: name.clone(),
+                    image: format!("{}:{tag}", request.name),
+                    cache: cache.to_owned(),
+                });
+            }
+        }
         Ok((resp, Some(name)))
+    }
+
+    /// Every upstream's state and figures, the recent pulls the caller may
+    /// see, and preloading.
+    pub async fn status_page(&self, caller: &Caller) -> crate::status::StatusPage {
+        use crate::status::{ratio, UpstreamStatus};
+        let statuses = self.statuses().await;
+        let upstreams = self
+            .workers
+            .iter()
+            .enumerate()
+            .zip(&statuses)
+            .map(|((i, w), s)| {
+                let name = w.upstream.name();
+                let mut totals = s.as_ref().map(|s| s.totals).unwrap_or_default();
+                totals.add(&self.local[i].metrics().totals());
+                let last_hour = self.history.last_hour(i, totals);
+                let (state, detail) = match s {
+                    None => ("restarting", None),
+                    Some(s) if s.offline => (
+                        "offline",
+                        Some("REGCACHE_OFFLINE: only cached content is served".into()),
+                    ),
+                    Some(s) if s.upstream_away => (
+                        "upstream away",
+                        Some("breaker open or rate limited: cached tags are served stale".into()),
+                    ),
+                    Some(s) if s.degraded.is_some() => ("store degraded", s.degraded.clone()),
+                    Some(_) => ("ready", None),
+                };
+                UpstreamStatus {
+                    url: w.upstream.url(),
+                    state: state.into(),
+                    detail,
+                    restarts: self
+                        .metrics
+                        .worker_restarts
+                        .with_label_values(&[&name])
+                        .get(),
+                    hit_ratio: ratio(&totals),
+                    hit_ratio_last_hour: ratio(&last_hour),
+                    since_start: totals,
+                    last_hour,
+                    stored_bytes: s.as_ref().map_or(0, |s| s.stored_bytes),
+                    budget_bytes: s.as_ref().map_or(0, |s| s.budget_bytes),
+                    store: s.as_ref().map(|s| s.store.clone()).unwrap_or_default(),
+                    members: s.as_ref().map_or(0, |s| s.members),
+                    fills: s.as_ref().map(|s| s.fills.clone()).unwrap_or_default(),
+                    name,
+                }
+            })
+            .collect();
+        let recent = self
+            .recent
+            .list()
+            .into_iter()
+            .filter(|p| match &self.access {
+                None => true,
+                Some(policy) => self.workers.iter().any(|w| {
+                    w.upstream.name() == p.upstream
+                        && policy.allows(
+                            caller,
+                            &w.upstream,
+                            p.image.rsplit_once(':').map_or("", |(n, _)| n),
+                        )
+                }),
+            })
+            .collect();
+        crate::status::StatusPage {
+            version: env!("CARGO_PKG_VERSION").into(),
+            now_ms: crate::status::millis(std::time::SystemTime::now()),
+            uptime_seconds: self.history.started.elapsed().as_secs(),
+            upstreams,
+            recent,
+            preload: self.preloads.report(),
+        }
+    }
+
+    /// Samples every upstream's totals for the last hour's figures.
+    pub async fn sample(&self) {
+        let statuses = self.statuses().await;
+        for (i, s) in statuses.iter().enumerate() {
+            let mut totals = s.as_ref().map(|s| s.totals).unwrap_or_default();
+            totals.add(&self.local[i].metrics().totals());
+            self.history.sample(i, totals);
+        }
+    }
+
+    /// `POST /api/v1/preload`: the admin token, then the images of the query.
+    async fn admin_preload<B>(&self, req: &Request<B>, peer: SocketAddr) -> Answer {
+        let Some(token) = &self.admin_token else {
+            return Err(Error::AdminOff);
+        };
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| crate::peer::same_secret(g, token.expose())) {
+            tracing::warn!(%peer, "preload refused: no valid admin token");
+            return Err(Error::AdminRefused);
+        }
+        if req.method() != http::Method::POST {
+            return Err(Error::AdminMethod);
+        }
+        let (mut images, mut platforms) = (Vec::new(), Vec::new());
+        for (k, v) in url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
+            match &*k {
+                "image" => images.push(v.into_owned()),
+                "platform" => platforms.push(v.into_owned()),
+                _ => {}
+            }
+        }
+        if images.is_empty() {
+            return Err(Error::AdminBadRequest(
+                "name at least one image: ?image=alpine:3.20".into(),
+            ));
+        }
+        let items: Vec<crate::preload::Item> = images
+            .into_iter()
+            .map(|image| crate::preload::Item {
+                image,
+                platforms: platforms.clone(),
+            })
+            .collect();
+        let states = self.preloads.run(self, &items).await;
+        Ok((pretty(&states), None))
     }
 
     /// 200 when every worker is ready, else 503 listing those that are not.

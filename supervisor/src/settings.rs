@@ -29,6 +29,10 @@ pub struct Settings {
     /// This replica's side of a cluster: the listener other replicas ask
     /// (`REGCACHE_PEER_LISTEN`) and the secret they must show.
     pub cluster: Option<Cluster>,
+    /// `REGCACHE_PRELOAD_FILE` and `REGCACHE_PRELOAD_EVERY`.
+    pub preload: Option<crate::preload::Schedule>,
+    /// `REGCACHE_ADMIN_TOKEN` (or `_FILE`): turns the admin endpoint on.
+    pub admin_token: Option<regcache_worker::Secret>,
 }
 
 /// The peer listener of a replica.
@@ -99,6 +103,16 @@ pub enum Error {
     Exe(std::io::Error),
     #[error("REGCACHE_PEER_LISTEN {0:?} is not an address like 0.0.0.0:5001")]
     PeerListen(String),
+    #[error("cannot read {path}: {source}")]
+    ReadPreload {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("REGCACHE_PRELOAD_FILE {path}: {why}")]
+    Preload { path: String, why: String },
+    #[error("REGCACHE_ADMIN_TOKEN must be at least 16 characters")]
+    AdminToken,
 }
 
 impl Settings {
@@ -186,7 +200,44 @@ impl Settings {
                 secret: regcache_worker::config::peer_secret_from(&env)?,
             }),
         };
+        let preload = match env("REGCACHE_PRELOAD_FILE") {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(&path).map_err(|source| Error::ReadPreload {
+                    path: path.clone(),
+                    source,
+                })?;
+                let items = crate::preload::parse_list(&text).map_err(|why| Error::Preload {
+                    path: path.clone(),
+                    why,
+                })?;
+                let every = regcache_worker::config::duration_from(
+                    &env,
+                    "REGCACHE_PRELOAD_EVERY",
+                    std::time::Duration::from_secs(6 * 3600),
+                )?;
+                Some(crate::preload::Schedule { path, items, every })
+            }
+        };
+        let admin_token = match (
+            env("REGCACHE_ADMIN_TOKEN"),
+            env("REGCACHE_ADMIN_TOKEN_FILE"),
+        ) {
+            (Some(t), _) => Some(t),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(&path)
+                    .map(|s| s.trim_end_matches(['\r', '\n']).to_owned())
+                    .map_err(|source| Error::ReadPreload { path, source })?,
+            ),
+            (None, None) => None,
+        };
+        if admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err(Error::AdminToken);
+        }
+        let admin_token = admin_token.map(regcache_worker::Secret::new);
         Ok(Settings {
+            preload,
+            admin_token,
             upstreams,
             storage,
             drain_timeout,

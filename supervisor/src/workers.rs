@@ -199,6 +199,8 @@ pub async fn supervise(
     grace: Duration,
 ) {
     let name = w.upstream.name();
+    // Zero from the start, so that dashboards and alerts see the series.
+    metrics.worker_restarts.with_label_values(&[&name]);
     let mut backoff = BACKOFF_MIN;
     loop {
         if *stop.borrow() {

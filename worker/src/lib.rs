@@ -43,6 +43,7 @@ use regcache_store::{FsStore, Store};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 
+pub use auth::Secret;
 pub use config::Settings;
 pub use upstream::init_tls;
 

@@ -308,6 +308,22 @@ impl Metrics {
         }
     }
 
+    /// What the answers recorded here add up to.
+    pub fn totals(&self) -> regcache_protocol::internal::Totals {
+        let get = |v: &IntCounterVec, labels: &[&str]| v.with_label_values(labels).get();
+        let (mut hits, mut misses) = (0, 0);
+        for t in ["manifest", "blob"] {
+            hits += get(&self.proxy_hits, &[t]);
+            misses += get(&self.proxy_misses, &[t]);
+        }
+        regcache_protocol::internal::Totals {
+            hits,
+            misses,
+            cache_bytes: get(&self.served_bytes, &["cache"]),
+            upstream_bytes: get(&self.served_bytes, &["upstream"]),
+        }
+    }
+
     /// Bytes sent to clients for an answer produced as `outcome`.
     pub fn served(&self, outcome: Outcome, bytes: u64) {
         let s = if outcome.from_cache() {

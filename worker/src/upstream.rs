@@ -145,6 +145,11 @@ impl Upstream {
         self.options.offline || self.breaker.is_open()
     }
 
+    /// Never asked (`REGCACHE_OFFLINE`)?
+    pub fn is_offline(&self) -> bool {
+        self.options.offline
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -80,6 +80,15 @@ impl Fill {
         )
     }
 
+    /// (bytes written, total if known), for the status page.
+    pub(super) fn progress(&self) -> (u64, Option<u64>) {
+        match &*self.progress.borrow() {
+            Progress::Starting | Progress::Failed(_) => (0, None),
+            Progress::Writing { written, total } => (*written, *total),
+            Progress::Done { size } => (*size, Some(*size)),
+        }
+    }
+
     /// A reader of this fill's bytes. A fill that is verified and only
     /// waiting for its commit counts as a hit: its bytes are local and checked.
     pub(super) fn attach(&self) -> Reader {

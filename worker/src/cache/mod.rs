@@ -986,6 +986,11 @@ impl Cache {
                             .map(|(t, rec)| (t.to_string(), rec.digest.to_string()))
                             .collect(),
                         bytes: self.managed.sizes(&manifests),
+                        last_used_ms: self
+                            .managed
+                            .last_used(&manifests)
+                            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                            .map_or(0, |d| d.as_millis() as u64),
                         manifests: manifests.iter().map(Digest::to_string).collect(),
                     };
                     Some((name.to_string(), repo))
@@ -999,14 +1004,35 @@ impl Cache {
     /// How the cache is doing, for the front's readiness and status.
     pub fn status(&self) -> internal::Status {
         let health = self.store.health();
+        let fills: Vec<internal::FillProgress> = self
+            .fills
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(d, f)| {
+                let (written, total) = f.progress();
+                internal::FillProgress {
+                    repository: f.repo.to_string(),
+                    digest: d.to_string(),
+                    written,
+                    total,
+                }
+            })
+            .collect();
+        let stats = self.managed.stats();
         internal::Status {
             store: self.store.describe(),
             degraded: health.degraded,
             remote_errors: health.remote_errors,
             backfill: health.backfill,
             upstream_away: self.upstream.is_away(),
-            fills_in_flight: self.fills.lock().unwrap().len() as u64,
+            fills_in_flight: fills.len() as u64,
             members: self.members() as u64,
+            offline: self.upstream.is_offline(),
+            totals: self.metrics.totals(),
+            stored_bytes: self.managed.stored_bytes(),
+            budget_bytes: stats.max_size.unwrap_or(0),
+            fills,
         }
     }
 
