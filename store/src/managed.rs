@@ -388,6 +388,12 @@ impl Managed {
         total
     }
 
+    /// Is blob `d` stored locally, as far as the index knows? (It learns a
+    /// commit before the commit's caller hears of it.)
+    pub fn has_blob(&self, d: &Digest) -> bool {
+        self.lock().index.blob(d).is_some()
+    }
+
     /// Bytes stored in the local tier, as the index knows them.
     pub fn stored_bytes(&self) -> u64 {
         self.lock().index.bytes()

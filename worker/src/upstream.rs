@@ -145,6 +145,12 @@ impl Upstream {
         self.options.offline || self.breaker.is_open()
     }
 
+    /// Does this upstream count manifest GETs against a pull rate limit
+    /// (Docker Hub), HEADs not?
+    pub fn counts_manifest_gets(&self) -> bool {
+        self.name.ends_with("docker.io")
+    }
+
     /// Never asked (`REGCACHE_OFFLINE`)?
     pub fn is_offline(&self) -> bool {
         self.options.offline

@@ -451,6 +451,9 @@ impl Cache {
                 let mut fills = self.fills.lock().unwrap();
                 match fills.get(digest) {
                     Some(f) if !refused.as_ref().is_some_and(|r| Arc::ptr_eq(f, r)) => None,
+                    // A fill that started after our look at the store, and
+                    // committed and left the map since: the store has it now.
+                    _ if self.managed.has_blob(digest) => None,
                     _ => {
                         let spool = self.spools.create().map_err(|source| {
                             Error::Storage(regcache_store::Error::Io {
@@ -465,7 +468,8 @@ impl Cache {
                     }
                 }
             };
-            // Another request started a fill meanwhile: attach to it.
+            // Another request started a fill meanwhile (or finished one):
+            // attach to it (or read the store).
             let Some((fill, writer)) = fill else { continue };
             self.spawn_fill(fill.clone(), writer, origin, name, digest);
             let mut reader = fill.attach();
@@ -667,7 +671,7 @@ impl Cache {
             tag.clone(),
             cached_manifest.clone(),
         );
-        let revalidate = async move { cache.revalidate(&n, &t, m.as_ref(), via).await };
+        let revalidate = async move { cache.revalidate(&n, &t, m.as_ref(), via, freshness).await };
         let key = FlightKey::Tag(name.clone(), tag.clone());
         match self.manifests.run(key, revalidate).await {
             Ok(found) => Ok(found),
@@ -717,7 +721,20 @@ impl Cache {
         tag: &Tag,
         cached: Option<&Manifest>,
         via: Via,
+        freshness: Duration,
     ) -> Result<(Manifest, Outcome), upstream::Error> {
+        // A flight that finished between our look at the tag and this one
+        // may have confirmed it just now: that answer stands.
+        if let Ok(Some(rec)) = self.store.tag_get(name, tag).await {
+            let age = SystemTime::now()
+                .duration_since(rec.confirmed)
+                .unwrap_or_default();
+            if age < freshness {
+                if let Some(m) = self.stored_manifest(&rec.digest).await {
+                    return Ok((m, Outcome::Hit));
+                }
+            }
+        }
         // In a cluster the tag's owner revalidates, once for every replica.
         if let Some((peers, owner)) = self.owner(&format!("{name}:{tag}"), via) {
             let path = format!("/v2/{name}/manifests/{tag}");
@@ -738,6 +755,14 @@ impl Cache {
             }
         }
         let up = &self.upstream;
+        // A tag never seen: one GET instead of a HEAD and a GET, a round
+        // trip less on every cold pull (not on Docker Hub, which counts a
+        // GET as a pull and a HEAD not: the manifest may be stored already).
+        if cached.is_none() && !up.counts_manifest_gets() {
+            let m = self.fetch_manifest(name, tag.as_str(), None, true).await?;
+            self.record_tag(name, tag, &m.digest).await;
+            return Ok((m, Outcome::Miss));
+        }
         let path = format!("/v2/{name}/manifests/{tag}");
         let resp = up
             .send(Method::HEAD, Some(name), &path, Some(MANIFEST_ACCEPT))
