@@ -136,6 +136,24 @@ def check_kubernetes(docs):
     need(pod.get("hostNetwork") is True, "hostNetwork expected (containerd uses 127.0.0.1:5000)")
 
 
+def check_prometheus_rules(doc):
+    """The promtool check is in tests/status.rs; here only the shape, so a stray file fails."""
+    groups = doc[0].get("groups") if doc and isinstance(doc[0], dict) else None
+    need(isinstance(groups, list) and groups, "Prometheus rule file without groups")
+    for g in groups:
+        need(g.get("name") and g.get("rules"), f"group {g!r}: name and rules expected")
+        for r in g["rules"]:
+            need(("alert" in r or "record" in r) and "expr" in r, f"rule {r!r}: alert/record and expr expected")
+
+
+def check_grafana(doc):
+    panels = doc.get("panels") if isinstance(doc, dict) else None
+    need(isinstance(panels, list) and panels, "Grafana dashboard without panels")
+    for panel in panels:
+        if panel.get("type") != "row":
+            need(panel.get("targets"), f"panel {panel.get('title')!r} has no queries")
+
+
 def check_config(doc):
     need(isinstance(doc, list) and doc, "CONFIG is a non-empty JSON array")
     for item in doc:
@@ -157,6 +175,10 @@ def check(path):
         check_k3s(doc)
     elif "/kubernetes/" in p:
         check_kubernetes(doc)
+    elif "/grafana/" in p:
+        check_grafana(doc)
+    elif "/prometheus/" in p:
+        check_prometheus_rules(doc)
     elif "/config/" in p and p.endswith(".json"):
         check_config(doc)
     elif p.endswith(".yml") or p.endswith(".yaml"):
