@@ -716,3 +716,87 @@ fn upstream_ca_bundle_and_skip_verify() {
         "no warning about skipped verification:\n{log}"
     );
 }
+
+/// Over TLS, an HTTP/2 and an HTTP/1.1 client of one blob still being
+/// filled (the upstream holds it after 256 KiB until both are attached)
+/// each get the whole blob, read by the front from the fill's spool, with
+/// one upstream GET.
+#[test]
+fn tls_and_http2_clients_of_a_fill_in_flight_get_whole_blobs() {
+    use support::fake::{FakeRegistry, Gate, Serve};
+    let fake = FakeRegistry::start();
+    let blob = fake.add_blob("org/img", &random_bytes((2 << 20) + 11));
+    let gate = Gate::new();
+    fake.set(&blob.path, Serve::ok().pause_at(256 << 10, &gate));
+    let pki = Pki::new();
+    let work = temp_dir("regcache-tls-fill-");
+    let rc = Regcache::start_with_env(
+        &config_json(&[(&fake.url(), &["upstream.test"])]),
+        &work.path().join("storage"),
+        &[
+            ("REGISTRY_HTTP_TLS_CERTIFICATE", &pki.path("server.crt")),
+            ("REGISTRY_HTTP_TLS_KEY", &pki.path("server.key")),
+        ],
+    );
+    let ca = pki.path("ca.crt");
+    let base = format!("https://{}", rc.addr());
+    let url = format!("{base}{}", blob.path_via("upstream.test"));
+    let clients: Vec<_> = ["--http2", "--http1.1"]
+        .into_iter()
+        .map(|version| {
+            let out = work.path().join(version.trim_start_matches('-'));
+            let child = Command::new("curl")
+                .args([
+                    "-sS",
+                    "--cacert",
+                    &ca,
+                    version,
+                    "-w",
+                    "%{http_version} %{http_code}",
+                ])
+                .arg("-o")
+                .arg(&out)
+                .arg(&url)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("run curl");
+            (version, out, child)
+        })
+        .collect();
+    let followed = || {
+        let (_, page) = curl(&["--cacert", &ca, &format!("{base}/metrics")]);
+        metric(&page, "regcache_fill_answers_followed_total", &[]).unwrap_or(0.0)
+    };
+    let attached = wait_for(Duration::from_secs(20), || {
+        (followed() >= 2.0).then_some(())
+    });
+    gate.open();
+    assert!(
+        attached.is_some(),
+        "both clients should be attached to the fill, read from its spool"
+    );
+    for (version, out, child) in clients {
+        let done = child.wait_with_output().expect("curl ends");
+        let meta = String::from_utf8_lossy(&done.stdout);
+        let want = if version == "--http2" {
+            "2 200"
+        } else {
+            "1.1 200"
+        };
+        assert_eq!(
+            meta,
+            want,
+            "{version}: {}",
+            String::from_utf8_lossy(&done.stderr)
+        );
+        let body = std::fs::read(&out).expect("curl's output");
+        assert_eq!(sha256_digest(&body), blob.digest, "{version}: bytes");
+    }
+    assert_eq!(
+        fake.count("GET", &blob.path),
+        1,
+        "{}",
+        fake.describe_requests()
+    );
+}

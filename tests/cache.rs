@@ -262,6 +262,65 @@ fn sixteen_concurrent_gets_make_one_upstream_get() {
         s.fake.describe_requests()
     );
     assert_committed(&s.root(), &blob, "after the fill");
+    assert_eq!(
+        followed(&s.cache()),
+        16.0,
+        "all 16 answers should be read by the front from the fill's spool, none relayed"
+    );
+}
+
+/// Answers of a blob in flight that the front read from the spool itself.
+fn followed(cache: &str) -> f64 {
+    let page = get(cache, "/metrics").text();
+    metric(&page, "regcache_fill_answers_followed_total", &[]).unwrap_or(0.0)
+}
+
+/// One client of a fill stops reading: the fill completes and is committed,
+/// and a client that keeps reading gets the whole blob, while the slow one
+/// still waits; then the slow one gets every byte too.
+#[test]
+fn a_slow_client_holds_back_neither_the_fill_nor_the_others() {
+    let s = Setup::start();
+    let (blob, gate, _open) = s.held_blob((8 << 20) + 3, Serve::ok(), 1 << 20);
+    let path = blob.path_via(PREFIX);
+    let mut slow = http_open(&s.cache(), "GET", &path, &[]).expect("the slow client's GET");
+    s.wait_held(&gate);
+    let (tx, rx) = mpsc::channel();
+    let fast = client(&s.cache(), "GET", &path, vec![], tx);
+    assert_eq!(
+        wait_headers(&rx, 1, Duration::from_secs(20)),
+        1,
+        "the second client got no headers"
+    );
+    let mut got = slow
+        .read_some(64 << 10)
+        .expect("the slow client's first bytes");
+    gate.open();
+    assert_full_blob(
+        "the client that kept reading",
+        &join(fast, "fast client"),
+        &blob,
+    );
+    assert_committed(&s.root(), &blob, "while one client stalls");
+    let rest = slow.read_rest();
+    got.extend_from_slice(&rest.bytes);
+    assert!(
+        rest.complete(),
+        "the slow client's body was cut: {:?}",
+        rest.error
+    );
+    assert_eq!(sha256_digest(&got), blob.digest, "the slow client's bytes");
+    assert_eq!(
+        s.fake.count("GET", &blob.path),
+        1,
+        "{}",
+        s.fake.describe_requests()
+    );
+    assert_eq!(
+        followed(&s.cache()),
+        2.0,
+        "both answers read from the spool by the front"
+    );
 }
 
 /// The client that started a fill goes away half-way: the fill goes on, the
@@ -801,6 +860,11 @@ fn range_requests_attach_to_an_in_flight_fill() {
         1,
         "ranges during a fill must not start another upstream GET\n{}",
         s.fake.describe_requests()
+    );
+    assert_eq!(
+        followed(&cache),
+        4.0,
+        "the whole and the three ranges, each read from the spool by the front"
     );
 }
 

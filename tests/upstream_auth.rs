@@ -15,7 +15,6 @@
 
 use regcache_testkit as support;
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -484,69 +483,6 @@ fn assert_log_free_of(rc: &Regcache, secrets: &[String]) {
             rc.log_path().display(),
             lines.join("\n")
         );
-    }
-}
-
-/// Sum of the samples of `name` whose labels include `want` in a Prometheus
-/// text page; `None` when there is no such sample.
-fn metric(text: &str, name: &str, want: &[(&str, &str)]) -> Option<f64> {
-    let mut sum = None;
-    for line in text.lines() {
-        if line.starts_with('#') || line.trim().is_empty() {
-            continue;
-        }
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let (n, labels) = match series.split_once('{') {
-            Some((n, l)) => (n, l.strip_suffix('}').unwrap_or(l)),
-            None => (series, ""),
-        };
-        if n != name {
-            continue;
-        }
-        let labels = parse_labels(labels);
-        if want
-            .iter()
-            .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
-        {
-            let v: f64 = value
-                .parse()
-                .unwrap_or_else(|_| panic!("bad sample value in {line:?}"));
-            *sum.get_or_insert(0.0) += v;
-        }
-    }
-    sum
-}
-
-/// `k="v",k2="v2"` (with `\"`, `\\`, `\n` escapes) as a map.
-fn parse_labels(s: &str) -> HashMap<String, String> {
-    let mut out = HashMap::new();
-    let mut chars = s.chars().peekable();
-    loop {
-        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
-            chars.next();
-        }
-        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
-        if key.is_empty() {
-            return out;
-        }
-        if chars.next() != Some('"') {
-            return out;
-        }
-        let mut value = String::new();
-        while let Some(c) = chars.next() {
-            match c {
-                '"' => break,
-                '\\' => match chars.next() {
-                    Some('n') => value.push('\n'),
-                    Some(o) => value.push(o),
-                    None => break,
-                },
-                o => value.push(o),
-            }
-        }
-        out.insert(key.trim().to_owned(), value);
     }
 }
 

@@ -17,6 +17,7 @@
 
 pub mod body;
 pub mod error;
+pub mod follow;
 #[cfg(test)]
 mod hostile;
 pub mod internal;

@@ -52,6 +52,19 @@ impl Outcome {
         }
     }
 
+    /// The outcome an `X-Cache` header names.
+    pub fn from_header(value: &str) -> Option<Outcome> {
+        [
+            Outcome::Hit,
+            Outcome::Miss,
+            Outcome::Revalidated,
+            Outcome::Stale,
+            Outcome::Bypass,
+        ]
+        .into_iter()
+        .find(|o| o.header() == value)
+    }
+
     /// Were the bytes of this answer local (not fetched for it)?
     pub fn from_cache(self) -> bool {
         !matches!(self, Outcome::Miss | Outcome::Bypass)

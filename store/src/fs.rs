@@ -75,6 +75,9 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
     })
 }
 
+/// The spool directory under a root.
+const SPOOLS: &str = "tmp";
+
 impl FsStore {
     /// Opens (creating) the store at `root`; abandoned spools in `tmp/` are
     /// removed, live ones (another process's) left alone.
@@ -84,7 +87,7 @@ impl FsStore {
             let p = root.join(dir);
             fs::create_dir_all(&p).map_err(io_err("create", &p))?;
         }
-        let tmp = root.join("tmp");
+        let tmp = root.join(SPOOLS);
         let spools = SpoolDir::open(&tmp).map_err(io_err("open", &tmp))?;
         Ok(FsStore::new(root, Some(spools)))
     }
@@ -128,6 +131,14 @@ impl FsStore {
     /// Where fills spool before committing here (`None` for a view).
     pub fn spools(&self) -> Option<&SpoolDir> {
         self.inner.spools.as_ref()
+    }
+
+    /// A spool of this store's fills, opened to read (the front following a
+    /// fill its worker names; see `regcache_protocol::follow`). `None`: not
+    /// a spool name.
+    pub fn spool_file(&self, name: &str) -> Option<io::Result<File>> {
+        regcache_protocol::follow::valid_spool_name(name)
+            .then(|| File::open(self.inner.root.join(SPOOLS).join(name)))
     }
 
     /// A committed blob's file and size (for uploads to another tier).

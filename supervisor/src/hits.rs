@@ -28,6 +28,8 @@ use regcache_worker::metrics::Metrics;
 /// What the front needs to answer one upstream's hits itself.
 pub struct LocalHits {
     store: Arc<dyn Store>,
+    /// The same store, for what only a filesystem has (its spools).
+    view: FsStore,
     /// The worker's request series for these answers, summed with the
     /// worker's own on the metrics page.
     metrics: Arc<Metrics>,
@@ -41,6 +43,7 @@ impl LocalHits {
     pub fn new(root: &Path, upstream: &Authority, touch_every: Option<Duration>) -> LocalHits {
         LocalHits {
             store: Arc::new(FsStore::view(root)),
+            view: FsStore::view(root),
             metrics: Arc::new(Metrics::for_front(&upstream.to_string())),
             touches: touch_every.map(Toucher::new),
         }
@@ -50,6 +53,12 @@ impl LocalHits {
         if let Some(t) = &self.touches {
             t.used(&self.store, key);
         }
+    }
+
+    /// A worker's answer that names a fill to follow, read from its spool
+    /// here (see `crate::follow`); `None`: ask the worker again unfollowed.
+    pub fn follow(&self, resp: Response<Body>) -> Option<Response<Body>> {
+        crate::follow::serve(&self.view, self.metrics.clone(), resp)
     }
 
     pub fn metrics(&self) -> &Metrics {

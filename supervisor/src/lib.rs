@@ -21,6 +21,7 @@ mod access_log;
 pub mod client_auth;
 pub mod config;
 mod error;
+mod follow;
 mod hits;
 #[cfg(test)]
 mod hostile;

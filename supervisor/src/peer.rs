@@ -128,7 +128,7 @@ impl PeerFront {
         }
         self.front
             .proxy
-            .forward(index, &r, &headers, true)
+            .forward(index, &r, &headers, true, false)
             .await
             .map_err(|_| unavailable())
     }

@@ -288,7 +288,7 @@ async fn forward(
     }
     let resp = front
         .proxy
-        .forward(index, request, &headers, false)
+        .forward(index, request, &headers, false, false)
         .await
         .map_err(|e| format!("worker unreachable: {e}"))?;
     if !resp.status().is_success() {

@@ -14,6 +14,7 @@ use hyper::body::Bytes;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use regcache_protocol::body::Body;
+use regcache_protocol::follow;
 use regcache_protocol::internal::FROM_PEER;
 use regcache_protocol::request::RepoRequest;
 
@@ -88,14 +89,16 @@ impl Proxy {
 
     /// Sends `request` with the client's `headers` to worker `index`,
     /// marked as a peer replica's when `from_peer` (the mark is never taken
-    /// from the client). Requests carry no body: the cache is read-only and
-    /// writes never get here.
+    /// from the client), asking for a fill to follow (`crate::follow`) when
+    /// `follow`. Requests carry no body: the cache is read-only and writes
+    /// never get here.
     pub async fn forward(
         &self,
         index: usize,
         request: &RepoRequest,
         headers: &HeaderMap,
         from_peer: bool,
+        follow: bool,
     ) -> Result<Response<Body>, hyper_util::client::legacy::Error> {
         let uri: Uri = format!("http://w{index}{}", request.path_and_query())
             .parse()
@@ -113,9 +116,14 @@ impl Proxy {
         out.headers_mut().remove(header::AUTHORIZATION);
         out.headers_mut().remove(header::CONTENT_LENGTH);
         out.headers_mut().remove(FROM_PEER);
+        out.headers_mut().remove(follow::FOLLOW);
         if from_peer {
             out.headers_mut()
                 .insert(FROM_PEER, http::HeaderValue::from_static("1"));
+        }
+        if follow {
+            out.headers_mut()
+                .insert(follow::FOLLOW, http::HeaderValue::from_static("1"));
         }
         let resp = self.client.request(out).await?;
         let (mut parts, body) = resp.into_parts();

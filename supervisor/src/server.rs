@@ -11,7 +11,7 @@ use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use regcache_protocol::body::{full, Body};
 use regcache_protocol::error::RegistryError;
 use regcache_protocol::internal::{Inventory, Status, INVENTORY_PATH, METRICS_PATH, STATUS_PATH};
-use regcache_protocol::request::{Method, RepoRequest};
+use regcache_protocol::request::{Endpoint, Method, RepoRequest};
 use regcache_protocol::response::{self, json, text};
 
 use crate::access::{Caller, Policy};
@@ -236,14 +236,28 @@ impl Front {
         if !worker.is_ready() {
             return Err(unavailable());
         }
-        let mut resp = self
-            .proxy
-            .forward(index, request, req.headers(), false)
-            .await
-            .map_err(|e| {
-                tracing::warn!(upstream = %name, error = %e, "worker unreachable");
-                unavailable()
-            })?;
+        let (upstream, unavailable) = (&name, &unavailable);
+        let forward = |follow| async move {
+            self.proxy
+                .forward(index, request, req.headers(), false, follow)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(%upstream, error = %e, "worker unreachable");
+                    unavailable()
+                })
+        };
+        // A blob still being filled is read from its spool here, not relayed.
+        let follow = request.method == Method::Get && matches!(request.endpoint, Endpoint::Blob(_));
+        let mut resp = forward(follow).await?;
+        if resp
+            .headers()
+            .contains_key(regcache_protocol::follow::SPOOL)
+        {
+            resp = match self.local[index].follow(resp) {
+                Some(followed) => followed,
+                None => forward(false).await?,
+            };
+        }
         if let Some(ns) = namespace.and_then(|n| HeaderValue::from_str(&n).ok()) {
             resp.headers_mut().insert("oci-namespace", ns);
         }

@@ -255,6 +255,69 @@ impl Response {
     }
 }
 
+/// Sum of the samples of `name` whose labels include `want` in a Prometheus
+/// text page; `None` when there is no such sample.
+pub fn metric(text: &str, name: &str, want: &[(&str, &str)]) -> Option<f64> {
+    let mut sum = None;
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (n, labels) = match series.split_once('{') {
+            Some((n, l)) => (n, l.strip_suffix('}').unwrap_or(l)),
+            None => (series, ""),
+        };
+        if n != name {
+            continue;
+        }
+        let labels = parse_labels(labels);
+        if want
+            .iter()
+            .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
+        {
+            let v: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad sample value in {line:?}"));
+            *sum.get_or_insert(0.0) += v;
+        }
+    }
+    sum
+}
+
+/// `k="v",k2="v2"` (with `\"`, `\\`, `\n` escapes) as a map.
+fn parse_labels(s: &str) -> std::collections::HashMap<String, String> {
+    let mut out = std::collections::HashMap::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
+            chars.next();
+        }
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        if key.is_empty() {
+            return out;
+        }
+        if chars.next() != Some('"') {
+            return out;
+        }
+        let mut value = String::new();
+        while let Some(c) = chars.next() {
+            match c {
+                '"' => break,
+                '\\' => match chars.next() {
+                    Some('n') => value.push('\n'),
+                    Some(o) => value.push(o),
+                    None => break,
+                },
+                o => value.push(o),
+            }
+        }
+        out.insert(key.trim().to_owned(), value);
+    }
+}
+
 /// One HTTP/1.1 request over a fresh TCP connection with `Connection: close`.
 /// `path_and_query` goes out byte for byte (no normalisation, no encoding),
 /// so traversal attempts like `/v2/%2e%2e/x` reach the server as written.

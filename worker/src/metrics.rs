@@ -29,6 +29,7 @@ pub struct Metrics {
     pub stale_served: IntCounter,
     pub fill_failures: IntCounter,
     pub fill_resumes: IntCounter,
+    pub fills_followed: IntCounter,
     pub fills_from_store: IntCounter,
     pub store_degraded: IntGauge,
     pub store_backfill: IntGauge,
@@ -137,6 +138,10 @@ impl Metrics {
             fill_resumes: single(
                 "regcache_fill_resumes_total",
                 "Upstream blob transfers that broke off and were resumed with Range.",
+            ),
+            fills_followed: single(
+                "regcache_fill_answers_followed_total",
+                "Answers of a blob in flight that the front read from the fill's spool (not relayed).",
             ),
             store_degraded: gauge(
                 "regcache_store_degraded",
@@ -252,6 +257,9 @@ impl Metrics {
             collectors.push(Box::new(
                 prometheus::process_collector::ProcessCollector::for_self(),
             ));
+        } else {
+            // Only the front reads a fill's spool.
+            collectors.push(Box::new(m.fills_followed.clone()));
         }
         for c in collectors {
             m.registry.register(c).expect("unique metric");

@@ -15,6 +15,7 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use regcache_protocol::body::{full, Body};
 use regcache_protocol::error::RegistryError;
+use regcache_protocol::follow;
 use regcache_protocol::internal::{
     CONFIRMED, FROM_PEER, INVENTORY_PATH, METRICS_PATH, STATUS_PATH,
 };
@@ -22,7 +23,7 @@ use regcache_protocol::request::{self, Endpoint, Kind, Method, RepoRequest, Requ
 use regcache_protocol::response::{self, Outcome};
 use regcache_protocol::{Digest, Reference};
 
-use crate::cache::{Cache, TagsList, Via};
+use crate::cache::{Cache, Reader, TagsList, Via};
 use crate::error::Error;
 
 type Answer = Result<(Response<Body>, Option<Outcome>), Error>;
@@ -139,8 +140,19 @@ async fn blob_get(
     digest: &Digest,
     via: Via,
 ) -> Answer {
-    let blob = cache.blob_for(&r.name, digest, via).await?;
+    let mut blob = cache.blob_for(&r.name, digest, via).await?;
     let (size, outcome) = (blob.size, blob.outcome);
+    if r.method == Method::Get && headers.contains_key(follow::FOLLOW) {
+        match blob.following() {
+            Ok(fill) => {
+                return Ok((
+                    followed(headers, digest, size, outcome, fill),
+                    Some(outcome),
+                ))
+            }
+            Err(stored) => blob = stored,
+        }
+    }
     let metrics = cache.metrics().clone();
     let resp = response::blob(
         headers,
@@ -154,6 +166,31 @@ async fn blob_get(
         },
     );
     Ok((resp, Some(outcome)))
+}
+
+/// A fill answered to the front as its spool's name and progress (the
+/// front reads the bytes, and counts them as served).
+fn followed(
+    headers: &HeaderMap,
+    digest: &Digest,
+    size: Option<u64>,
+    outcome: Outcome,
+    fill: Reader,
+) -> http::Response<Body> {
+    let spool = HeaderValue::from_str(fill.spool()).ok();
+    let mut resp = response::blob(headers, Method::Get, digest, size, outcome, |start, end| {
+        fill.follow(start, end)
+    });
+    if resp.status().is_success() {
+        let h = resp.headers_mut();
+        if let Some(length) = h.remove(header::CONTENT_LENGTH) {
+            h.insert(follow::LENGTH, length);
+        }
+        if let Some(spool) = spool {
+            h.insert(follow::SPOOL, spool);
+        }
+    }
+    resp
 }
 
 async fn tags_list(cache: &Cache, r: &RepoRequest) -> Answer {

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use futures_util::{StreamExt, TryStreamExt};
 use http::Method;
+use regcache_protocol::follow::Step;
 use regcache_protocol::request::Kind;
 use regcache_protocol::response::{BlobStream, Outcome};
 use regcache_protocol::{Digest, Hasher, Name};
@@ -51,6 +52,8 @@ enum Progress {
 /// One in-flight upstream fetch of a blob.
 pub(super) struct Fill {
     file: Arc<File>,
+    /// The spool's file name, for the front to follow (`protocol::follow`).
+    spool: Arc<str>,
     progress: watch::Receiver<Progress>,
     /// The repository it is fetched for (upstream's answer is for it alone).
     pub(super) repo: Name,
@@ -66,8 +69,10 @@ impl Fill {
     /// A new fill writing to `spool`, and the writer that runs it.
     pub(super) fn new(spool: Spool, repo: Name) -> (Arc<Fill>, Writer) {
         let (tx, rx) = watch::channel(Progress::Starting);
+        let name = spool.path().file_name().unwrap_or_default();
         let fill = Arc::new(Fill {
             file: spool.file().clone(),
+            spool: name.to_string_lossy().into(),
             progress: rx,
             repo,
         });
@@ -95,6 +100,7 @@ impl Fill {
         let verified = matches!(*self.progress.borrow(), Progress::Done { .. });
         Reader {
             file: self.file.clone(),
+            spool: self.spool.clone(),
             progress: self.progress.clone(),
             outcome: if verified {
                 Outcome::Hit
@@ -108,6 +114,7 @@ impl Fill {
 /// A reader following a fill.
 pub struct Reader {
     file: Arc<File>,
+    spool: Arc<str>,
     progress: watch::Receiver<Progress>,
     pub outcome: Outcome,
 }
@@ -137,26 +144,12 @@ impl Reader {
         let stream = futures_util::stream::unfold(Some(state), move |state| async move {
             let (file, mut progress, pos) = state?;
             loop {
-                let mut finished = false;
-                let available = match &*progress.borrow_and_update() {
-                    Progress::Starting => 0,
-                    // The last byte waits for verification, so that a
-                    // failed fill can never look complete to a client.
-                    Progress::Writing { written, total } => {
-                        total.map_or(*written, |t| (*written).min(t.saturating_sub(1)))
-                    }
-                    Progress::Done { size } => {
-                        finished = true;
-                        *size
-                    }
-                    Progress::Failed(e) => {
-                        return Some((Err(io::Error::other(e.to_string())), None));
-                    }
+                let (limit, last) = match window(&progress.borrow_and_update(), end) {
+                    Ok(w) => w,
+                    Err(e) => return Some((Err(e), None)),
                 };
-                let limit = end.map_or(available, |e| e.min(available));
                 // Chasing the writer chunk by chunk costs a wake-up per few
                 // KiB: wait for a useful amount unless nothing more will come.
-                let last = finished || end.is_some_and(|e| limit >= e);
                 if pos < limit && (last || limit - pos >= MIN_GROWING_READ) {
                     let len = (limit - pos).min(READ_CHUNK as u64) as usize;
                     // These bytes were just written: the read is a copy from
@@ -169,7 +162,7 @@ impl Reader {
                         Err(e) => Some((Err(e), None)),
                     };
                 }
-                if finished || end.is_some_and(|e| pos >= e) {
+                if last {
                     return None;
                 }
                 if progress.changed().await.is_err() {
@@ -179,6 +172,57 @@ impl Reader {
         });
         Box::pin(stream)
     }
+
+    /// The spool's file name (in the store's spool directory).
+    pub fn spool(&self) -> &str {
+        &self.spool
+    }
+
+    /// The progress of `start..end` as `protocol::follow` steps, for the
+    /// front that reads the bytes from the spool itself: a step per useful
+    /// amount, the last when the range is readable; an error if the fill fails.
+    pub fn follow(self, start: u64, end: Option<u64>) -> BlobStream {
+        let state = (self.progress, start);
+        let steps = futures_util::stream::unfold(Some(state), move |state| async move {
+            let (mut progress, told) = state?;
+            loop {
+                let (limit, last) = match window(&progress.borrow_and_update(), end) {
+                    Ok(w) => w,
+                    Err(e) => return Some((Err(e), None)),
+                };
+                if last || limit >= told + MIN_GROWING_READ {
+                    let step = Step {
+                        readable: limit,
+                        end: last,
+                    };
+                    let next = (!last).then_some((progress, limit));
+                    return Some((Ok(Bytes::from(step.encode())), next));
+                }
+                if progress.changed().await.is_err() {
+                    return Some((Err(io::Error::other("blob fill abandoned")), None));
+                }
+            }
+        });
+        Box::pin(steps)
+    }
+}
+
+/// How far a reader of `..end` (`None`: to the end) may read now, and
+/// whether that is all it will get.
+fn window(progress: &Progress, end: Option<u64>) -> io::Result<(u64, bool)> {
+    let (available, finished) = match progress {
+        Progress::Starting => (0, false),
+        // The last byte waits for verification, so that a failed fill can
+        // never look complete to a client.
+        Progress::Writing { written, total } => (
+            total.map_or(*written, |t| (*written).min(t.saturating_sub(1))),
+            false,
+        ),
+        Progress::Done { size } => (*size, true),
+        Progress::Failed(e) => return Err(io::Error::other(e.to_string())),
+    };
+    let limit = end.map_or(available, |e| e.min(available));
+    Ok((limit, finished || end.is_some_and(|e| limit >= e)))
 }
 
 /// Fetches `digest` of `name` into the writer's spool and commits it to

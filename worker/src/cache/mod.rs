@@ -109,6 +109,15 @@ impl Blob {
             Source::Filling(r) => r.stream(start, end),
         }
     }
+
+    /// The fill this blob is still coming from, for the front to follow;
+    /// the blob itself when it is stored.
+    pub fn following(self) -> Result<Reader, Blob> {
+        match self.source {
+            Source::Filling(r) => Ok(r),
+            source => Err(Blob { source, ..self }),
+        }
+    }
 }
 
 /// A tags list: upstream's answer as it is, or the tags cached here when

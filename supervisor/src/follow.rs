@@ -1,0 +1,150 @@
+//! A blob its worker is still filling, served from the fill's spool file:
+//! the worker sends progress (`regcache_protocol::follow`), the front reads
+//! the bytes from the page cache itself, so no blob byte is relayed over
+//! the worker's socket, and TLS and HTTP/2 clients get the same body.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use regcache_protocol::body::Body;
+use regcache_protocol::follow::{self, Step};
+use regcache_protocol::response::Outcome;
+use regcache_store::FsStore;
+use regcache_worker::metrics::Metrics;
+
+/// Bytes read from the spool at once.
+const CHUNK: u64 = 128 << 10;
+
+/// `resp`, a worker's followed answer, with the blob's bytes read from the
+/// spool in `store`. `None`: not a followed answer, or the spool is gone
+/// already (committed or failed a moment ago): ask again without following.
+pub fn serve(
+    store: &FsStore,
+    metrics: Arc<Metrics>,
+    resp: Response<Body>,
+) -> Option<Response<Body>> {
+    let spool = resp.headers().get(follow::SPOOL)?.to_str().ok()?;
+    let file = store.spool_file(spool)?.ok()?;
+    metrics.fills_followed.inc();
+    let (mut parts, steps) = resp.into_parts();
+    let length = parts.headers.remove(follow::LENGTH);
+    parts.headers.remove(follow::SPOOL);
+    let start = match parts.status {
+        StatusCode::PARTIAL_CONTENT => range_start(parts.headers.get(header::CONTENT_RANGE)?)?,
+        _ => 0,
+    };
+    let end = match &length {
+        Some(l) => Some(start + l.to_str().ok()?.parse::<u64>().ok()?),
+        None => None,
+    };
+    if let Some(l) = length {
+        parts.headers.insert(header::CONTENT_LENGTH, l);
+    }
+    let outcome = parts
+        .headers
+        .get("x-cache")
+        .and_then(|v| Outcome::from_header(v.to_str().ok()?))
+        .unwrap_or(Outcome::Miss);
+    let reading = Reading {
+        file,
+        steps,
+        buf: Vec::new(),
+        pos: start,
+        readable: start,
+        end,
+        last: false,
+    };
+    let bytes = futures_util::stream::unfold(Some(reading), move |reading| {
+        let metrics = metrics.clone();
+        async move {
+            let mut r = reading?;
+            match r.next().await {
+                Ok(Some(chunk)) => {
+                    metrics.served(outcome, chunk.len() as u64);
+                    Some((Ok(Frame::data(chunk)), Some(r)))
+                }
+                Ok(None) => None,
+                Err(e) => Some((Err(e), None)),
+            }
+        }
+    });
+    Some(Response::from_parts(
+        parts,
+        StreamBody::new(bytes).boxed_unsync(),
+    ))
+}
+
+/// `S` of `bytes S-E/T`.
+fn range_start(v: &HeaderValue) -> Option<u64> {
+    v.to_str()
+        .ok()?
+        .strip_prefix("bytes ")?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// One client's read of a followed fill.
+struct Reading {
+    file: File,
+    /// The worker's progress lines.
+    steps: Body,
+    buf: Vec<u8>,
+    pos: u64,
+    readable: u64,
+    /// Where the answer ends, when its length is known.
+    end: Option<u64>,
+    /// The worker said nothing more becomes readable.
+    last: bool,
+}
+
+impl Reading {
+    /// The next chunk of the answer; `None` at its end. An error aborts the
+    /// client's body (the fill failed, or its worker went away).
+    async fn next(&mut self) -> io::Result<Option<Bytes>> {
+        loop {
+            let limit = self.end.map_or(self.readable, |e| e.min(self.readable));
+            if self.pos < limit {
+                let len = (limit - self.pos).min(CHUNK) as usize;
+                // Bytes just written: a copy from the page cache, cheaper on
+                // this thread than a hop to the blocking pool.
+                let mut chunk = BytesMut::zeroed(len);
+                self.file.read_exact_at(&mut chunk, self.pos)?;
+                self.pos += len as u64;
+                return Ok(Some(chunk.freeze()));
+            }
+            if self.last || self.end.is_some_and(|e| self.pos >= e) {
+                if self.end.is_some_and(|e| self.pos < e) {
+                    return Err(io::Error::other("blob fill ended short"));
+                }
+                return Ok(None);
+            }
+            let frame = match self.steps.frame().await {
+                Some(frame) => frame?,
+                None => return Err(io::Error::other("blob fill abandoned by its worker")),
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            self.buf.extend_from_slice(&data);
+            let steps = follow::parse(&mut self.buf)
+                .ok_or_else(|| io::Error::other("garbled fill progress from the worker"))?;
+            for Step { readable, end } in steps {
+                self.readable = self.readable.max(readable);
+                self.last |= end;
+            }
+            if self.last {
+                // The body's end is right behind its last line: read it, so
+                // that the worker connection goes back to the pool.
+                let _ = self.steps.frame().await;
+            }
+        }
+    }
+}
