@@ -13,7 +13,7 @@
 # which keep cargo's target dir and crate downloads between builds. A vendored
 # tree (`cargo vendor` + .cargo/config.toml in the context) builds offline.
 #
-# CARGO_PROFILE: `release` (default: optimised, thin LTO) for real images;
+# CARGO_PROFILE: `release` (default: optimised, fat LTO, one codegen unit) for real images;
 # scripts/test-deploy passes a quicker profile to test the image in CI.
 
 FROM rust:1-bookworm AS build
