@@ -133,6 +133,12 @@ impl FsStore {
         self.inner.spools.as_ref()
     }
 
+    /// Is the manifest stored? One `stat`: for a reader that keeps verified
+    /// manifests in memory and must not serve one evicted from here.
+    pub fn has_manifest(&self, digest: &Digest) -> bool {
+        fs::symlink_metadata(self.path_of(&Key::Manifest(digest.clone()))).is_ok()
+    }
+
     /// A spool of this store's fills, opened to read (the front following a
     /// fill its worker names; see `regcache_protocol::follow`). `None`: not
     /// a spool name.

@@ -11,8 +11,9 @@
 //! their freshness rules, and unlinked content a word with upstream, which
 //! are the worker's alone.
 
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -21,7 +22,7 @@ use http::{HeaderMap, Response, StatusCode};
 use regcache_protocol::body::Body;
 use regcache_protocol::request::{Endpoint, Method, RepoRequest};
 use regcache_protocol::response::{self, Outcome};
-use regcache_protocol::{Authority, Reference};
+use regcache_protocol::{Authority, Digest, Manifest, Reference};
 use regcache_store::{FsStore, Key, Store, Toucher};
 use regcache_worker::metrics::Metrics;
 
@@ -35,6 +36,44 @@ pub struct LocalHits {
     metrics: Arc<Metrics>,
     /// `None`: uses are not recorded (`REGCACHE_RECORD_USE=false`).
     touches: Option<Toucher>,
+    /// Manifests read (and verified) lately: a hit is then a `stat` that it
+    /// is still stored, not an open, two reads and a hash.
+    recent: Recent,
+}
+
+/// Verified manifests by digest, the oldest dropped first beyond a budget.
+#[derive(Default)]
+struct Recent {
+    inner: Mutex<(HashMap<Digest, Manifest>, VecDeque<Digest>, usize)>,
+}
+
+impl Recent {
+    /// Memory for manifests kept (the largest manifests of real images are
+    /// well under 100 kB).
+    const BUDGET: usize = 2 << 20;
+
+    fn get(&self, d: &Digest) -> Option<Manifest> {
+        self.inner.lock().unwrap().0.get(d).cloned()
+    }
+
+    fn put(&self, m: &Manifest) {
+        let size = m.bytes.len();
+        if size > Self::BUDGET / 16 {
+            return;
+        }
+        let (map, order, bytes) = &mut *self.inner.lock().unwrap();
+        if map.insert(m.digest.clone(), m.clone()).is_some() {
+            return;
+        }
+        order.push_back(m.digest.clone());
+        *bytes += size;
+        while *bytes > Self::BUDGET {
+            let Some(old) = order.pop_front() else { break };
+            if let Some(gone) = map.remove(&old) {
+                *bytes -= gone.bytes.len();
+            }
+        }
+    }
 }
 
 impl LocalHits {
@@ -46,6 +85,7 @@ impl LocalHits {
             view: FsStore::view(root),
             metrics: Arc::new(Metrics::for_front(&upstream.to_string())),
             touches: touch_every.map(Toucher::new),
+            recent: Recent::default(),
         }
     }
 
@@ -59,6 +99,18 @@ impl LocalHits {
     /// here (see `crate::follow`); `None`: ask the worker again unfollowed.
     pub fn follow(&self, resp: Response<Body>) -> Option<Response<Body>> {
         crate::follow::serve(&self.view, self.metrics.clone(), resp)
+    }
+
+    /// A stored manifest, from memory while it is still stored.
+    async fn manifest(&self, d: &Digest) -> Option<Manifest> {
+        match self.recent.get(d) {
+            Some(m) if self.view.has_manifest(d) => Some(m),
+            _ => {
+                let m = self.store.manifest_get(d).await.ok()??;
+                self.recent.put(&m);
+                Some(m)
+            }
+        }
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -102,7 +154,7 @@ impl LocalHits {
                 )
             }
             Endpoint::Manifest(Reference::Digest(d)) => {
-                let m = self.store.manifest_get(d).await.ok()??;
+                let m = self.manifest(d).await?;
                 self.used(Key::Manifest(d.clone()));
                 let resp = response::manifest(headers, &m, Outcome::Hit);
                 if request.method == Method::Get && resp.status() == StatusCode::OK {
@@ -120,5 +172,73 @@ impl LocalHits {
             started.elapsed().as_secs_f64(),
         );
         Some(resp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use regcache_protocol::Algorithm;
+
+    fn manifest(fill: u8, size: usize) -> Manifest {
+        let bytes = Bytes::from(vec![fill; size]);
+        Manifest {
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            digest: Digest::of(Algorithm::Sha256, &bytes),
+            bytes,
+        }
+    }
+
+    #[test]
+    fn recent_manifests_stay_within_their_budget_oldest_out_first() {
+        let recent = Recent::default();
+        let size = Recent::BUDGET / 16;
+        let ms: Vec<Manifest> = (0..20).map(|i| manifest(i, size)).collect();
+        for m in &ms {
+            recent.put(m);
+        }
+        let kept: Vec<bool> = ms.iter().map(|m| recent.get(&m.digest).is_some()).collect();
+        assert_eq!(kept.iter().filter(|k| **k).count(), 16);
+        assert!(!kept[..4].iter().any(|k| *k), "the oldest four go first");
+        assert_eq!(recent.get(&ms[19].digest).unwrap().bytes, ms[19].bytes);
+        // Too big to keep: not kept, nothing else dropped for it.
+        let big = manifest(99, size + 1);
+        recent.put(&big);
+        assert!(recent.get(&big.digest).is_none());
+        assert!(recent.get(&ms[4].digest).is_some());
+    }
+
+    /// A manifest the front keeps in memory is answered only while the
+    /// store still has it: evicted there, the worker answers.
+    #[tokio::test]
+    async fn a_manifest_gone_from_the_store_is_not_answered_from_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path()).unwrap();
+        let m = manifest(7, 500);
+        let name: regcache_protocol::Name = "org/img".parse().unwrap();
+        store.manifest_put(&m).await.unwrap();
+        store
+            .link(&name, &Key::Manifest(m.digest.clone()))
+            .await
+            .unwrap();
+        let hits = LocalHits::new(dir.path(), &Authority::new("up.test", None), None);
+        let request = RepoRequest::new(
+            Method::Get,
+            "org/img",
+            &format!("/manifests/{}", m.digest),
+            None,
+        )
+        .unwrap();
+        let headers = HeaderMap::new();
+        for _ in 0..2 {
+            let resp = hits.answer(&headers, &request).await.expect("a hit");
+            assert_eq!(resp.status(), StatusCode::OK);
+        }
+        assert!(hits.recent.get(&m.digest).is_some(), "kept in memory");
+        store
+            .delete(&Key::Manifest(m.digest.clone()))
+            .await
+            .unwrap();
+        assert!(hits.answer(&headers, &request).await.is_none());
     }
 }
