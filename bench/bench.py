@@ -158,6 +158,14 @@ def stop_all():
     PROCS.clear()
 
 
+def stop(p):
+    """Stops one service before the end of the run (and forgets it, so that
+    check_alive does not take it for a crash)."""
+    p.terminate()
+    p.wait(timeout=30)
+    PROCS[:] = [(n, q) for n, q in PROCS if q is not p]
+
+
 def check_alive():
     for name, p in PROCS:
         if p.poll() is not None:
@@ -661,8 +669,7 @@ def index_phase(R, images, rc_pid):
     last-use bookkeeping on (the main regcache) and off."""
     X = {}
     empty_s, p = timed_start("regcache-empty", P_RC_IDX, {"REGCACHE_MAX_SIZE": "1TiB"})
-    p.terminate()
-    p.wait(timeout=30)
+    stop(p)
     root = os.path.join(WORK, "regcache-index", "data", f"127.0.0.1_{P_UP_RC}")
     log(f"index phase: writing a store of {INDEX_BLOBS} blobs")
     write_store(root, INDEX_BLOBS)
@@ -683,8 +690,7 @@ def index_phase(R, images, rc_pid):
         m = re.search(r"cache index built in (\d+) ms", f.read())
     X.update(empty_start=empty_s, start=ready_s, index_built=built,
              scan_ms=int(m.group(1)) if m else None, rss=tree_hwm_mib(p.pid))
-    p.terminate()
-    p.wait(timeout=30)
+    stop(p)
 
     # Bookkeeping off: same image, warmed, then wrk and blob GETs interleaved
     # with the main regcache (bookkeeping on).
@@ -722,8 +728,7 @@ def idle_phase(R):
     wait_ready("regcache-idle", f"http://127.0.0.1:{P_RC_IDLE}/v2/", p, timeout=60)
     time.sleep(2)
     R["idle"] = {"pss": tree_pss_mib(p.pid), "procs": len(tree_pids(p.pid))}
-    p.terminate()
-    p.wait(timeout=30)
+    stop(p)
 
 
 def cluster_phase(images, R, s3_env):
