@@ -120,7 +120,23 @@ struct WorkerArgs {
     listen: Option<SocketAddr>,
 }
 
+/// One malloc arena for the whole process. glibc makes one per thread that
+/// allocates (up to eight per core), each keeping what was freed in it; what
+/// we allocate is small and short-lived, so one arena costs no throughput
+/// here and a quarter of the peak memory goes (bench, 2 cores: peak PSS of
+/// supervisor and worker 27.5 -> 20.8 MiB). Called first in `main`, before
+/// any thread starts; the project's one `unsafe`, kept out of the libraries.
+fn one_malloc_arena() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; called at the start
+    // of main, before other threads exist.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 fn main() -> ExitCode {
+    one_malloc_arena();
     init_logging();
     regcache_worker::raise_fd_limit();
     let cli = Cli::parse();
