@@ -809,19 +809,15 @@ def s3_phase(images, R):
     R["s3"] = S
 
 
-def start_nginx(layout, image):
-    d = os.path.join(WORK, "nginx")
-    root = os.path.join(d, "root")
-    for sub in ("blobs", "manifests"):
-        os.makedirs(os.path.join(root, "v2", REPO, sub), exist_ok=True)
-    big = image["layers"][0][0]
-    os.link(layout.blob_path(big), os.path.join(root, "v2", REPO, "blobs", big))
-    os.link(layout.blob_path(image["manifest"]), os.path.join(root, "v2", REPO, "manifests", image["manifest"]))
-    for t in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+def run_nginx(name, what, http_body, ready_path, port):
+    """Writes `name`'s nginx.conf (one prefix directory, all temp paths in it,
+    no access log, sendfile) around `http_body` and starts it."""
+    d = os.path.join(WORK, name)
+    for t in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi", "cache"):
         os.makedirs(os.path.join(d, "tmp", t), exist_ok=True)
     conf = os.path.join(d, "nginx.conf")
     with open(conf, "w") as f:
-        f.write(f"""# nginx serving the blob and the manifest as static files: the ceiling.
+        f.write(f"""# {what}
 user root;
 worker_processes auto;
 pid {d}/nginx.pid;
@@ -837,18 +833,28 @@ http {{
     fastcgi_temp_path {d}/tmp/fastcgi;
     uwsgi_temp_path {d}/tmp/uwsgi;
     scgi_temp_path {d}/tmp/scgi;
-    types {{ }}
+{http_body}
+}}
+""")
+    p = start(name, ["nginx", "-p", d, "-e", os.path.join(d, "error.log"), "-c", conf, "-g", "daemon off;"])
+    wait_ready(name, f"http://127.0.0.1:{port}{ready_path}", p, timeout=15)
+    return p
+
+
+def start_nginx(layout, image):
+    root = os.path.join(WORK, "nginx", "root")
+    for sub in ("blobs", "manifests"):
+        os.makedirs(os.path.join(root, "v2", REPO, sub), exist_ok=True)
+    big = image["layers"][0][0]
+    os.link(layout.blob_path(big), os.path.join(root, "v2", REPO, "blobs", big))
+    os.link(layout.blob_path(image["manifest"]), os.path.join(root, "v2", REPO, "manifests", image["manifest"]))
+    return run_nginx("nginx", "nginx serving the blob and the manifest as static files: the ceiling.", f"""    types {{ }}
     server {{
         listen 127.0.0.1:{P_NGX};
         root {root};
         location /v2/ {{ default_type application/octet-stream; }}
         location ~ /manifests/ {{ default_type {OCI_MANIFEST}; }}
-    }}
-}}
-""")
-    p = start("nginx", ["nginx", "-p", d, "-e", os.path.join(d, "error.log"), "-c", conf, "-g", "daemon off;"])
-    wait_ready("nginx", f"http://127.0.0.1:{P_NGX}/v2/{REPO}/manifests/{image['manifest']}", p, timeout=15)
-    return p
+    }}""", f"/v2/{REPO}/manifests/{image['manifest']}", P_NGX)
 
 
 def start_nginx_cache():
@@ -856,26 +862,7 @@ def start_nginx_cache():
     proxy_cache_lock on, content by digest kept 30 days, everything else
     (tags, /v2/) for regcache's tag freshness."""
     d = os.path.join(WORK, "nginx-cache")
-    for t in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi", "cache"):
-        os.makedirs(os.path.join(d, "tmp", t), exist_ok=True)
-    conf = os.path.join(d, "nginx.conf")
-    with open(conf, "w") as f:
-        f.write(f"""# nginx proxy_cache in front of the registry, with proxy_cache_lock on.
-user root;
-worker_processes auto;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    keepalive_requests 1000000;
-    client_body_temp_path {d}/tmp/client_body;
-    proxy_temp_path {d}/tmp/proxy;
-    fastcgi_temp_path {d}/tmp/fastcgi;
-    uwsgi_temp_path {d}/tmp/uwsgi;
-    scgi_temp_path {d}/tmp/scgi;
+    return run_nginx("nginx-cache", "nginx proxy_cache in front of the registry, with proxy_cache_lock on.", f"""\
     proxy_cache_path {d}/tmp/cache levels=1:2 keys_zone=registry:16m max_size=64g inactive=30d use_temp_path=off;
     upstream registry {{ server 127.0.0.1:{P_UP_NX}; keepalive 32; }}
     server {{
@@ -891,12 +878,7 @@ http {{
         proxy_cache_valid 200 {TAG_FRESHNESS}s;
         location /v2/ {{ proxy_pass http://registry; }}
         location ~ ^/v2/.+/(blobs|manifests)/sha256: {{ proxy_pass http://registry; proxy_cache_valid 200 30d; }}
-    }}
-}}
-""")
-    p = start("nginx-cache", ["nginx", "-p", d, "-e", os.path.join(d, "error.log"), "-c", conf, "-g", "daemon off;"])
-    wait_ready("nginx-cache", f"http://127.0.0.1:{P_NX}/v2/", p, timeout=15)
-    return p
+    }}""", "/v2/", P_NX)
 
 
 # ---------------------------------------------------------------------------
