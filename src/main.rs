@@ -303,7 +303,7 @@ fn init_logging() {
         .unwrap_or_else(|| "info".into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr);
+        .with_writer(regcache_supervisor::log_lines::Stderr);
     if std::env::var("REGISTRY_LOG_FORMATTER").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
         builder.json().init();
     } else {

@@ -12,6 +12,7 @@
 //! - [`hits`]: committed content by digest, answered without the worker
 //! - [`proxy`]: pooled forwarding over the workers' Unix sockets
 //! - [`workers`]: spawn, readiness, restart with back-off, environment isolation
+//! - [`cores`]: the client connections, on one single-threaded runtime per core
 //! - [`error`]: the status and code of every front error
 //! - [`client_auth`], [`tls`], [`access_log`], [`metrics`], [`inventory`]
 #![forbid(unsafe_code)]
@@ -20,12 +21,14 @@ pub mod access;
 mod access_log;
 pub mod client_auth;
 pub mod config;
+mod cores;
 mod error;
 mod follow;
 mod hits;
 #[cfg(test)]
 mod hostile;
 mod inventory;
+pub mod log_lines;
 pub mod maintenance;
 mod metrics;
 pub mod peer;
@@ -192,6 +195,13 @@ async fn serve(
     // A permit per connection: at the limit, new clients wait in the
     // kernel's listen queue instead of costing descriptors and memory.
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let cores = match cores::Cores::start() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the connection threads");
+            return;
+        }
+    };
     tokio::pin!(shutdown);
     loop {
         let slot = tokio::select! {
@@ -212,6 +222,15 @@ async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
+        // Handed to a core as a plain socket: it registers there, with the
+        // core's own poller.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "connection lost before it was served");
+                continue;
+            }
+        };
         let conn = Conn {
             front: front.clone(),
             peer,
@@ -224,7 +243,10 @@ async fn serve(
                 // timeout of its own: a client that never sends one gets
                 // the header timeout here.
                 let watcher = graceful.watcher();
-                tokio::spawn(async move {
+                cores.spawn(async move {
+                    let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
+                        return;
+                    };
                     let mut byte = [0u8; 1];
                     let first = tokio::time::timeout(limits.header_timeout, stream.peek(&mut byte));
                     if matches!(first.await, Ok(Ok(n)) if n > 0) {
@@ -235,7 +257,10 @@ async fn serve(
             Some(acceptor) => {
                 let acceptor = acceptor.clone();
                 let watcher = graceful.watcher();
-                tokio::spawn(async move {
+                cores.spawn(async move {
+                    let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
+                        return;
+                    };
                     let handshake = tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream));
                     match handshake.await {
                         Ok(Ok(tls)) => conn.serve(tls, Some(watcher)),
