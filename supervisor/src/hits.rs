@@ -22,7 +22,7 @@ use http::{HeaderMap, Response, StatusCode};
 use regcache_protocol::body::Body;
 use regcache_protocol::request::{Endpoint, Method, RepoRequest};
 use regcache_protocol::response::{self, Outcome};
-use regcache_protocol::{Authority, Digest, Manifest, Reference};
+use regcache_protocol::{Authority, Digest, Manifest, Name, Reference};
 use regcache_store::{FsStore, Key, Store, Toucher};
 use regcache_worker::metrics::Metrics;
 
@@ -36,41 +36,80 @@ pub struct LocalHits {
     metrics: Arc<Metrics>,
     /// `None`: uses are not recorded (`REGCACHE_RECORD_USE=false`).
     touches: Option<Toucher>,
-    /// Manifests read (and verified) lately: a hit is then a `stat` that it
-    /// is still stored, not an open, two reads and a hash.
+    /// Manifests read (and verified) lately: a hit is then answered from
+    /// memory, not an open, two reads and a hash.
     recent: Recent,
 }
 
-/// Verified manifests by digest, the oldest dropped first beyond a budget.
+/// Verified manifests by digest, the oldest dropped first beyond a budget,
+/// with when each was last confirmed stored and linked, per repository.
 #[derive(Default)]
 struct Recent {
-    inner: Mutex<(HashMap<Digest, Manifest>, VecDeque<Digest>, usize)>,
+    inner: Mutex<(HashMap<Digest, Kept>, VecDeque<Digest>, usize)>,
+}
+
+struct Kept {
+    manifest: Arc<Manifest>,
+    confirmed: Vec<(Name, Instant)>,
 }
 
 impl Recent {
     /// Memory for manifests kept (the largest manifests of real images are
     /// well under 100 kB).
     const BUDGET: usize = 2 << 20;
+    /// How long a confirmation holds: a manifest asked again sooner is
+    /// answered without the two `stat`s (link, still stored), a tenth of a
+    /// hit's cost. Content by digest cannot change, so the most this costs
+    /// is serving a manifest evicted this long ago.
+    const CONFIRMED_FOR: Duration = Duration::from_secs(1);
 
-    fn get(&self, d: &Digest) -> Option<Manifest> {
-        self.inner.lock().unwrap().0.get(d).cloned()
+    fn get(&self, d: &Digest) -> Option<Arc<Manifest>> {
+        let (map, ..) = &*self.inner.lock().unwrap();
+        map.get(d).map(|k| k.manifest.clone())
     }
 
-    fn put(&self, m: &Manifest) {
+    /// The manifest, when stored and linked under `name` lately.
+    fn confirmed(&self, name: &Name, d: &Digest) -> Option<Arc<Manifest>> {
+        let (map, ..) = &*self.inner.lock().unwrap();
+        let kept = map.get(d)?;
+        kept.confirmed
+            .iter()
+            .any(|(n, at)| n == name && at.elapsed() < Self::CONFIRMED_FOR)
+            .then(|| kept.manifest.clone())
+    }
+
+    /// `d` was just seen stored and linked under `name`.
+    fn confirm(&self, name: &Name, d: &Digest) {
+        let (map, ..) = &mut *self.inner.lock().unwrap();
+        if let Some(kept) = map.get_mut(d) {
+            let now = Instant::now();
+            match kept.confirmed.iter_mut().find(|(n, _)| n == name) {
+                Some((_, at)) => *at = now,
+                None => kept.confirmed.push((name.clone(), now)),
+            }
+        }
+    }
+
+    fn put(&self, m: &Arc<Manifest>) {
         let size = m.bytes.len();
         if size > Self::BUDGET / 16 {
             return;
         }
         let (map, order, bytes) = &mut *self.inner.lock().unwrap();
-        if map.insert(m.digest.clone(), m.clone()).is_some() {
+        if map.contains_key(&m.digest) {
             return;
         }
+        let kept = Kept {
+            manifest: m.clone(),
+            confirmed: Vec::new(),
+        };
+        map.insert(m.digest.clone(), kept);
         order.push_back(m.digest.clone());
         *bytes += size;
         while *bytes > Self::BUDGET {
             let Some(old) = order.pop_front() else { break };
             if let Some(gone) = map.remove(&old) {
-                *bytes -= gone.bytes.len();
+                *bytes -= gone.manifest.bytes.len();
             }
         }
     }
@@ -102,11 +141,11 @@ impl LocalHits {
     }
 
     /// A stored manifest, from memory while it is still stored.
-    async fn manifest(&self, d: &Digest) -> Option<Manifest> {
+    async fn manifest(&self, d: &Digest) -> Option<Arc<Manifest>> {
         match self.recent.get(d) {
             Some(m) if self.view.has_manifest(d) => Some(m),
             _ => {
-                let m = self.store.manifest_get(d).await.ok()??;
+                let m = Arc::new(self.store.manifest_get(d).await.ok()??);
                 self.recent.put(&m);
                 Some(m)
             }
@@ -125,6 +164,11 @@ impl LocalHits {
         request: &RepoRequest,
     ) -> Option<Response<Body>> {
         let started = Instant::now();
+        if let Endpoint::Manifest(Reference::Digest(d)) = &request.endpoint {
+            if let Some(m) = self.recent.confirmed(&request.name, d) {
+                return Some(self.manifest_hit(headers, request, &m, started));
+            }
+        }
         // Content is answered here only under a repository that was seen to
         // have it upstream; the worker decides the rest (and asks upstream).
         let key = match &request.endpoint {
@@ -155,15 +199,32 @@ impl LocalHits {
             }
             Endpoint::Manifest(Reference::Digest(d)) => {
                 let m = self.manifest(d).await?;
-                self.used(Key::Manifest(d.clone()));
-                let resp = response::manifest(headers, &m, Outcome::Hit);
-                if request.method == Method::Get && resp.status() == StatusCode::OK {
-                    self.metrics.served(Outcome::Hit, m.bytes.len() as u64);
-                }
-                resp
+                self.recent.confirm(&request.name, d);
+                return Some(self.manifest_hit(headers, request, &m, started));
             }
             _ => return None,
         };
+        self.answered(request, started);
+        Some(resp)
+    }
+
+    fn manifest_hit(
+        &self,
+        headers: &HeaderMap,
+        request: &RepoRequest,
+        m: &Manifest,
+        started: Instant,
+    ) -> Response<Body> {
+        self.used(Key::Manifest(m.digest.clone()));
+        let resp = response::manifest(headers, m, Outcome::Hit);
+        if request.method == Method::Get && resp.status() == StatusCode::OK {
+            self.metrics.served(Outcome::Hit, m.bytes.len() as u64);
+        }
+        self.answered(request, started);
+        resp
+    }
+
+    fn answered(&self, request: &RepoRequest, started: Instant) {
         let kind = request.endpoint.kind();
         self.metrics.request(
             kind,
@@ -171,7 +232,6 @@ impl LocalHits {
             false,
             started.elapsed().as_secs_f64(),
         );
-        Some(resp)
     }
 }
 
@@ -193,7 +253,7 @@ mod tests {
     fn recent_manifests_stay_within_their_budget_oldest_out_first() {
         let recent = Recent::default();
         let size = Recent::BUDGET / 16;
-        let ms: Vec<Manifest> = (0..20).map(|i| manifest(i, size)).collect();
+        let ms: Vec<Arc<Manifest>> = (0..20).map(|i| Arc::new(manifest(i, size))).collect();
         for m in &ms {
             recent.put(m);
         }
@@ -202,14 +262,15 @@ mod tests {
         assert!(!kept[..4].iter().any(|k| *k), "the oldest four go first");
         assert_eq!(recent.get(&ms[19].digest).unwrap().bytes, ms[19].bytes);
         // Too big to keep: not kept, nothing else dropped for it.
-        let big = manifest(99, size + 1);
+        let big = Arc::new(manifest(99, size + 1));
         recent.put(&big);
         assert!(recent.get(&big.digest).is_none());
         assert!(recent.get(&ms[4].digest).is_some());
     }
 
     /// A manifest the front keeps in memory is answered only while the
-    /// store still has it: evicted there, the worker answers.
+    /// store still has it: evicted there, the worker answers once the last
+    /// confirmation has run out.
     #[tokio::test]
     async fn a_manifest_gone_from_the_store_is_not_answered_from_memory() {
         let dir = tempfile::tempdir().unwrap();
@@ -239,6 +300,20 @@ mod tests {
             .delete(&Key::Manifest(m.digest.clone()))
             .await
             .unwrap();
+        assert!(
+            hits.answer(&headers, &request).await.is_some(),
+            "confirmed a moment ago"
+        );
+        let other: regcache_protocol::Name = "org/other".parse().unwrap();
+        assert!(
+            hits.recent.confirmed(&other, &m.digest).is_none(),
+            "per repository"
+        );
+        for kept in hits.recent.inner.lock().unwrap().0.values_mut() {
+            for (_, at) in &mut kept.confirmed {
+                *at -= Recent::CONFIRMED_FOR;
+            }
+        }
         assert!(hits.answer(&headers, &request).await.is_none());
     }
 }
