@@ -11,7 +11,8 @@ pub struct Metrics {
     registry: Registry,
     pub worker_restarts: IntCounterVec,
     pub worker_up: IntGaugeVec,
-    pub front_requests: IntCounterVec,
+    /// By status class (1xx-5xx), resolved once: one per request.
+    front_requests: [IntCounter; 5],
     pub preload_images: IntCounterVec,
     pub preload_bytes: IntCounter,
 }
@@ -81,18 +82,16 @@ impl Metrics {
             registry,
             worker_restarts,
             worker_up,
-            front_requests,
+            front_requests: ["1xx", "2xx", "3xx", "4xx", "5xx"]
+                .map(|class| front_requests.with_label_values(&[class])),
             preload_images,
             preload_bytes,
         }
     }
 
     pub fn front(&self, status: u16) {
-        let class = ["1xx", "2xx", "3xx", "4xx", "5xx"]
-            .get((status / 100).saturating_sub(1) as usize)
-            .copied()
-            .unwrap_or("5xx");
-        self.front_requests.with_label_values(&[class]).inc();
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.front_requests[class].inc();
     }
 
     pub fn render(&self) -> String {

@@ -15,6 +15,11 @@ use regcache_protocol::response::Outcome;
 
 pub struct Metrics {
     registry: Registry,
+    /// The series of a hit (manifest, blob) and of bytes from the cache,
+    /// resolved once: hits are the hot path, and each `with_label_values`
+    /// hashes its labels under a lock.
+    hits: [Hit; 2],
+    cache_bytes: IntCounter,
     requests: IntCounterVec,
     duration: HistogramVec,
     served_bytes: IntCounterVec,
@@ -47,6 +52,12 @@ pub struct Metrics {
     pub peer_fallbacks: IntCounter,
     pub peer_served: IntCounter,
     pub cluster_members: IntGauge,
+}
+
+struct Hit {
+    requests: IntCounter,
+    duration: Histogram,
+    proxy_hits: IntCounter,
 }
 
 impl Metrics {
@@ -82,23 +93,33 @@ impl Metrics {
             &["type"],
         )
         .expect("valid metric");
+        let requests = counter(
+            "regcache_requests_total",
+            "Registry requests answered, by what was asked and how it was answered.",
+            &["type", "result"],
+        );
+        let served_bytes = counter(
+            "regcache_served_bytes_total",
+            "Blob and manifest bytes sent to clients, by where they came from.",
+            &["source"],
+        );
+        let proxy_hits = counter(
+            "registry_proxy_hits_total",
+            "registry:2 compatible: requests answered from cache.",
+            &["type"],
+        );
+        let hit = |kind: Kind| Hit {
+            requests: requests.with_label_values(&[kind.as_str(), Outcome::Hit.label()]),
+            duration: duration.with_label_values(&[kind.as_str()]),
+            proxy_hits: proxy_hits.with_label_values(&[kind.as_str()]),
+        };
         let m = Metrics {
-            requests: counter(
-                "regcache_requests_total",
-                "Registry requests answered, by what was asked and how it was answered.",
-                &["type", "result"],
-            ),
+            hits: [hit(Kind::Manifest), hit(Kind::Blob)],
+            cache_bytes: served_bytes.with_label_values(&["cache"]),
+            requests,
             duration,
-            served_bytes: counter(
-                "regcache_served_bytes_total",
-                "Blob and manifest bytes sent to clients, by where they came from.",
-                &["source"],
-            ),
-            proxy_hits: counter(
-                "registry_proxy_hits_total",
-                "registry:2 compatible: requests answered from cache.",
-                &["type"],
-            ),
+            served_bytes,
+            proxy_hits,
             proxy_misses: counter(
                 "registry_proxy_misses_total",
                 "registry:2 compatible: requests that went upstream.",
@@ -293,6 +314,19 @@ impl Metrics {
 
     /// Records one answered request.
     pub fn request(&self, kind: Kind, outcome: Option<Outcome>, error: bool, seconds: f64) {
+        if let (false, Some(Outcome::Hit)) = (error, outcome) {
+            let hit = match kind {
+                Kind::Manifest => Some(&self.hits[0]),
+                Kind::Blob => Some(&self.hits[1]),
+                _ => None,
+            };
+            if let Some(h) = hit {
+                h.requests.inc();
+                h.duration.observe(seconds);
+                h.proxy_hits.inc();
+                return;
+            }
+        }
         let result = match (error, outcome) {
             (true, _) => "error",
             (false, Some(o)) => o.label(),
@@ -334,12 +368,13 @@ impl Metrics {
 
     /// Bytes sent to clients for an answer produced as `outcome`.
     pub fn served(&self, outcome: Outcome, bytes: u64) {
-        let s = if outcome.from_cache() {
-            "cache"
+        if outcome.from_cache() {
+            self.cache_bytes.inc_by(bytes);
         } else {
-            "upstream"
-        };
-        self.served_bytes.with_label_values(&[s]).inc_by(bytes);
+            self.served_bytes
+                .with_label_values(&["upstream"])
+                .inc_by(bytes);
+        }
     }
 
     /// Records an upstream answer (`None`: no answer at all).
