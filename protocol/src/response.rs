@@ -8,7 +8,7 @@ use std::io;
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::TryStreamExt;
-use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 
@@ -19,6 +19,10 @@ use crate::request::Method;
 
 /// The header naming the API version, on every response.
 pub const API_VERSION: (&str, &str) = ("docker-distribution-api-version", "registry/2.0");
+/// Header names, parsed at compile time (a manifest hit sends all three).
+pub const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+const DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
+const API_VERSION_NAME: HeaderName = HeaderName::from_static(API_VERSION.0);
 
 /// How a response was produced: the `X-Cache` header and the `result` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +79,7 @@ impl Outcome {
 /// on a HEAD (its headers stay those of the GET).
 pub fn finish(resp: &mut Response<Body>, method: Method) {
     resp.headers_mut()
-        .insert(API_VERSION.0, HeaderValue::from_static(API_VERSION.1));
+        .insert(API_VERSION_NAME, HeaderValue::from_static(API_VERSION.1));
     if method == Method::Head {
         *resp.body_mut() = empty();
     }
@@ -107,26 +111,33 @@ pub fn text(status: StatusCode, body: &str) -> Response<Body> {
 
 fn content_headers(resp: &mut Response<Body>, digest: &Digest, outcome: Outcome) {
     let h = resp.headers_mut();
-    let d = HeaderValue::from_str(&digest.to_string()).expect("digests are header-safe");
-    let etag = HeaderValue::from_str(&format!("\"{digest}\"")).expect("digests are header-safe");
-    h.insert("docker-content-digest", d);
-    h.insert(header::ETAG, etag);
-    h.insert("x-cache", HeaderValue::from_static(outcome.header()));
+    let value = |s: String| {
+        HeaderValue::from_maybe_shared(Bytes::from(s)).expect("digests are header-safe")
+    };
+    h.insert(DIGEST, value(digest.to_string()));
+    h.insert(header::ETAG, value(format!("\"{digest}\"")));
+    h.insert(X_CACHE, HeaderValue::from_static(outcome.header()));
 }
 
 /// Does the client already hold `digest` (`If-None-Match`)?
 fn not_modified(headers: &HeaderMap, digest: &Digest) -> bool {
-    let quoted = format!("\"{digest}\"");
-    let bare = digest.to_string();
+    let names = |t: &str| {
+        let t = t.trim();
+        let bare = t
+            .strip_prefix('"')
+            .and_then(|t| t.strip_suffix('"'))
+            .unwrap_or(t);
+        t == "*"
+            || bare.split_once(':').is_some_and(|(algorithm, hex)| {
+                algorithm == digest.algorithm().as_str() && hex == digest.hex()
+            })
+    };
     headers
         .get_all(header::IF_NONE_MATCH)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|t| {
-            let t = t.trim();
-            t == quoted || t == "*" || t == bare
-        })
+        .any(names)
 }
 
 /// A manifest: its exact bytes and stored media type, or 304 when the
@@ -317,6 +328,27 @@ mod tests {
             manifest(&h, &m, Outcome::Hit).status(),
             StatusCode::NOT_MODIFIED
         );
+        assert_eq!(r_etag(&m), format!("\"{}\"", m.digest));
+        let other = Digest::of(Algorithm::Sha256, b"other");
+        for (value, held) in [
+            (format!("{}", m.digest), true),
+            (format!("W/x, \"{other}\" ,  {} ", m.digest), true),
+            ("*".to_string(), true),
+            (format!("\"{other}\""), false),
+            (format!("\"{}", m.digest), false),
+            (format!("sha512:{}", m.digest.hex()), false),
+        ] {
+            h.insert(
+                header::IF_NONE_MATCH,
+                HeaderValue::from_str(&value).unwrap(),
+            );
+            assert_eq!(not_modified(&h, &m.digest), held, "{value}");
+        }
+    }
+
+    fn r_etag(m: &Manifest) -> String {
+        let r = manifest(&HeaderMap::new(), m, Outcome::Hit);
+        r.headers()[header::ETAG].to_str().unwrap().to_string()
     }
 
     #[test]

@@ -10,13 +10,15 @@ use http_body_util::BodyExt;
 use hyper::body::{Body as _, Frame, SizeHint};
 use regcache_protocol::body::Body;
 
-/// What the line says besides bytes and duration.
+/// What the line says besides bytes and duration; formatted only when the
+/// line is written (the request's own values, no copies).
 pub struct Entry {
-    pub method: String,
-    pub path: String,
-    pub upstream: String,
+    pub method: http::Method,
+    pub uri: http::Uri,
+    pub upstream: Option<String>,
     pub status: u16,
-    pub cache: String,
+    /// The `X-Cache` header, when the answer has one.
+    pub cache: Option<http::HeaderValue>,
     /// The body's announced length: all of it sent means complete, even
     /// when hyper stops polling before the stream says it ended.
     pub length: Option<u64>,
@@ -51,12 +53,12 @@ impl Logged {
             tracing::info!(
                 target: "access",
                 method = %e.method,
-                path = %e.path,
-                upstream = %e.upstream,
+                path = %e.uri,
+                upstream = e.upstream.as_deref().unwrap_or("-"),
                 status = e.status,
                 bytes = self.bytes,
                 duration_ms = e.started.elapsed().as_secs_f64() * 1000.0,
-                cache = %e.cache,
+                cache = e.cache.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
                 complete,
             );
         }
@@ -116,11 +118,11 @@ mod tests {
             inner: http_body_util::StreamBody::new(frames).boxed_unsync(),
             bytes: 0,
             entry: Some(Entry {
-                method: "GET".into(),
-                path: "/".into(),
-                upstream: "-".into(),
+                method: http::Method::GET,
+                uri: http::Uri::from_static("/"),
+                upstream: None,
                 status: 200,
-                cache: "HIT".into(),
+                cache: None,
                 length,
                 started: Instant::now(),
             }),

@@ -12,7 +12,7 @@ use regcache_protocol::body::{full, Body};
 use regcache_protocol::error::RegistryError;
 use regcache_protocol::internal::{Inventory, Status, INVENTORY_PATH, METRICS_PATH, STATUS_PATH};
 use regcache_protocol::request::{Endpoint, Method, RepoRequest};
-use regcache_protocol::response::{self, json, text};
+use regcache_protocol::response::{self, json, text, X_CACHE};
 
 use crate::access::{Caller, Policy};
 use crate::access_log::{Entry, Logged};
@@ -79,17 +79,17 @@ impl Front {
         };
         response::finish(&mut resp, method);
         self.metrics.front(resp.status().as_u16());
-        let header = |name| resp.headers().get(name).and_then(|v| v.to_str().ok());
+        let header = |name| resp.headers().get(name);
         let entry = Entry {
-            method: req.method().to_string(),
-            path: req.uri().to_string(),
-            upstream: upstream.unwrap_or_else(|| "-".into()),
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            upstream,
             status: resp.status().as_u16(),
-            cache: header("x-cache").unwrap_or("-").to_string(),
+            cache: header(X_CACHE).cloned(),
             // A HEAD sends no body, whatever its Content-Length says.
             length: match method {
                 Method::Head => Some(0),
-                _ => header(header::CONTENT_LENGTH.as_str()).and_then(|v| v.parse().ok()),
+                _ => header(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok()),
             },
             started,
         };
