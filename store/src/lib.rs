@@ -166,28 +166,33 @@ impl BlobReader {
     }
 }
 
-/// Read size for committed files: large reads, few wake-ups.
-const FILE_CHUNK: u64 = 512 << 10;
+/// Read size for committed files: a bounded buffer per client (16 clients
+/// of one blob hold 4 MiB) and still few wake-ups.
+const FILE_CHUNK: u64 = 128 << 10;
 
-/// Streams `start..end` of a file in large sequential reads on the blocking
-/// pool (plain reads, unlike positioned ones, need no zeroed buffer).
+/// Where a file stream is: the file to read next, or the read under way.
+enum Next {
+    Start(std::fs::File),
+    Reading(tokio::task::JoinHandle<io::Result<(std::fs::File, Bytes)>>),
+}
+
+/// Streams `start..end` of a file in sequential reads on the blocking pool
+/// (plain reads, unlike positioned ones, need no zeroed buffer), one read
+/// ahead: the next chunk is read while the client is sent this one, so the
+/// hand-over to the blocking pool costs no throughput.
 fn read_file(
     file: std::fs::File,
     start: u64,
     end: u64,
 ) -> impl futures_util::Stream<Item = io::Result<Bytes>> + Send + 'static {
     use std::io::{Read, Seek, SeekFrom};
-    futures_util::stream::unfold(Some((file, start, true)), move |state| async move {
-        let (file, pos, first) = state?;
-        if pos >= end {
-            return None;
-        }
-        let len = (end - pos).min(FILE_CHUNK);
-        let read = tokio::task::spawn_blocking(move || {
+    let read = move |file: std::fs::File, pos: u64, first: bool| {
+        tokio::task::spawn_blocking(move || {
             let mut file = file;
             if first {
                 file.seek(SeekFrom::Start(pos))?;
             }
+            let len = (end - pos).min(FILE_CHUNK);
             let mut buf = Vec::with_capacity(len as usize);
             (&mut file).take(len).read_to_end(&mut buf)?;
             if (buf.len() as u64) < len {
@@ -198,10 +203,20 @@ fn read_file(
             }
             Ok((file, Bytes::from(buf)))
         })
-        .await
-        .unwrap_or_else(|e| Err(io::Error::other(e)));
-        match read {
-            Ok((file, bytes)) => Some((Ok(bytes), Some((file, pos + len, false)))),
+    };
+    let state = (start < end).then_some((Next::Start(file), start));
+    futures_util::stream::unfold(state, move |state| async move {
+        let (next, pos) = state?;
+        let reading = match next {
+            Next::Start(file) => read(file, pos, true),
+            Next::Reading(r) => r,
+        };
+        match reading.await.unwrap_or_else(|e| Err(io::Error::other(e))) {
+            Ok((file, bytes)) => {
+                let pos = pos + bytes.len() as u64;
+                let ahead = (pos < end).then(|| (Next::Reading(read(file, pos, false)), pos));
+                Some((Ok(bytes), ahead))
+            }
             Err(e) => Some((Err(e), None)),
         }
     })
@@ -257,4 +272,54 @@ pub trait Store: Send + Sync + 'static {
     async fn last_used(&self, key: &Key) -> Result<Option<SystemTime>>;
     /// What the store holds now.
     async fn usage(&self) -> Result<Usage>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+    use std::io::Write;
+
+    async fn read_all(file: &std::path::Path, start: u64, end: u64) -> Vec<io::Result<Bytes>> {
+        let f = std::fs::File::open(file).unwrap();
+        read_file(f, start, end).collect().await
+    }
+
+    #[tokio::test]
+    async fn file_reads_are_exact_bounded_chunks_and_a_short_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        let data: Vec<u8> = (0..(FILE_CHUNK * 3 + 1000))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(&data)
+            .unwrap();
+        let size = data.len() as u64;
+        for (start, end) in [
+            (0, size),
+            (7, size - 5),
+            (FILE_CHUNK, FILE_CHUNK + 1),
+            (9, 9),
+        ] {
+            let chunks = read_all(&path, start, end).await;
+            let mut got = Vec::new();
+            for c in chunks {
+                let c = c.unwrap();
+                assert!(!c.is_empty() && c.len() as u64 <= FILE_CHUNK);
+                got.extend_from_slice(&c);
+            }
+            assert_eq!(got, data[start as usize..end as usize], "{start}..{end}");
+        }
+        // The file lost its tail: the bytes it has, then an error, never a
+        // silently short body.
+        let chunks = read_all(&path, 0, size + FILE_CHUNK).await;
+        let (last, whole) = chunks.split_last().unwrap();
+        assert!(whole.iter().all(|c| c.is_ok()));
+        assert_eq!(
+            last.as_ref().unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
+    }
 }
