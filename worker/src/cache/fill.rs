@@ -31,8 +31,10 @@ use crate::upstream::{self, Upstream};
 const READ_CHUNK: usize = 128 << 10;
 /// Least a reader of a growing blob reads at once, unless at its end.
 const MIN_GROWING_READ: u64 = 64 << 10;
-/// Chunks queued between the upstream reader and the disk writer.
-const WRITE_QUEUE: usize = 16;
+/// Chunks queued between the upstream reader and the disk writer (and the
+/// hasher). Each pins the connection buffer it is a slice of, up to a few
+/// hundred KiB: 16 held 8 MiB in a fast fill, 4 hold a quarter.
+const WRITE_QUEUE: usize = 4;
 /// Times a broken-off upstream transfer is resumed before the fill fails.
 const MAX_RESUMES: u32 = 3;
 
