@@ -1572,14 +1572,16 @@ fn check_access_lines(lines: &[LogFields], expected: &[Expected], log: &str) {
     );
 }
 
-/// Access-log lines of a text log: `... access: k=v k=v ...`.
+/// Access-log lines of a text log: `... access: k=v k=v ...`, values bare
+/// (operators' parsers and the deployment check expect `upstream=host:port`,
+/// not a quoted string).
 fn text_access_lines(log: &str) -> Vec<LogFields> {
     log.lines()
         .filter_map(|l| l.split_once(" access: ").map(|(_, rest)| rest))
         .map(|rest| {
             rest.split_whitespace()
                 .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
                 .collect()
         })
         .collect()

@@ -54,11 +54,11 @@ impl Logged {
                 target: "access",
                 method = %e.method,
                 path = %e.uri,
-                upstream = e.upstream.as_deref().unwrap_or("-"),
+                upstream = %e.upstream.as_deref().unwrap_or("-"),
                 status = e.status,
                 bytes = self.bytes,
                 duration_ms = e.started.elapsed().as_secs_f64() * 1000.0,
-                cache = e.cache.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
+                cache = %e.cache.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
                 complete,
             );
         }
