@@ -166,9 +166,27 @@ impl BlobReader {
     }
 }
 
-/// Read size for committed files: a bounded buffer per client (16 clients
-/// of one blob hold 4 MiB) and still few wake-ups.
+/// Read sizes for committed files: large reads for a few clients at once
+/// (each a hand-over to the blocking pool less: a lone stream is fastest
+/// at 512 KiB), the rest in small ones, so that the buffers of many clients
+/// stay bounded (16 clients of one blob hold about 4 MiB, not 16).
+const LARGE_CHUNK: u64 = 512 << 10;
 const FILE_CHUNK: u64 = 128 << 10;
+/// Large reads in flight, process-wide (a stream with its read ahead holds two).
+static LARGE_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
+/// A chunk's buffer, with the room for a large read it took (given back
+/// when the last reference to the bytes drops, after they were sent).
+struct Chunk {
+    buf: Vec<u8>,
+    _large: Option<tokio::sync::SemaphorePermit<'static>>,
+}
+
+impl AsRef<[u8]> for Chunk {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
 
 /// Where a file stream is: the file to read next, or the read under way.
 enum Next {
@@ -192,7 +210,13 @@ fn read_file(
             if first {
                 file.seek(SeekFrom::Start(pos))?;
             }
-            let len = (end - pos).min(FILE_CHUNK);
+            let large = LARGE_READS.try_acquire().ok();
+            let chunk = if large.is_some() {
+                LARGE_CHUNK
+            } else {
+                FILE_CHUNK
+            };
+            let len = (end - pos).min(chunk);
             let mut buf = Vec::with_capacity(len as usize);
             (&mut file).take(len).read_to_end(&mut buf)?;
             if (buf.len() as u64) < len {
@@ -201,7 +225,7 @@ fn read_file(
                     "blob file shorter than its size",
                 ));
             }
-            Ok((file, Bytes::from(buf)))
+            Ok((file, Bytes::from_owner(Chunk { buf, _large: large })))
         })
     };
     let state = (start < end).then_some((Next::Start(file), start));
@@ -289,7 +313,7 @@ mod tests {
     async fn file_reads_are_exact_bounded_chunks_and_a_short_file_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("blob");
-        let data: Vec<u8> = (0..(FILE_CHUNK * 3 + 1000))
+        let data: Vec<u8> = (0..(LARGE_CHUNK * 2 + FILE_CHUNK * 3 + 1000))
             .map(|i| (i % 251) as u8)
             .collect();
         std::fs::File::create(&path)
@@ -307,7 +331,7 @@ mod tests {
             let mut got = Vec::new();
             for c in chunks {
                 let c = c.unwrap();
-                assert!(!c.is_empty() && c.len() as u64 <= FILE_CHUNK);
+                assert!(!c.is_empty() && c.len() as u64 <= LARGE_CHUNK);
                 got.extend_from_slice(&c);
             }
             assert_eq!(got, data[start as usize..end as usize], "{start}..{end}");
