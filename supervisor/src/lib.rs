@@ -237,39 +237,32 @@ async fn serve(
             limits,
             slot: Some(slot),
         };
-        match &tls {
-            None => {
-                // hyper's protocol detection waits for a first byte with no
-                // timeout of its own: a client that never sends one gets
-                // the header timeout here.
-                let watcher = graceful.watcher();
-                cores.spawn(async move {
-                    let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
-                        return;
-                    };
+        let (tls, watcher) = (tls.clone(), graceful.watcher());
+        cores.spawn(async move {
+            let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
+                return;
+            };
+            match tls {
+                None => {
+                    // hyper's protocol detection waits for a first byte with
+                    // no timeout of its own: a client that never sends one
+                    // gets the header timeout here.
                     let mut byte = [0u8; 1];
                     let first = tokio::time::timeout(limits.header_timeout, stream.peek(&mut byte));
                     if matches!(first.await, Ok(Ok(n)) if n > 0) {
                         conn.serve(stream, Some(watcher));
                     }
-                });
-            }
-            Some(acceptor) => {
-                let acceptor = acceptor.clone();
-                let watcher = graceful.watcher();
-                cores.spawn(async move {
-                    let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
-                        return;
-                    };
+                }
+                Some(acceptor) => {
                     let handshake = tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream));
                     match handshake.await {
                         Ok(Ok(tls)) => conn.serve(tls, Some(watcher)),
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
-                });
+                }
             }
-        }
+        });
     }
     tracing::info!("shutting down");
     drop(listener);
