@@ -192,6 +192,9 @@ impl Managed {
         digest: &Digest,
         bytes: u64,
     ) -> std::result::Result<Reservation, NoRoom> {
+        if let Some(r) = self.reserve_if_room(digest, bytes) {
+            return Ok(r);
+        }
         let (me, d) = (self.clone(), digest.clone());
         let result = tokio::task::spawn_blocking(move || {
             let (c, _) = me.collect_now(bytes, &me.policy, false, None);
@@ -214,6 +217,27 @@ impl Managed {
                 bytes,
                 reason: e.to_string(),
             })
+        })
+    }
+
+    /// The common case, decided on the caller's thread: the blob fits
+    /// without evicting anything (expired images are the sweep's). Else
+    /// `None`, and eviction runs on a blocking thread.
+    fn reserve_if_room(self: &Arc<Self>, digest: &Digest, bytes: u64) -> Option<Reservation> {
+        let disk = self.local.disk();
+        let mut st = self.lock();
+        let at = Moment {
+            now: SystemTime::now(),
+            need: bytes + st.reserved.values().sum::<u64>(),
+            disk,
+            filling: &HashSet::new(),
+        };
+        if !st.ready || policy::pressure(&st.index, 0, &self.policy, &at) {
+            return None;
+        }
+        st.reserved.insert(digest.clone(), bytes);
+        Some(Reservation {
+            owner: Some((self.clone(), digest.clone())),
         })
     }
 

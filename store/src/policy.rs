@@ -247,7 +247,7 @@ pub fn collect(
 }
 
 /// Is the store over its budget, or the disk under its floor, counting `need`?
-fn pressure(index: &Index, freed: u64, policy: &Policy, at: &Moment) -> bool {
+pub(crate) fn pressure(index: &Index, freed: u64, policy: &Policy, at: &Moment) -> bool {
     let over = policy
         .max_size
         .is_some_and(|max| index.bytes() + at.need > max);
