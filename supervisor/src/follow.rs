@@ -22,15 +22,23 @@ use regcache_worker::metrics::Metrics;
 const CHUNK: u64 = 128 << 10;
 
 /// `resp`, a worker's followed answer, with the blob's bytes read from the
-/// spool in `store`. `None`: not a followed answer, or the spool is gone
-/// already (committed or failed a moment ago): ask again without following.
+/// spool in `store`, or from the blob it became when it was committed a
+/// moment ago (the same verified bytes). `None`: not a followed answer, or
+/// neither file is there (the fill failed): ask again without following.
 pub fn serve(
     store: &FsStore,
     metrics: Arc<Metrics>,
     resp: Response<Body>,
 ) -> Option<Response<Body>> {
     let spool = resp.headers().get(follow::SPOOL)?.to_str().ok()?;
-    let file = store.spool_file(spool)?.ok()?;
+    let file = match store.spool_file(spool)? {
+        Ok(file) => file,
+        Err(_) => {
+            let digest = resp.headers().get("docker-content-digest")?;
+            let digest = digest.to_str().ok()?.parse().ok()?;
+            store.blob_file(&digest).ok()??.0
+        }
+    };
     metrics.fills_followed.inc();
     let (mut parts, steps) = resp.into_parts();
     let length = parts.headers.remove(follow::LENGTH);
@@ -146,5 +154,93 @@ impl Reading {
                 let _ = self.steps.frame().await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use http_body_util::Full;
+    use regcache_protocol::{Algorithm, Digest};
+    use regcache_store::Store;
+
+    use super::*;
+
+    /// A worker's followed answer for `data`, naming `spool`, its progress
+    /// already complete.
+    fn followed(spool: &str, digest: &Digest, len: usize) -> Response<Body> {
+        let step = Step {
+            readable: len as u64,
+            end: true,
+        };
+        Response::builder()
+            .header(follow::SPOOL, spool)
+            .header(follow::LENGTH, len.to_string())
+            .header("docker-content-digest", digest.to_string())
+            .header("x-cache", "MISS")
+            .body(
+                Full::from(step.encode())
+                    .map_err(|e| match e {})
+                    .boxed_unsync(),
+            )
+            .unwrap()
+    }
+
+    async fn body(resp: Response<Body>) -> Vec<u8> {
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_fill_committed_before_the_front_looked_is_read_from_its_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::open(dir.path()).unwrap();
+        let data = regcache_testkit::random_bytes(100_000);
+        let digest = Digest::of(Algorithm::Sha256, &data);
+        let spool = store.spools().unwrap().create().unwrap();
+        let name = spool
+            .path()
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
+        (&**spool.file()).write_all(&data).unwrap();
+        let metrics = Arc::new(Metrics::new("upstream.test"));
+
+        // Still spooled: read from the spool.
+        let resp = serve(
+            &store,
+            metrics.clone(),
+            followed(&name, &digest, data.len()),
+        )
+        .unwrap();
+        assert_eq!(
+            resp.headers()[header::CONTENT_LENGTH],
+            data.len().to_string().as_str()
+        );
+        assert!(body(resp).await == data, "bytes from the spool");
+
+        // Committed (the spool renamed away): read from the blob, still this answer.
+        store
+            .blob_commit(spool.verify(&digest, digest.clone()).unwrap())
+            .await
+            .unwrap();
+        let resp = serve(
+            &store,
+            metrics.clone(),
+            followed(&name, &digest, data.len()),
+        )
+        .unwrap();
+        assert!(body(resp).await == data, "bytes from the committed blob");
+
+        // Neither (a failed fill): the worker is asked again.
+        let other = Digest::of(Algorithm::Sha256, b"never stored");
+        assert!(serve(&store, metrics, followed(&name, &other, 12)).is_none());
     }
 }
