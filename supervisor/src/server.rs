@@ -698,11 +698,19 @@ mod tests {
         assert_eq!(resp.status, StatusCode::OK);
         assert_eq!(resp.headers["x-cache"], "MISS");
         assert_eq!(resp.headers["docker-content-digest"], digest.as_str());
-        // The worker is gone now: the digest is still answered, by the front.
+        // The worker is gone now: the digest is still answered, by the front,
+        // once the worker's write of it has landed (it follows the answer).
         worker.set_ready(false);
         let mark = fake.request_count();
         let path = format!("/v2/upstream.test/org/app/manifests/{digest}");
-        let (resp, _) = send(&front, "HEAD", &path, &accept).await;
+        let mut resp = send(&front, "HEAD", &path, &accept).await.0;
+        for _ in 0..200 {
+            if resp.status == StatusCode::OK {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            resp = send(&front, "HEAD", &path, &accept).await.0;
+        }
         assert_eq!(resp.status, StatusCode::OK);
         assert_eq!(resp.headers["x-cache"], "HIT");
         assert_eq!(fake.request_count(), mark, "{}", fake.describe_requests());

@@ -35,6 +35,10 @@ const MIN_GROWING_READ: u64 = 64 << 10;
 /// hasher). Each pins the connection buffer it is a slice of, up to a few
 /// hundred KiB: 16 held 8 MiB in a fast fill, 4 hold a quarter.
 const WRITE_QUEUE: usize = 4;
+/// Blobs up to this size are written and hashed by the task that receives
+/// them: for a small blob two hand-offs to blocking threads cost more than
+/// the work (a config blob took 1 ms after upstream's last byte).
+pub(super) const INLINE_FILL: u64 = 1 << 20;
 /// Times a broken-off upstream transfer is resumed before the fill fails.
 const MAX_RESUMES: u32 = 3;
 
@@ -372,53 +376,22 @@ async fn fetch(
         None => None,
     };
     progress.send_replace(Progress::Writing { written: 0, total });
-
-    // Bounded queues: a slow disk slows the upstream read, never a client.
-    let (to_disk, mut disk_rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
-    let (to_hash, mut hash_rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
-    let file = spool.file().clone();
-    let watcher = progress.clone();
-    let managed = store.clone();
-    let (name_, digest_) = (name.clone(), digest.clone());
-    let writer = tokio::task::spawn_blocking(move || -> io::Result<u64> {
-        let mut written = 0u64;
-        let write = |chunk: &[u8], at: u64| -> io::Result<()> {
-            // At explicit offsets, so that a write retried after a full
-            // disk rewrites exactly what did not land.
-            loop {
-                match file.write_all_at(chunk, at) {
-                    Err(e) if e.kind() == io::ErrorKind::StorageFull => {
-                        let needed = total.map_or(chunk.len() as u64, |t| t.saturating_sub(at));
-                        if !managed.relieve(needed) {
-                            tracing::warn!(name = %name_, digest = %digest_, "cache disk full and nothing left to evict: this blob is not cached");
-                            return Err(e);
-                        }
-                        tracing::warn!(name = %name_, digest = %digest_, "cache disk full: evicted to make room");
-                    }
-                    other => return other,
-                }
-            }
-        };
-        while let Some(chunk) = disk_rx.blocking_recv() {
-            write(&chunk, written)?;
-            written += chunk.len() as u64;
-            // Wake readers once per batch, not once per network chunk.
-            while let Ok(more) = disk_rx.try_recv() {
-                write(&more, written)?;
-                written += more.len() as u64;
-            }
-            watcher.send_replace(Progress::Writing { written, total });
-        }
-        Ok(written)
-    });
-    let algorithm = digest.algorithm();
-    let hasher = tokio::task::spawn_blocking(move || {
-        let mut hasher = Hasher::new(algorithm);
-        while let Some(chunk) = hash_rx.blocking_recv() {
-            hasher.update(&chunk);
-        }
-        hasher.finish()
-    });
+    let disk = Disk {
+        file: spool.file().clone(),
+        total,
+        store: store.clone(),
+        name: name.clone(),
+        digest: digest.clone(),
+    };
+    let mut sink = match total {
+        Some(t) if t <= INLINE_FILL => Sink::Inline {
+            disk,
+            hasher: Box::new(Hasher::new(digest.algorithm())),
+            written: 0,
+            failed: None,
+        },
+        _ => Sink::threads(disk, progress.clone()),
+    };
     let mut received = 0u64;
     let mut resumes = 0;
     let mut failure = None;
@@ -432,8 +405,7 @@ async fn fetch(
                         failure = Some(up.garbage("blob longer than its Content-Length"));
                         break None;
                     }
-                    let queued = to_hash.send(chunk.clone()).await.is_ok();
-                    if !queued || to_disk.send(chunk).await.is_err() {
+                    if !sink.push(chunk, progress).await {
                         break None; // the writer failed; its error is reported below
                     }
                 }
@@ -460,20 +432,13 @@ async fn fetch(
             }
         }
     }
-    drop((to_disk, to_hash));
-    let spool_error = |source: io::Error| {
+    let (written, actual) = sink.finish().await.map_err(|source| {
         Error::Storage(regcache_store::Error::Io {
             op: "write",
             path: spool.path().to_owned(),
             source,
         })
-    };
-    let written = writer
-        .await
-        .map_err(io::Error::other)
-        .and_then(|r| r)
-        .map_err(spool_error)?;
-    let actual = hasher.await.map_err(|e| spool_error(io::Error::other(e)))?;
+    })?;
     if let Some(f) = failure {
         return Err(f.into());
     }
@@ -494,4 +459,141 @@ async fn fetch(
     progress.send_replace(Progress::Done { size: written });
     store.blob_commit(verified).await?;
     Ok(written)
+}
+
+/// Where a fill's bytes go, and what a full disk does.
+struct Disk {
+    file: Arc<File>,
+    total: Option<u64>,
+    store: Arc<Managed>,
+    name: Name,
+    digest: Digest,
+}
+
+impl Disk {
+    /// Writes `chunk` at `at`: at explicit offsets, so that a write retried
+    /// after a full disk rewrites exactly what did not land.
+    fn write(&self, chunk: &[u8], at: u64) -> io::Result<()> {
+        let (name, digest) = (&self.name, &self.digest);
+        loop {
+            match self.file.write_all_at(chunk, at) {
+                Err(e) if e.kind() == io::ErrorKind::StorageFull => {
+                    let needed = self
+                        .total
+                        .map_or(chunk.len() as u64, |t| t.saturating_sub(at));
+                    if !self.store.relieve(needed) {
+                        tracing::warn!(%name, %digest, "cache disk full and nothing left to evict: this blob is not cached");
+                        return Err(e);
+                    }
+                    tracing::warn!(%name, %digest, "cache disk full: evicted to make room");
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// A fill's writing and hashing: on this task for a small blob, else on
+/// two blocking threads in parallel, behind bounded queues (a slow disk
+/// slows the upstream read, never a client).
+enum Sink {
+    Inline {
+        disk: Disk,
+        hasher: Box<Hasher>,
+        written: u64,
+        failed: Option<io::Error>,
+    },
+    Threads {
+        to_disk: mpsc::Sender<Bytes>,
+        to_hash: mpsc::Sender<Bytes>,
+        writer: tokio::task::JoinHandle<io::Result<u64>>,
+        hasher: tokio::task::JoinHandle<Digest>,
+    },
+}
+
+impl Sink {
+    fn threads(disk: Disk, progress: watch::Sender<Progress>) -> Sink {
+        let (to_disk, mut disk_rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+        let (to_hash, mut hash_rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
+        let algorithm = disk.digest.algorithm();
+        let writer = tokio::task::spawn_blocking(move || -> io::Result<u64> {
+            let mut written = 0u64;
+            while let Some(chunk) = disk_rx.blocking_recv() {
+                disk.write(&chunk, written)?;
+                written += chunk.len() as u64;
+                // Wake readers once per batch, not once per network chunk.
+                while let Ok(more) = disk_rx.try_recv() {
+                    disk.write(&more, written)?;
+                    written += more.len() as u64;
+                }
+                let total = disk.total;
+                progress.send_replace(Progress::Writing { written, total });
+            }
+            Ok(written)
+        });
+        let hasher = tokio::task::spawn_blocking(move || {
+            let mut hasher = Hasher::new(algorithm);
+            while let Some(chunk) = hash_rx.blocking_recv() {
+                hasher.update(&chunk);
+            }
+            hasher.finish()
+        });
+        Sink::Threads {
+            to_disk,
+            to_hash,
+            writer,
+            hasher,
+        }
+    }
+
+    /// Takes `chunk`; `false` once writing has failed (see [`Sink::finish`]).
+    async fn push(&mut self, chunk: Bytes, progress: &watch::Sender<Progress>) -> bool {
+        match self {
+            Sink::Inline {
+                disk,
+                hasher,
+                written,
+                failed,
+            } => {
+                if let Err(e) = disk.write(&chunk, *written) {
+                    *failed = Some(e);
+                    return false;
+                }
+                hasher.update(&chunk);
+                *written += chunk.len() as u64;
+                let (written, total) = (*written, disk.total);
+                progress.send_replace(Progress::Writing { written, total });
+                true
+            }
+            Sink::Threads {
+                to_disk, to_hash, ..
+            } => to_hash.send(chunk.clone()).await.is_ok() && to_disk.send(chunk).await.is_ok(),
+        }
+    }
+
+    /// Bytes written and their digest, or why writing failed.
+    async fn finish(self) -> io::Result<(u64, Digest)> {
+        match self {
+            Sink::Inline {
+                hasher,
+                written,
+                failed,
+                ..
+            } => match failed {
+                Some(e) => Err(e),
+                None => Ok((written, hasher.finish())),
+            },
+            Sink::Threads {
+                to_disk,
+                to_hash,
+                writer,
+                hasher,
+            } => {
+                drop((to_disk, to_hash));
+                let written = writer.await.map_err(io::Error::other)??;
+                let digest = hasher.await.map_err(io::Error::other)?;
+                Ok((written, digest))
+            }
+        }
+    }
 }

@@ -17,6 +17,7 @@
 
 mod direct;
 mod fill;
+mod write_behind;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -33,6 +34,7 @@ use regcache_store::{BlobReader, Key, Managed, SpoolDir, Store, TagRecord, Touch
 
 use fill::Fill;
 pub use fill::Reader;
+use write_behind::WriteBehind;
 
 use crate::flights::Flights;
 use crate::metrics::Metrics;
@@ -177,6 +179,8 @@ pub struct Cache {
     /// The fill tasks, so that shutdown can wait for them.
     fill_tasks: tokio_util::task::TaskTracker,
     manifests: Flights<FlightKey, Result<(Manifest, Outcome), upstream::Error>>,
+    /// Manifests and tag records answered, on their way to the store.
+    behind: WriteBehind,
     touches: Toucher,
     /// Digests served from upstream without storing: blobs there was no
     /// room for (with their size) and what passed-through manifests refer
@@ -196,6 +200,7 @@ impl Cache {
     ) -> Self {
         Cache {
             store: managed.clone(),
+            behind: WriteBehind::new(managed.clone()),
             touches: Toucher::new(managed.policy().touch_every()),
             managed,
             spools,
@@ -293,10 +298,12 @@ impl Cache {
     }
 
     /// Waits until every blob fill that has started is committed or has
-    /// failed, so that shutdown does not throw away a download.
+    /// failed, and every answered manifest and tag is written, so that
+    /// shutdown does not throw away a download.
     pub async fn drain_fills(&self) {
         self.fill_tasks.close();
         self.fill_tasks.wait().await;
+        self.behind.drain().await;
     }
 
     /// Reads from the store; a failing store is a miss (logged), a corrupt
@@ -328,6 +335,9 @@ impl Cache {
     }
 
     async fn stored_manifest(&self, digest: &Digest) -> Option<Manifest> {
+        if let Some(m) = self.behind.manifest(digest) {
+            return Some(m);
+        }
         let key = Key::Manifest(digest.clone());
         self.found(&key, self.store.manifest_get(digest).await)
             .await
@@ -480,8 +490,10 @@ impl Cache {
             // Another request started a fill meanwhile (or finished one):
             // attach to it (or read the store).
             let Some((fill, writer)) = fill else { continue };
-            self.spawn_fill(fill.clone(), writer, origin, name, digest);
+            // Attached first: the request that starts a fill is its miss,
+            // however fast the fill then is.
             let mut reader = fill.attach();
+            self.spawn_fill(fill.clone(), writer, origin, name, digest);
             let size = match reader.size().await {
                 Ok(size) => size,
                 Err(e) => match e.no_room() {
@@ -660,7 +672,7 @@ impl Cache {
             }
         };
         let key = Key::Tag(name.clone(), tag.clone());
-        let cached = self.found(&key, self.store.tag_get(name, tag).await).await;
+        let cached = self.found(&key, self.tag_get(name, tag).await).await;
         let cached_manifest = match &cached {
             Some(rec) => self.stored_manifest(&rec.digest).await,
             None => None,
@@ -734,7 +746,7 @@ impl Cache {
     ) -> Result<(Manifest, Outcome), upstream::Error> {
         // A flight that finished between our look at the tag and this one
         // may have confirmed it just now: that answer stands.
-        if let Ok(Some(rec)) = self.store.tag_get(name, tag).await {
+        if let Ok(Some(rec)) = self.tag_get(name, tag).await {
             let age = SystemTime::now()
                 .duration_since(rec.confirmed)
                 .unwrap_or_default();
@@ -752,9 +764,7 @@ impl Cache {
                     digest: m.digest.clone(),
                     confirmed: confirmed.unwrap_or_else(SystemTime::now),
                 };
-                if let Err(e) = self.store.tag_put(name, tag, &record).await {
-                    tracing::error!(%name, %tag, error = %e, "could not record tag");
-                }
+                self.behind.tag_put(name, tag, record).await;
                 let outcome = if cached.is_some() {
                     Outcome::Revalidated
                 } else {
@@ -854,12 +864,8 @@ impl Cache {
         match fetched.await {
             Ok((m, confirmed)) => {
                 self.metrics.peer_fetches.inc();
-                match self.store.manifest_put(&m).await {
-                    Ok(()) => self.link_manifest(name, &m).await,
-                    Err(e) => {
-                        tracing::error!(%name, digest = %m.digest, error = %e, "could not store manifest")
-                    }
-                }
+                self.behind.manifest_put(&m).await;
+                self.link_manifest(name, &m).await;
                 Some((m, confirmed))
             }
             Err(e) => {
@@ -872,9 +878,17 @@ impl Cache {
 
     /// When upstream last confirmed `name:tag` (ms since the epoch), if cached.
     pub async fn tag_confirmed_ms(&self, name: &Name, tag: &Tag) -> Option<u64> {
-        let rec = self.store.tag_get(name, tag).await.ok()??;
+        let rec = self.tag_get(name, tag).await.ok()??;
         let since = rec.confirmed.duration_since(std::time::UNIX_EPOCH).ok()?;
         Some(since.as_millis() as u64)
+    }
+
+    /// A tag's record: held on its way to the store, or stored.
+    async fn tag_get(&self, name: &Name, tag: &Tag) -> regcache_store::Result<Option<TagRecord>> {
+        match self.behind.tag(name, tag) {
+            Some(rec) => Ok(Some(rec)),
+            None => self.store.tag_get(name, tag).await,
+        }
     }
 
     /// Records that upstream confirmed `name:tag -> digest` just now.
@@ -883,9 +897,7 @@ impl Cache {
             digest: digest.clone(),
             confirmed: SystemTime::now(),
         };
-        if let Err(e) = self.store.tag_put(name, tag, &record).await {
-            tracing::error!(%name, %tag, error = %e, "could not record tag");
-        }
+        self.behind.tag_put(name, tag, record).await;
     }
 
     /// GETs a manifest, verifies it against `expected` (or the upstream's
@@ -947,14 +959,9 @@ impl Cache {
             bytes,
             digest,
         };
-        if !keep {
-            return Ok(m);
-        }
-        match self.store.manifest_put(&m).await {
-            Ok(()) => self.link_manifest(name, &m).await,
-            Err(e) => {
-                tracing::error!(%name, digest = %m.digest, error = %e, "could not store manifest")
-            }
+        if keep {
+            self.behind.manifest_put(&m).await;
+            self.link_manifest(name, &m).await;
         }
         Ok(m)
     }
@@ -965,7 +972,10 @@ impl Cache {
         match self.forward(name, path_and_query).await {
             Ok(resp) => Ok(TagsList::Upstream(resp)),
             Err(e) if e.allows_stale() => {
-                let tags = self.store.tags(name).await.unwrap_or_default();
+                let mut tags = self.store.tags(name).await.unwrap_or_default();
+                tags.extend(self.behind.tags_of(name));
+                tags.sort();
+                tags.dedup();
                 if tags.is_empty() {
                     return Err(e.into());
                 }

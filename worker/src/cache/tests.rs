@@ -102,22 +102,31 @@ async fn a_head_of_a_missing_blob_asks_upstream_without_fetching_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupted_fill_ends_its_reader_with_an_error_and_commits_nothing() {
-    let h = harness(Duration::from_secs(60));
-    let data = random_bytes(300_000);
-    let blob = h.fake.add_blob("org/img", &data);
-    h.fake.once(&blob.path, Serve::ok().corrupt_at(1000));
-    let digest: Digest = blob.digest.parse().unwrap();
-    let first = h.cache.blob(&name("org/img"), &digest).await.unwrap();
-    let got = read_all(first).await;
-    assert!(got.is_err(), "wrong bytes were presented as complete");
-    h.cache.drain_fills().await;
-    let committed = h
-        .dir
-        .path()
-        .join("blobs/sha256")
-        .join(&digest.hex()[..2])
-        .join(digest.hex());
-    assert!(!committed.exists(), "a corrupt blob was committed");
+    // Written and hashed on the fill's task, and on blocking threads.
+    for size in [300_000, super::fill::INLINE_FILL as usize + 300_000] {
+        let h = harness(Duration::from_secs(60));
+        let data = random_bytes(size);
+        let blob = h.fake.add_blob("org/img", &data);
+        h.fake.once(&blob.path, Serve::ok().corrupt_at(1000));
+        let digest: Digest = blob.digest.parse().unwrap();
+        let first = h.cache.blob(&name("org/img"), &digest).await.unwrap();
+        let got = read_all(first).await;
+        assert!(
+            got.is_err(),
+            "{size}: wrong bytes were presented as complete"
+        );
+        h.cache.drain_fills().await;
+        let committed = h
+            .dir
+            .path()
+            .join("blobs/sha256")
+            .join(&digest.hex()[..2])
+            .join(digest.hex());
+        assert!(!committed.exists(), "{size}: a corrupt blob was committed");
+        // The next request fetches it again, whole.
+        let again = h.cache.blob(&name("org/img"), &digest).await.unwrap();
+        assert!(read_all(again).await.unwrap() == data, "{size}: refetch");
+    }
 }
 
 #[tokio::test]
@@ -167,6 +176,48 @@ async fn tags_are_answered_locally_while_fresh_and_revalidated_with_one_head_aft
 }
 
 #[tokio::test]
+async fn a_cold_tag_is_found_by_digest_at_once_and_stored_by_shutdown() {
+    let h = harness(Duration::from_secs(60));
+    let digest = h.fake.add_manifest(
+        "org/app",
+        Some("1.0"),
+        OCI_MANIFEST,
+        br#"{"schemaVersion":2}"#,
+    );
+    let tag = Reference::Tag("1.0".parse().unwrap());
+    let (_, outcome) = h.cache.manifest(&name("org/app"), &tag).await.unwrap();
+    assert_eq!(outcome, Outcome::Miss);
+    let before = h.fake.request_count();
+    let by_digest = Reference::Digest(digest.parse().unwrap());
+    let (m, outcome) = h
+        .cache
+        .manifest(&name("org/app"), &by_digest)
+        .await
+        .unwrap();
+    assert_eq!(
+        (m.digest.to_string(), outcome),
+        (digest.clone(), Outcome::Hit)
+    );
+    assert_eq!(
+        h.fake.request_count(),
+        before,
+        "{}",
+        h.fake.describe_requests()
+    );
+
+    h.cache.drain_fills().await;
+    let stored = h.cache.store.manifest_get(&m.digest).await.unwrap();
+    assert_eq!(stored, Some(m));
+    let rec = h
+        .cache
+        .store
+        .tag_get(&name("org/app"), &"1.0".parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(rec.map(|r| r.digest.to_string()), Some(digest));
+}
+
+#[tokio::test]
 async fn a_cached_tag_is_served_stale_when_upstream_fails() {
     let h = harness(Duration::ZERO);
     h.fake.add_manifest(
@@ -202,6 +253,7 @@ async fn a_corrupt_stored_manifest_is_removed_and_fetched_again() {
         .manifest(&name("org/app"), &by_digest)
         .await
         .unwrap();
+    h.cache.drain_fills().await;
     let file = h
         .dir
         .path()
