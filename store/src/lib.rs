@@ -39,6 +39,7 @@ mod fsck;
 pub mod index;
 mod managed;
 pub mod policy;
+mod read_buf;
 pub mod s3;
 pub mod spool;
 mod tiered;
@@ -54,6 +55,7 @@ pub fn init_tls() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 pub use managed::{Managed, NoRoom, PolicyStats, Removed, Report, Reservation};
+pub use read_buf::ReadBuf;
 pub use spool::{Spool, SpoolDir, Verified};
 pub use tiered::TieredStore;
 pub use touch::Toucher;
@@ -166,28 +168,6 @@ impl BlobReader {
     }
 }
 
-/// Read sizes for committed files: large reads for a few clients at once
-/// (each a hand-over to the blocking pool less: a lone stream is fastest
-/// at 512 KiB), the rest in small ones, so that the buffers of many clients
-/// stay bounded (16 clients of one blob hold about 4 MiB, not 16).
-const LARGE_CHUNK: u64 = 512 << 10;
-const FILE_CHUNK: u64 = 128 << 10;
-/// Large reads in flight, process-wide (a stream with its read ahead holds two).
-static LARGE_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
-
-/// A chunk's buffer, with the room for a large read it took (given back
-/// when the last reference to the bytes drops, after they were sent).
-struct Chunk {
-    buf: Vec<u8>,
-    _large: Option<tokio::sync::SemaphorePermit<'static>>,
-}
-
-impl AsRef<[u8]> for Chunk {
-    fn as_ref(&self) -> &[u8] {
-        &self.buf
-    }
-}
-
 /// Where a file stream is: the file to read next, or the read under way.
 enum Next {
     Start(std::fs::File),
@@ -210,22 +190,18 @@ fn read_file(
             if first {
                 file.seek(SeekFrom::Start(pos))?;
             }
-            let large = LARGE_READS.try_acquire().ok();
-            let chunk = if large.is_some() {
-                LARGE_CHUNK
-            } else {
-                FILE_CHUNK
-            };
-            let len = (end - pos).min(chunk);
-            let mut buf = Vec::with_capacity(len as usize);
-            (&mut file).take(len).read_to_end(&mut buf)?;
-            if (buf.len() as u64) < len {
+            // Large reads for a few clients at once (each a hand-over to
+            // the blocking pool less), small ones for the rest.
+            let room = ReadBuf::sized(end - pos);
+            let mut buf = Vec::with_capacity(room.size());
+            (&mut file).take(room.size() as u64).read_to_end(&mut buf)?;
+            if buf.len() < room.size() {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "blob file shorter than its size",
                 ));
             }
-            Ok((file, Bytes::from_owner(Chunk { buf, _large: large })))
+            Ok((file, room.into_bytes(buf)))
         })
     };
     let state = (start < end).then_some((Next::Start(file), start));
@@ -313,6 +289,8 @@ mod tests {
     async fn file_reads_are_exact_bounded_chunks_and_a_short_file_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("blob");
+        const LARGE_CHUNK: u64 = read_buf::LARGE;
+        const FILE_CHUNK: u64 = 128 << 10;
         let data: Vec<u8> = (0..(LARGE_CHUNK * 2 + FILE_CHUNK * 3 + 1000))
             .map(|i| (i % 251) as u8)
             .collect();

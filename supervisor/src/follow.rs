@@ -8,18 +8,15 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use regcache_protocol::body::Body;
 use regcache_protocol::follow::{self, Step};
 use regcache_protocol::response::Outcome;
-use regcache_store::FsStore;
+use regcache_store::{FsStore, ReadBuf};
 use regcache_worker::metrics::Metrics;
-
-/// Bytes read from the spool at once.
-const CHUNK: u64 = 128 << 10;
 
 /// `resp`, a worker's followed answer, with the blob's bytes read from the
 /// spool in `store`, or from the blob it became when it was committed a
@@ -120,13 +117,13 @@ impl Reading {
         loop {
             let limit = self.end.map_or(self.readable, |e| e.min(self.readable));
             if self.pos < limit {
-                let len = (limit - self.pos).min(CHUNK) as usize;
+                let room = ReadBuf::sized(limit - self.pos);
                 // Bytes just written: a copy from the page cache, cheaper on
                 // this thread than a hop to the blocking pool.
-                let mut chunk = BytesMut::zeroed(len);
+                let mut chunk = vec![0; room.size()];
                 self.file.read_exact_at(&mut chunk, self.pos)?;
-                self.pos += len as u64;
-                return Ok(Some(chunk.freeze()));
+                self.pos += chunk.len() as u64;
+                return Ok(Some(room.into_bytes(chunk)));
             }
             if self.last || self.end.is_some_and(|e| self.pos >= e) {
                 if self.end.is_some_and(|e| self.pos < e) {

@@ -12,14 +12,14 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use http::Method;
 use regcache_protocol::follow::Step;
 use regcache_protocol::request::Kind;
 use regcache_protocol::response::{BlobStream, Outcome};
 use regcache_protocol::{Digest, Hasher, Name};
-use regcache_store::{Managed, Spool, Store};
+use regcache_store::{Managed, ReadBuf, Spool, Store};
 use tokio::sync::{mpsc, watch};
 
 use super::Error;
@@ -27,8 +27,6 @@ use crate::metrics::Metrics;
 use crate::peers::{Member, Peers};
 use crate::upstream::{self, Upstream};
 
-/// Read size when streaming a blob that is being filled.
-const READ_CHUNK: usize = 128 << 10;
 /// Least a reader of a growing blob reads at once, unless at its end.
 const MIN_GROWING_READ: u64 = 64 << 10;
 /// Chunks queued between the upstream reader and the disk writer (and the
@@ -157,12 +155,15 @@ impl Reader {
                 // Chasing the writer chunk by chunk costs a wake-up per few
                 // KiB: wait for a useful amount unless nothing more will come.
                 if pos < limit && (last || limit - pos >= MIN_GROWING_READ) {
-                    let len = (limit - pos).min(READ_CHUNK as u64) as usize;
+                    let room = ReadBuf::sized(limit - pos);
+                    let len = room.size();
                     // These bytes were just written: the read is a copy from
                     // the page cache, cheaper here than a hop to the blocking
                     // pool (whose many threads each keep their own malloc arena).
-                    let mut buf = BytesMut::zeroed(len);
-                    let read = file.read_exact_at(&mut buf, pos).map(|()| buf.freeze());
+                    let mut buf = vec![0; len];
+                    let read = file
+                        .read_exact_at(&mut buf, pos)
+                        .map(|()| room.into_bytes(buf));
                     return match read {
                         Ok(bytes) => Some((Ok(bytes), Some((file, progress, pos + len as u64)))),
                         Err(e) => Some((Err(e), None)),
