@@ -10,8 +10,10 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 const UNIT: u64 = 64 << 10;
 /// The largest read.
 pub const LARGE: u64 = 512 << 10;
+/// The largest read of a file still being written.
+const FOLLOWING: u64 = 128 << 10;
 /// The sizes tried, largest first, before falling back to [`UNIT`].
-const SIZES: [u64; 2] = [LARGE, 128 << 10];
+const SIZES: [u64; 2] = [LARGE, FOLLOWING];
 
 /// Units beyond each read's first: four large reads at once.
 static READS: Budget = Budget(Semaphore::const_new(4 * (LARGE / UNIT - 1) as usize));
@@ -29,7 +31,13 @@ impl ReadBuf {
     /// Room for up to `want` bytes: as much as the budget has now, at most
     /// [`LARGE`], at least 64 KiB (or `want`).
     pub fn sized(want: u64) -> ReadBuf {
-        READS.sized(want)
+        READS.sized(want, LARGE)
+    }
+
+    /// Room to read a file still being written (a fill's spool): its bytes
+    /// come no faster than the fill, so a large read only holds memory.
+    pub fn following(want: u64) -> ReadBuf {
+        READS.sized(want, FOLLOWING)
     }
 
     pub fn size(&self) -> usize {
@@ -46,8 +54,8 @@ impl ReadBuf {
 }
 
 impl Budget {
-    fn sized(&'static self, want: u64) -> ReadBuf {
-        for size in SIZES {
+    fn sized(&'static self, want: u64, most: u64) -> ReadBuf {
+        for size in SIZES.into_iter().filter(|&s| s <= most) {
             let len = want.min(size);
             if len <= UNIT {
                 break;
@@ -85,7 +93,7 @@ mod tests {
     #[test]
     fn reads_share_the_budget_and_give_it_back_when_sent() {
         let budget: &'static Budget = Box::leak(Box::new(Budget(Semaphore::new(28))));
-        let sized = |want| budget.sized(want);
+        let sized = |want| budget.sized(want, LARGE);
         let held: Vec<Bytes> = (0..4)
             .map(|_| {
                 let room = sized(10 << 20);
@@ -105,5 +113,8 @@ mod tests {
         assert_eq!(rooms[3].size(), 300 << 10);
         // Too little left for a large read: a middle one.
         assert_eq!(sized(LARGE).size(), 128 << 10);
+        // A growing file is never read large.
+        drop(rooms);
+        assert_eq!(budget.sized(LARGE, FOLLOWING).size() as u64, FOLLOWING);
     }
 }

@@ -117,7 +117,7 @@ impl Reading {
         loop {
             let limit = self.end.map_or(self.readable, |e| e.min(self.readable));
             if self.pos < limit {
-                let room = ReadBuf::sized(limit - self.pos);
+                let room = ReadBuf::following(limit - self.pos);
                 // Bytes just written: a copy from the page cache, cheaper on
                 // this thread than a hop to the blocking pool.
                 let mut chunk = vec![0; room.size()];

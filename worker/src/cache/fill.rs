@@ -155,7 +155,7 @@ impl Reader {
                 // Chasing the writer chunk by chunk costs a wake-up per few
                 // KiB: wait for a useful amount unless nothing more will come.
                 if pos < limit && (last || limit - pos >= MIN_GROWING_READ) {
-                    let room = ReadBuf::sized(limit - pos);
+                    let room = ReadBuf::following(limit - pos);
                     let len = room.size();
                     // These bytes were just written: the read is a copy from
                     // the page cache, cheaper here than a hop to the blocking
