@@ -380,12 +380,15 @@ impl Conn {
     }
 }
 
-/// A private directory for the worker sockets, removed on drop. Kept short:
-/// Unix socket paths are limited to about 100 bytes.
+/// A private directory for the worker sockets, removed on drop: under
+/// `XDG_RUNTIME_DIR`, else `TMPDIR`, else /tmp, whichever is short enough
+/// (Unix socket paths are limited to about 100 bytes).
 fn socket_dir() -> Result<tempfile::TempDir, Error> {
     let base = std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)
-        .filter(|p| p.as_os_str().len() < 60 && p.is_dir())
+        .into_iter()
+        .chain([std::env::temp_dir()])
+        .find(|p| p.as_os_str().len() < 60 && p.is_dir())
         .unwrap_or_else(|| PathBuf::from("/tmp"));
     tempfile::Builder::new()
         .prefix("regcache-")
