@@ -10,6 +10,8 @@
 //!   within the freshness window answered locally, after it revalidated with
 //!   one upstream HEAD (shared by concurrent callers); when upstream cannot
 //!   answer, the cached digest is served (stale).
+//! - Fetched manifests and tag records are stored after the answer
+//!   ([`write_behind`]), and answered from memory until they are.
 //!
 //! A store that fails to read is treated as a miss (logged), and a corrupt
 //! stored manifest is removed and fetched again: a broken disk costs upstream
