@@ -158,6 +158,14 @@ impl BlobReader {
         }
     }
 
+    /// The local file, for a reader that sends it itself.
+    pub fn into_file(self) -> std::result::Result<std::fs::File, BlobReader> {
+        match self.source {
+            Source::File(f) => Ok(f),
+            source => Err(BlobReader { source, ..self }),
+        }
+    }
+
     /// The bytes `start..end` (`end` clamped to the size).
     pub fn stream(self, start: u64, end: Option<u64>) -> BoxStream<'static, io::Result<Bytes>> {
         let end = end.map_or(self.size, |e| e.min(self.size));

@@ -18,6 +18,8 @@ use regcache_protocol::response::Outcome;
 use regcache_store::{FsStore, ReadBuf};
 use regcache_worker::metrics::Metrics;
 
+use crate::sendfile::{self, Spans};
+
 /// `resp`, a worker's followed answer, with the blob's bytes read from the
 /// spool in `store`, or from the blob it became when it was committed a
 /// moment ago (the same verified bytes). `None`: not a followed answer, or
@@ -26,6 +28,7 @@ pub fn serve(
     store: &FsStore,
     metrics: Arc<Metrics>,
     resp: Response<Body>,
+    sendfile: Option<&Spans>,
 ) -> Option<Response<Body>> {
     let spool = resp.headers().get(follow::SPOOL)?.to_str().ok()?;
     let file = match store.spool_file(spool)? {
@@ -57,7 +60,8 @@ pub fn serve(
         .and_then(|v| Outcome::from_header(v.to_str().ok()?))
         .unwrap_or(Outcome::Miss);
     let reading = Reading {
-        file,
+        file: Arc::new(file),
+        sendfile: sendfile.cloned(),
         steps,
         buf: Vec::new(),
         pos: start,
@@ -98,7 +102,9 @@ fn range_start(v: &HeaderValue) -> Option<u64> {
 
 /// One client's read of a followed fill.
 struct Reading {
-    file: File,
+    file: Arc<File>,
+    /// Set where the bytes go out by `sendfile`, not read here.
+    sendfile: Option<Spans>,
     /// The worker's progress lines.
     steps: Body,
     buf: Vec<u8>,
@@ -117,6 +123,12 @@ impl Reading {
         loop {
             let limit = self.end.map_or(self.readable, |e| e.min(self.readable));
             if self.pos < limit {
+                if let Some(spans) = &self.sendfile {
+                    let len = (limit - self.pos).min(sendfile::CHUNK as u64) as usize;
+                    let chunk = spans.chunk(&self.file, self.pos, len);
+                    self.pos += len as u64;
+                    return Ok(Some(chunk));
+                }
                 let room = ReadBuf::following(limit - self.pos);
                 // Bytes just written: a copy from the page cache, cheaper on
                 // this thread than a hop to the blocking pool.
@@ -215,6 +227,7 @@ mod tests {
             &store,
             metrics.clone(),
             followed(&name, &digest, data.len()),
+            None,
         )
         .unwrap();
         assert_eq!(
@@ -232,12 +245,13 @@ mod tests {
             &store,
             metrics.clone(),
             followed(&name, &digest, data.len()),
+            None,
         )
         .unwrap();
         assert!(body(resp).await == data, "bytes from the committed blob");
 
         // Neither (a failed fill): the worker is asked again.
         let other = Digest::of(Algorithm::Sha256, b"never stored");
-        assert!(serve(&store, metrics, followed(&name, &other, 12)).is_none());
+        assert!(serve(&store, metrics, followed(&name, &other, 12), None).is_none());
     }
 }

@@ -26,6 +26,8 @@ use regcache_protocol::{Authority, Digest, Manifest, Name, Reference};
 use regcache_store::{FsStore, Key, Store, Toucher};
 use regcache_worker::metrics::Metrics;
 
+use crate::sendfile::Spans;
+
 /// What the front needs to answer one upstream's hits itself.
 pub struct LocalHits {
     store: Arc<dyn Store>,
@@ -136,8 +138,8 @@ impl LocalHits {
 
     /// A worker's answer that names a fill to follow, read from its spool
     /// here (see `crate::follow`); `None`: ask the worker again unfollowed.
-    pub fn follow(&self, resp: Response<Body>) -> Option<Response<Body>> {
-        crate::follow::serve(&self.view, self.metrics.clone(), resp)
+    pub fn follow(&self, resp: Response<Body>, sendfile: Option<&Spans>) -> Option<Response<Body>> {
+        crate::follow::serve(&self.view, self.metrics.clone(), resp, sendfile)
     }
 
     /// A stored manifest, from memory while it is still stored.
@@ -157,11 +159,13 @@ impl LocalHits {
     }
 
     /// The answer, when `request` is content by digest that is stored
-    /// locally; `None` means the worker must answer.
+    /// locally; `None` means the worker must answer. A blob goes out by
+    /// `sendfile` where the connection allows it.
     pub async fn answer(
         &self,
         headers: &HeaderMap,
         request: &RepoRequest,
+        sendfile: Option<&Spans>,
     ) -> Option<Response<Body>> {
         let started = Instant::now();
         if let Endpoint::Manifest(Reference::Digest(d)) = &request.endpoint {
@@ -185,6 +189,7 @@ impl LocalHits {
                 self.used(Key::Blob(d.clone()));
                 let metrics = self.metrics.clone();
                 let size = reader.size;
+                let sendfile = sendfile.cloned();
                 response::blob(
                     headers,
                     request.method,
@@ -193,7 +198,16 @@ impl LocalHits {
                     Outcome::Hit,
                     move |start, end| {
                         let sent = move |b: &Bytes| metrics.served(Outcome::Hit, b.len() as u64);
-                        Box::pin(reader.stream(start, end).inspect_ok(sent))
+                        let Some(spans) = sendfile else {
+                            return Box::pin(reader.stream(start, end).inspect_ok(sent));
+                        };
+                        match reader.into_file() {
+                            Ok(file) => {
+                                let end = end.map_or(size, |e| e.min(size));
+                                Box::pin(spans.file(file, start, end).inspect_ok(sent))
+                            }
+                            Err(reader) => Box::pin(reader.stream(start, end).inspect_ok(sent)),
+                        }
                     },
                 )
             }
@@ -292,7 +306,7 @@ mod tests {
         .unwrap();
         let headers = HeaderMap::new();
         for _ in 0..2 {
-            let resp = hits.answer(&headers, &request).await.expect("a hit");
+            let resp = hits.answer(&headers, &request, None).await.expect("a hit");
             assert_eq!(resp.status(), StatusCode::OK);
         }
         assert!(hits.recent.get(&m.digest).is_some(), "kept in memory");
@@ -301,7 +315,7 @@ mod tests {
             .await
             .unwrap();
         assert!(
-            hits.answer(&headers, &request).await.is_some(),
+            hits.answer(&headers, &request, None).await.is_some(),
             "confirmed a moment ago"
         );
         let other: regcache_protocol::Name = "org/other".parse().unwrap();
@@ -314,6 +328,6 @@ mod tests {
                 *at -= Recent::CONFIRMED_FOR;
             }
         }
-        assert!(hits.answer(&headers, &request).await.is_none());
+        assert!(hits.answer(&headers, &request, None).await.is_none());
     }
 }

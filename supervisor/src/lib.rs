@@ -35,6 +35,7 @@ pub mod peer;
 pub mod preload;
 mod proxy;
 mod routing;
+mod sendfile;
 mod server;
 pub mod settings;
 pub mod status;
@@ -250,13 +251,15 @@ async fn serve(
                     let mut byte = [0u8; 1];
                     let first = tokio::time::timeout(limits.header_timeout, stream.peek(&mut byte));
                     if matches!(first.await, Ok(Ok(n)) if n > 0) {
-                        conn.serve(stream, Some(watcher));
+                        let wire = sendfile::Wire::new(stream);
+                        let spans = wire.spans();
+                        conn.serve(wire, Some(spans), Some(watcher));
                     }
                 }
                 Some(acceptor) => {
                     let handshake = tokio::time::timeout(TLS_HANDSHAKE, acceptor.accept(stream));
                     match handshake.await {
-                        Ok(Ok(tls)) => conn.serve(tls, Some(watcher)),
+                        Ok(Ok(tls)) => conn.serve(tls, None, Some(watcher)),
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
@@ -285,7 +288,7 @@ async fn serve_probes(listener: TcpListener, front: Arc<server::Front>, limits: 
                 limits,
                 slot: None,
             }
-            .serve(stream, None),
+            .serve(stream, None, None),
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
@@ -331,8 +334,9 @@ struct Conn {
 }
 
 impl Conn {
-    /// Serves HTTP/1.1 or h2, tracked for graceful shutdown.
-    fn serve<S>(self, stream: S, watcher: Option<Watcher>)
+    /// Serves HTTP/1.1 or h2, tracked for graceful shutdown; `spans`: the
+    /// stream sends blob files itself (plain TCP), for HTTP/1 requests.
+    fn serve<S>(self, stream: S, spans: Option<sendfile::Spans>, watcher: Option<Watcher>)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -342,7 +346,14 @@ impl Conn {
             limits,
             slot,
         } = self;
-        let svc = service_fn(move |req| {
+        let sendfile = spans.is_some();
+        let svc = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+            // h2 frames a body's bytes itself: no placeholders there.
+            if let Some(s) = spans.as_ref() {
+                if req.version() < http::Version::HTTP_2 {
+                    req.extensions_mut().insert(s.clone());
+                }
+            }
             let front = front.clone();
             async move { Ok::<_, std::convert::Infallible>(front.handle(req, peer).await) }
         });
@@ -356,6 +367,11 @@ impl Conn {
             // waits for the answer.
             .half_close(true)
             .max_buf_size(regcache_worker::MAX_CONNECTION_BUFFER);
+        if sendfile {
+            // Body chunks queued as they are, never copied into one buffer:
+            // the stream must see its placeholders.
+            builder.http1().writev(true);
+        }
         builder
             .http2()
             .timer(TokioTimer::new())

@@ -112,7 +112,7 @@ impl PeerFront {
             }
         }
         // Committed content by digest: straight from the disk, as for clients.
-        if let Some(resp) = self.front.local[index].answer(&headers, &r).await {
+        if let Some(resp) = self.front.local[index].answer(&headers, &r, None).await {
             return Ok(resp);
         }
         let worker = &self.front.workers[index];

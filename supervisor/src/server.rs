@@ -23,6 +23,7 @@ use crate::inventory::{self, UpstreamCache};
 use crate::metrics::{self, Metrics};
 use crate::proxy::Proxy;
 use crate::routing::{Route, Routes};
+use crate::sendfile::Spans;
 use crate::workers::Worker;
 
 /// What every request handler shares.
@@ -227,7 +228,12 @@ impl Front {
     ) -> Answer {
         let worker = &self.workers[index];
         let name = worker.upstream.name();
-        if let Some(resp) = self.local[index].answer(req.headers(), request).await {
+        // Set by the connection where blobs may go out by `sendfile`.
+        let sendfile = req.extensions().get::<Spans>();
+        if let Some(resp) = self.local[index]
+            .answer(req.headers(), request, sendfile)
+            .await
+        {
             return Ok((resp, Some(name)));
         }
         let unavailable = || Error::Unavailable {
@@ -253,7 +259,7 @@ impl Front {
             .headers()
             .contains_key(regcache_protocol::follow::SPOOL)
         {
-            resp = match self.local[index].follow(resp) {
+            resp = match self.local[index].follow(resp, sendfile) {
                 Some(followed) => followed,
                 None => forward(false).await?,
             };

@@ -1,0 +1,345 @@
+//! Blob bytes sent to plain-TCP HTTP/1 clients by `sendfile(2)`: from the
+//! page cache to the socket inside the kernel, never read into a buffer of
+//! ours nor copied out of one.
+//!
+//! hyper owns the connection and writes whatever a response body yields, so
+//! a body on such a connection yields *placeholders*: slices of one
+//! allocation that is never written nor read (so never resident), each
+//! standing for a span of a file that it queued in the connection's
+//! [`Spans`]. The connection's stream, a [`Wire`], knows the placeholder
+//! among the slices hyper writes and sends the file span instead. hyper
+//! writes an HTTP/1 body in order and one response at a time, so the spans
+//! are met in the order they were queued. TLS and HTTP/2 connections have no
+//! `Spans` and are sent read bytes as before.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, IoSlice};
+use std::os::fd::AsFd;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use futures_util::Stream;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
+
+/// The largest placeholder, and the most one `sendfile` call sends: each
+/// call runs on the connection's runtime thread, so it is bounded (nginx's
+/// `sendfile_max_chunk` default).
+pub const CHUNK: usize = 2 << 20;
+
+/// Zeroed memory from the allocator (`calloc`: fresh pages, mapped lazily),
+/// never touched, so it costs address space only.
+static PLACEHOLDER: LazyLock<Bytes> = LazyLock::new(|| Bytes::from(vec![0u8; CHUNK]));
+
+/// The file spans of one connection's placeholders, in the order hyper
+/// writes them; a cheap handle shared by the connection's [`Wire`] and the
+/// bodies of its responses.
+#[derive(Clone, Default)]
+pub struct Spans {
+    queue: Arc<Mutex<VecDeque<Span>>>,
+    /// Bytes sent from files so far (what a test can check).
+    sent: Arc<AtomicU64>,
+}
+
+struct Span {
+    file: Arc<File>,
+    offset: u64,
+    len: usize,
+}
+
+impl Spans {
+    /// A placeholder for `len` bytes (at most [`CHUNK`]) of `file` at
+    /// `offset`, to be yielded as the next body chunk on this connection.
+    pub fn chunk(&self, file: &Arc<File>, offset: u64, len: usize) -> Bytes {
+        self.queue.lock().unwrap().push_back(Span {
+            file: file.clone(),
+            offset,
+            len,
+        });
+        PLACEHOLDER.slice(..len)
+    }
+
+    /// The body chunks of bytes `start..end` of `file`, a committed blob.
+    pub fn file(
+        self,
+        file: File,
+        start: u64,
+        end: u64,
+    ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+        let file = Arc::new(file);
+        futures_util::stream::iter((start..end).step_by(CHUNK).map(move |at| {
+            let len = (end - at).min(CHUNK as u64) as usize;
+            Ok(self.chunk(&file, at, len))
+        }))
+    }
+
+    /// Bytes sent from files on this connection.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+}
+
+/// How far into the placeholder `s` starts, if it is one.
+fn placeholder_offset(s: &[u8]) -> Option<usize> {
+    let base = PLACEHOLDER.as_ptr() as usize;
+    let at = (s.as_ptr() as usize).checked_sub(base)?;
+    (!s.is_empty() && at + s.len() <= CHUNK).then_some(at)
+}
+
+/// A plain-TCP client connection whose placeholders become `sendfile`s.
+pub struct Wire {
+    tcp: TcpStream,
+    spans: Spans,
+}
+
+impl Wire {
+    pub fn new(tcp: TcpStream) -> Wire {
+        Wire {
+            tcp,
+            spans: Spans::default(),
+        }
+    }
+
+    /// The handle for this connection's responses.
+    pub fn spans(&self) -> Spans {
+        self.spans.clone()
+    }
+
+    /// Sends (part of) the placeholder `slot`, which is `at` bytes into the
+    /// oldest queued span.
+    fn poll_sendfile(
+        &self,
+        cx: &mut Context<'_>,
+        slot: &[u8],
+        at: usize,
+    ) -> Poll<io::Result<usize>> {
+        let mut queue = self.spans.queue.lock().unwrap();
+        let Some(span) = queue.front() else {
+            // Never sends the placeholder's zeros for want of a span.
+            return Poll::Ready(Err(io::Error::other("a file placeholder without its span")));
+        };
+        let count = slot.len().min(span.len.saturating_sub(at));
+        loop {
+            ready!(self.tcp.poll_write_ready(cx))?;
+            let mut offset = (span.offset + at as u64) as nix::libc::off_t;
+            let sent = self.tcp.try_io(Interest::WRITABLE, || {
+                nix::sys::sendfile::sendfile(
+                    self.tcp.as_fd(),
+                    span.file.as_fd(),
+                    Some(&mut offset),
+                    count,
+                )
+                .map_err(io::Error::from)
+            });
+            match sent {
+                Ok(0) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "blob file shorter than its answer",
+                    )))
+                }
+                Ok(n) => {
+                    if at + n >= span.len {
+                        queue.pop_front();
+                    }
+                    self.spans.sent.fetch_add(n as u64, Ordering::Relaxed);
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncRead for Wire {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Wire {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match placeholder_offset(buf) {
+            Some(at) => self.poll_sendfile(cx, buf, at),
+            None => Pin::new(&mut self.tcp).poll_write(cx, buf),
+        }
+    }
+
+    /// Plain slices up to the first placeholder go out in one `writev`; a
+    /// placeholder first goes out by `sendfile`.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match bufs.iter().position(|b| placeholder_offset(b).is_some()) {
+            Some(0) => {
+                let at = placeholder_offset(&bufs[0]).unwrap_or(0);
+                self.poll_sendfile(cx, &bufs[0], at)
+            }
+            Some(i) => Pin::new(&mut self.tcp).poll_write_vectored(cx, &bufs[..i]),
+            None => Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::TryStreamExt;
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use hyper::body::Frame;
+    use hyper_util::rt::TokioIo;
+    use std::path::PathBuf;
+
+    /// Serves `GET /START/END`, bytes `START..END` of the file at `path`,
+    /// by placeholders over a [`Wire`], on one connection; gives its spans.
+    async fn server(
+        path: PathBuf,
+    ) -> (std::net::SocketAddr, tokio::sync::oneshot::Receiver<Spans>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let wire = Wire::new(tcp);
+            let spans = wire.spans();
+            let _ = tx.send(spans.clone());
+            let svc =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let (spans, path) = (spans.clone(), path.clone());
+                    async move {
+                        let mut at = req
+                            .uri()
+                            .path()
+                            .split('/')
+                            .skip(1)
+                            .map(|n| n.parse::<u64>().unwrap());
+                        let (start, end) = (at.next().unwrap(), at.next().unwrap());
+                        let chunks = spans.file(File::open(path).unwrap(), start, end);
+                        let body = StreamBody::new(chunks.map_ok(Frame::data));
+                        let mut resp = http::Response::new(body);
+                        resp.headers_mut()
+                            .insert(http::header::CONTENT_LENGTH, (end - start).into());
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .writev(true)
+                .serve_connection(TokioIo::new(wire), svc)
+                .await;
+        });
+        (addr, rx)
+    }
+
+    fn file_of(len: usize) -> (tempfile::NamedTempFile, Vec<u8>) {
+        let data: Vec<u8> = (0..len as u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut f, &data).unwrap();
+        (f, data)
+    }
+
+    #[tokio::test]
+    async fn answers_on_one_connection_get_exact_file_bytes_sent_by_the_kernel() {
+        let (file, data) = file_of(5 * CHUNK / 2 + 7);
+        let (addr, spans) = server(file.path().to_owned()).await;
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let n = data.len();
+        let ranges = [
+            (0, n),
+            (100, 3_000_000),
+            (n - 10, n),
+            (CHUNK, 2 * CHUNK),
+            (0, n),
+        ];
+        for (start, end) in ranges {
+            let req = http::Request::get(format!("/{start}/{end}"))
+                .header("host", "x")
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert!(body[..] == data[start..end], "bytes {start}..{end}");
+        }
+        let sent: usize = ranges.iter().map(|(s, e)| e - s).sum();
+        assert_eq!(
+            spans.await.unwrap().sent(),
+            sent as u64,
+            "every byte by sendfile"
+        );
+    }
+
+    /// A client that reads late fills the socket: the sends wait for room
+    /// and resume where they stopped.
+    #[tokio::test]
+    async fn a_slow_client_gets_every_byte() {
+        let (file, data) = file_of(12 << 20);
+        let (addr, _spans) = server(file.path().to_owned()).await;
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let n = data.len();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        tcp.write_all(
+            format!("GET /0/{n} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let mut got = Vec::new();
+        let mut buf = vec![0; 4096];
+        loop {
+            let k = tcp.read(&mut buf).await.unwrap();
+            if k == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..k]);
+            if got.len() < 1 << 20 {
+                tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+            }
+        }
+        let head_end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        assert!(
+            got[head_end..] == data[..],
+            "{} body bytes of {n}",
+            got.len() - head_end
+        );
+    }
+
+    #[test]
+    fn only_the_placeholder_is_taken_for_one() {
+        let p = PLACEHOLDER.slice(10..20);
+        assert_eq!(placeholder_offset(&p), Some(10));
+        assert_eq!(placeholder_offset(&[0u8; 16]), None);
+        assert_eq!(placeholder_offset(&PLACEHOLDER[..0]), None);
+    }
+}
