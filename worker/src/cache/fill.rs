@@ -29,10 +29,10 @@ use crate::upstream::{self, Upstream};
 
 /// Least a reader of a growing blob reads at once, unless at its end.
 const MIN_GROWING_READ: u64 = 64 << 10;
-/// Chunks queued between the upstream reader and the disk writer (and the
-/// hasher). Each pins the connection buffer it is a slice of, up to a few
-/// hundred KiB: 16 held 8 MiB in a fast fill, 4 hold a quarter.
-const WRITE_QUEUE: usize = 4;
+/// Chunks queued between the upstream reader and the writing thread. Each
+/// pins the connection buffer it is a slice of, up to a few hundred KiB: 16
+/// held 8 MiB in a fast fill; one keeps the thread busy all the same.
+const WRITE_QUEUE: usize = 1;
 /// Blobs up to this size are written and hashed by the task that receives
 /// them: for a small blob two hand-offs to blocking threads cost more than
 /// the work (a config blob took 1 ms after upstream's last byte).
@@ -319,7 +319,7 @@ async fn resume(
     Ok(resp)
 }
 
-/// The fetch itself: written and hashed in parallel, off the async threads.
+/// The fetch itself: written and hashed off the async threads.
 /// The last byte is released (Done) as soon as size and digest check out,
 /// before the commit that makes the blob visible to later requests.
 #[allow(clippy::too_many_arguments)]
@@ -391,7 +391,7 @@ async fn fetch(
             written: 0,
             failed: None,
         },
-        _ => Sink::threads(disk, progress.clone()),
+        _ => Sink::thread(disk, progress.clone()),
     };
     let mut received = 0u64;
     let mut resumes = 0;
@@ -494,9 +494,10 @@ impl Disk {
     }
 }
 
-/// A fill's writing and hashing: on this task for a small blob, else on
-/// two blocking threads in parallel, behind bounded queues (a slow disk
-/// slows the upstream read, never a client).
+/// A fill's writing and hashing: on this task for a small blob, else on a
+/// blocking thread behind a bounded queue (a slow disk slows the upstream
+/// read, never a client). One thread, not a writer and a hasher: each chunk
+/// is then held once, and the fill still outruns the clients it feeds.
 enum Sink {
     Inline {
         disk: Disk,
@@ -504,47 +505,32 @@ enum Sink {
         written: u64,
         failed: Option<io::Error>,
     },
-    Threads {
+    Thread {
         to_disk: mpsc::Sender<Bytes>,
-        to_hash: mpsc::Sender<Bytes>,
-        writer: tokio::task::JoinHandle<io::Result<u64>>,
-        hasher: tokio::task::JoinHandle<Digest>,
+        writer: tokio::task::JoinHandle<io::Result<(u64, Digest)>>,
     },
 }
 
 impl Sink {
-    fn threads(disk: Disk, progress: watch::Sender<Progress>) -> Sink {
+    fn thread(disk: Disk, progress: watch::Sender<Progress>) -> Sink {
         let (to_disk, mut disk_rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
-        let (to_hash, mut hash_rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
-        let algorithm = disk.digest.algorithm();
-        let writer = tokio::task::spawn_blocking(move || -> io::Result<u64> {
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut hasher = Hasher::new(disk.digest.algorithm());
             let mut written = 0u64;
             while let Some(chunk) = disk_rx.blocking_recv() {
                 disk.write(&chunk, written)?;
                 written += chunk.len() as u64;
-                // Wake readers once per batch, not once per network chunk.
-                while let Ok(more) = disk_rx.try_recv() {
-                    disk.write(&more, written)?;
-                    written += more.len() as u64;
+                // Readers have the bytes before they are hashed, and are
+                // woken once per batch, not once per network chunk.
+                if disk_rx.is_empty() {
+                    let total = disk.total;
+                    progress.send_replace(Progress::Writing { written, total });
                 }
-                let total = disk.total;
-                progress.send_replace(Progress::Writing { written, total });
-            }
-            Ok(written)
-        });
-        let hasher = tokio::task::spawn_blocking(move || {
-            let mut hasher = Hasher::new(algorithm);
-            while let Some(chunk) = hash_rx.blocking_recv() {
                 hasher.update(&chunk);
             }
-            hasher.finish()
+            Ok((written, hasher.finish()))
         });
-        Sink::Threads {
-            to_disk,
-            to_hash,
-            writer,
-            hasher,
-        }
+        Sink::Thread { to_disk, writer }
     }
 
     /// Takes `chunk`; `false` once writing has failed (see [`Sink::finish`]).
@@ -566,9 +552,7 @@ impl Sink {
                 progress.send_replace(Progress::Writing { written, total });
                 true
             }
-            Sink::Threads {
-                to_disk, to_hash, ..
-            } => to_hash.send(chunk.clone()).await.is_ok() && to_disk.send(chunk).await.is_ok(),
+            Sink::Thread { to_disk, .. } => to_disk.send(chunk).await.is_ok(),
         }
     }
 
@@ -584,16 +568,9 @@ impl Sink {
                 Some(e) => Err(e),
                 None => Ok((written, hasher.finish())),
             },
-            Sink::Threads {
-                to_disk,
-                to_hash,
-                writer,
-                hasher,
-            } => {
-                drop((to_disk, to_hash));
-                let written = writer.await.map_err(io::Error::other)??;
-                let digest = hasher.await.map_err(io::Error::other)?;
-                Ok((written, digest))
+            Sink::Thread { to_disk, writer } => {
+                drop(to_disk);
+                writer.await.map_err(io::Error::other)?
             }
         }
     }
