@@ -20,7 +20,7 @@ use regcache_protocol::request::Kind;
 use regcache_protocol::response::{BlobStream, Outcome};
 use regcache_protocol::{Digest, Hasher, Name};
 use regcache_store::{Managed, ReadBuf, Spool, Store};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use super::Error;
 use crate::metrics::Metrics;
@@ -29,13 +29,8 @@ use crate::upstream::{self, Upstream};
 
 /// Least a reader of a growing blob reads at once, unless at its end.
 const MIN_GROWING_READ: u64 = 64 << 10;
-/// Chunks queued between the upstream reader and the writing thread. Each
-/// pins the connection buffer it is a slice of, up to a few hundred KiB: 16
-/// held 8 MiB in a fast fill; one keeps the thread busy all the same.
-const WRITE_QUEUE: usize = 1;
-/// Blobs up to this size are written and hashed by the task that receives
-/// them: for a small blob two hand-offs to blocking threads cost more than
-/// the work (a config blob took 1 ms after upstream's last byte).
+/// Blobs up to this size are written without `block_in_place`: for a small
+/// blob handing the thread's other tasks off costs more than the work.
 pub(super) const INLINE_FILL: u64 = 1 << 20;
 /// Times a broken-off upstream transfer is resumed before the fill fails.
 const MAX_RESUMES: u32 = 3;
@@ -319,7 +314,7 @@ async fn resume(
     Ok(resp)
 }
 
-/// The fetch itself: written and hashed off the async threads.
+/// The fetch itself: each chunk written and hashed as it arrives.
 /// The last byte is released (Done) as soon as size and digest check out,
 /// before the commit that makes the blob visible to later requests.
 #[allow(clippy::too_many_arguments)]
@@ -384,15 +379,7 @@ async fn fetch(
         name: name.clone(),
         digest: digest.clone(),
     };
-    let mut sink = match total {
-        Some(t) if t <= INLINE_FILL => Sink::Inline {
-            disk,
-            hasher: Box::new(Hasher::new(digest.algorithm())),
-            written: 0,
-            failed: None,
-        },
-        _ => Sink::thread(disk, progress.clone()),
-    };
+    let mut sink = Sink::new(disk);
     let mut received = 0u64;
     let mut resumes = 0;
     let mut failure = None;
@@ -406,7 +393,7 @@ async fn fetch(
                         failure = Some(up.garbage("blob longer than its Content-Length"));
                         break None;
                     }
-                    if !sink.push(chunk, progress).await {
+                    if !sink.push(chunk, progress) {
                         break None; // the writer failed; its error is reported below
                     }
                 }
@@ -433,7 +420,7 @@ async fn fetch(
             }
         }
     }
-    let (written, actual) = sink.finish().await.map_err(|source| {
+    let (written, actual) = sink.finish().map_err(|source| {
         Error::Storage(regcache_store::Error::Io {
             op: "write",
             path: spool.path().to_owned(),
@@ -494,84 +481,66 @@ impl Disk {
     }
 }
 
-/// A fill's writing and hashing: on this task for a small blob, else on a
-/// blocking thread behind a bounded queue (a slow disk slows the upstream
-/// read, never a client). One thread, not a writer and a hasher: each chunk
-/// is then held once, and the fill still outruns the clients it feeds.
-enum Sink {
-    Inline {
-        disk: Disk,
-        hasher: Box<Hasher>,
-        written: u64,
-        failed: Option<io::Error>,
-    },
-    Thread {
-        to_disk: mpsc::Sender<Bytes>,
-        writer: tokio::task::JoinHandle<io::Result<(u64, Digest)>>,
-    },
+/// A fill's writing and hashing, on the task that receives its bytes: each
+/// chunk is written and hashed before the next is read, so a fill pins one
+/// upstream connection buffer, not a queue of them (a queue between tasks
+/// held 0.8 MiB more for a fast upstream), and a slow disk slows the
+/// upstream read, never a client. A large blob's writes may block and its
+/// hashing takes a while, so they run in `block_in_place`: the runtime
+/// moves this thread's other tasks elsewhere meanwhile.
+struct Sink {
+    disk: Disk,
+    hasher: Box<Hasher>,
+    written: u64,
+    blocking: bool,
+    failed: Option<io::Error>,
 }
 
 impl Sink {
-    fn thread(disk: Disk, progress: watch::Sender<Progress>) -> Sink {
-        let (to_disk, mut disk_rx) = mpsc::channel::<Bytes>(WRITE_QUEUE);
-        let writer = tokio::task::spawn_blocking(move || {
-            let mut hasher = Hasher::new(disk.digest.algorithm());
-            let mut written = 0u64;
-            while let Some(chunk) = disk_rx.blocking_recv() {
-                disk.write(&chunk, written)?;
-                written += chunk.len() as u64;
-                // Readers have the bytes before they are hashed, and are
-                // woken once per batch, not once per network chunk.
-                if disk_rx.is_empty() {
-                    let total = disk.total;
-                    progress.send_replace(Progress::Writing { written, total });
-                }
-                hasher.update(&chunk);
-            }
-            Ok((written, hasher.finish()))
-        });
-        Sink::Thread { to_disk, writer }
-    }
-
-    /// Takes `chunk`; `false` once writing has failed (see [`Sink::finish`]).
-    async fn push(&mut self, chunk: Bytes, progress: &watch::Sender<Progress>) -> bool {
-        match self {
-            Sink::Inline {
-                disk,
-                hasher,
-                written,
-                failed,
-            } => {
-                if let Err(e) = disk.write(&chunk, *written) {
-                    *failed = Some(e);
-                    return false;
-                }
-                hasher.update(&chunk);
-                *written += chunk.len() as u64;
-                let (written, total) = (*written, disk.total);
-                progress.send_replace(Progress::Writing { written, total });
-                true
-            }
-            Sink::Thread { to_disk, .. } => to_disk.send(chunk).await.is_ok(),
+    fn new(disk: Disk) -> Sink {
+        // A small blob's writes cost less than handing this thread's tasks
+        // off; a current-thread runtime (tests) has nowhere to hand them.
+        let multi_thread = tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread;
+        Sink {
+            hasher: Box::new(Hasher::new(disk.digest.algorithm())),
+            written: 0,
+            blocking: multi_thread && disk.total.is_none_or(|t| t > INLINE_FILL),
+            failed: None,
+            disk,
         }
     }
 
+    /// Takes `chunk`; `false` once writing has failed (see [`Sink::finish`]).
+    fn push(&mut self, chunk: Bytes, progress: &watch::Sender<Progress>) -> bool {
+        let (disk, hasher, at) = (&self.disk, &mut self.hasher, self.written);
+        let mut work = || {
+            disk.write(&chunk, at)?;
+            hasher.update(&chunk);
+            Ok::<_, io::Error>(())
+        };
+        let done = match self.blocking {
+            true => tokio::task::block_in_place(work),
+            false => work(),
+        };
+        if let Err(e) = done {
+            self.failed = Some(e);
+            return false;
+        }
+        self.written += chunk.len() as u64;
+        let total = self.disk.total;
+        progress.send_replace(Progress::Writing {
+            written: self.written,
+            total,
+        });
+        true
+    }
+
     /// Bytes written and their digest, or why writing failed.
-    async fn finish(self) -> io::Result<(u64, Digest)> {
-        match self {
-            Sink::Inline {
-                hasher,
-                written,
-                failed,
-                ..
-            } => match failed {
-                Some(e) => Err(e),
-                None => Ok((written, hasher.finish())),
-            },
-            Sink::Thread { to_disk, writer } => {
-                drop(to_disk);
-                writer.await.map_err(io::Error::other)?
-            }
+    fn finish(self) -> io::Result<(u64, Digest)> {
+        match self.failed {
+            Some(e) => Err(e),
+            None => Ok((self.written, self.hasher.finish())),
         }
     }
 }

@@ -102,7 +102,7 @@ async fn a_head_of_a_missing_blob_asks_upstream_without_fetching_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupted_fill_ends_its_reader_with_an_error_and_commits_nothing() {
-    // Written and hashed on the fill's task, and on blocking threads.
+    // Written as is, and in `block_in_place`.
     for size in [300_000, super::fill::INLINE_FILL as usize + 300_000] {
         let h = harness(Duration::from_secs(60));
         let data = random_bytes(size);
