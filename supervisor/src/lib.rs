@@ -351,7 +351,7 @@ impl Conn {
             // h2 frames a body's bytes itself: no placeholders there.
             if let Some(s) = spans.as_ref() {
                 if req.version() < http::Version::HTTP_2 {
-                    req.extensions_mut().insert(s.clone());
+                    req.extensions_mut().insert(s.for_request());
                 }
             }
             let front = front.clone();

@@ -63,6 +63,15 @@ impl Spans {
         PLACEHOLDER.slice(..len)
     }
 
+    /// The handle for the next request on the connection. hyper reads a
+    /// request only once the answer before it is written, so any span left
+    /// queued belongs to an answer cut short: dropped, it cannot stand for
+    /// this answer's placeholders.
+    pub fn for_request(&self) -> Spans {
+        self.queue.lock().unwrap().clear();
+        self.clone()
+    }
+
     /// The body chunks of bytes `start..end` of `file`, a committed blob.
     pub fn file(
         self,
@@ -333,6 +342,16 @@ mod tests {
             "{} body bytes of {n}",
             got.len() - head_end
         );
+    }
+
+    #[test]
+    fn a_new_request_drops_spans_left_by_an_answer_cut_short() {
+        let (file, _) = file_of(10);
+        let file = Arc::new(File::open(file.path()).unwrap());
+        let spans = Spans::default();
+        let _unsent = spans.chunk(&file, 0, 10);
+        assert_eq!(spans.queue.lock().unwrap().len(), 1);
+        assert!(spans.for_request().queue.lock().unwrap().is_empty());
     }
 
     #[test]
