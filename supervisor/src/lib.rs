@@ -307,7 +307,11 @@ async fn serve_peers(listener: TcpListener, peers: Arc<peer::PeerFront>) {
         };
         let _ = stream.set_nodelay(true);
         let peers = peers.clone();
-        let svc = service_fn(move |req| {
+        // Blobs a peer fetches go out by `sendfile`, as to clients.
+        let wire = sendfile::Wire::new(stream);
+        let spans = wire.spans();
+        let svc = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(spans.for_request());
             let peers = peers.clone();
             async move { Ok::<_, std::convert::Infallible>(peers.handle(req).await) }
         });
@@ -316,7 +320,8 @@ async fn serve_peers(listener: TcpListener, peers: Arc<peer::PeerFront>) {
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(15))
                 .max_buf_size(regcache_worker::MAX_CONNECTION_BUFFER)
-                .serve_connection(TokioIo::new(stream), svc);
+                .writev(true)
+                .serve_connection(TokioIo::new(wire), svc);
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "peer connection ended with an error");
             }

@@ -112,7 +112,8 @@ impl PeerFront {
             }
         }
         // Committed content by digest: straight from the disk, as for clients.
-        if let Some(resp) = self.front.local[index].answer(&headers, &r, None).await {
+        let sendfile = req.extensions().get::<crate::sendfile::Spans>();
+        if let Some(resp) = self.front.local[index].answer(&headers, &r, sendfile).await {
             return Ok(resp);
         }
         let worker = &self.front.workers[index];
