@@ -93,6 +93,12 @@ impl Fill {
         }
     }
 
+    /// Failed: it leaves the map in a moment; a new request must not take
+    /// its error but start a fill of its own.
+    pub(super) fn failed(&self) -> bool {
+        matches!(*self.progress.borrow(), Progress::Failed(_))
+    }
+
     /// A reader of this fill's bytes. A fill that is verified and only
     /// waiting for its commit counts as a hit: its bytes are local and checked.
     pub(super) fn attach(&self) -> Reader {

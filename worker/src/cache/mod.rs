@@ -345,8 +345,10 @@ impl Cache {
             .await
     }
 
+    /// The fill in flight for `digest`, unless it has failed.
     fn fill_of(&self, digest: &Digest) -> Option<Arc<Fill>> {
-        self.fills.lock().unwrap().get(digest).cloned()
+        let fill = self.fills.lock().unwrap().get(digest).cloned();
+        fill.filter(|f| !f.failed())
     }
 
     /// May `name` be served `key`? Yes when it was seen to have it upstream
@@ -471,7 +473,11 @@ impl Cache {
             let fill = {
                 let mut fills = self.fills.lock().unwrap();
                 match fills.get(digest) {
-                    Some(f) if !refused.as_ref().is_some_and(|r| Arc::ptr_eq(f, r)) => None,
+                    Some(f)
+                        if !f.failed() && !refused.as_ref().is_some_and(|r| Arc::ptr_eq(f, r)) =>
+                    {
+                        None
+                    }
                     // A fill that started after our look at the store, and
                     // committed and left the map since: the store has it now.
                     _ if self.managed.has_blob(digest) => None,
