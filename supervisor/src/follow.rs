@@ -1,7 +1,8 @@
 //! A blob its worker is still filling, served from the fill's spool file:
-//! the worker sends progress (`regcache_protocol::follow`), the front reads
-//! the bytes from the page cache itself, so no blob byte is relayed over
-//! the worker's socket, and TLS and HTTP/2 clients get the same body.
+//! the worker sends progress (`regcache_protocol::follow`), the front sends
+//! the bytes from the page cache itself (by `sendfile` where the connection
+//! allows, else read here), so no blob byte is relayed over the worker's
+//! socket, and TLS and HTTP/2 clients get the same body.
 
 use std::fs::File;
 use std::io;
