@@ -132,6 +132,23 @@ def start(name, argv, env=None, stdout=None, stderr=None):
     return p
 
 
+def text_layout(binary):
+    """How much of the binary's code link/hot-text.ld placed first: near 0
+    means the file is stale (scripts/order-text) and memory figures suffer."""
+    try:
+        out = subprocess.run(["readelf", "-SW", binary], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        return f"unknown ({e})"
+    size = {}
+    for line in out.splitlines():
+        f = line.split("]", 1)[-1].split()
+        if len(f) > 4 and f[0] in (".text", ".text.hot"):
+            size[f[0]] = int(f[4], 16)
+    hot, rest = size.get(".text.hot", 0), size.get(".text", 0)
+    return (f"{hot // 1024} KiB of {(hot + rest) // 1024} KiB placed first by link/hot-text.ld"
+            f"{'' if hot else ' (none: not a release build, or no function of the file matched)'}")
+
+
 def stop_all():
     for _, p in PROCS:
         if p.poll() is None:
@@ -1431,6 +1448,7 @@ def report(R, images, colds, cond):
         for p, a, b, c, t in rc["rss_now"]))
     out.append("  regcache VmHWM sum (MiB) after each phase: "
                + ", ".join(f"{name} {v:.1f}" for name, v in rc["rss_steps"]))
+    out.append("  regcache code: " + text_layout(REGCACHE))
     busy = cond["others_cpu"] / (cond["wall"] * cond["ncpu"])
     out.append(f"  machine: {cond['ncpu']} cores; load avg {cond['load_start'][0]:.2f} at start, "
                f"{cond['load_end'][0]:.2f} at end; CPU busy before start {cond['idle_probe_busy']:.0%}; "
