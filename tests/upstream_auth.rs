@@ -397,11 +397,9 @@ fn start_regcache(
 ) -> (Regcache, tempfile::TempDir) {
     let storage = temp_dir("regcache-storage-");
     let config = config_for(reg, creds);
-    let rc = if env.is_empty() {
-        Regcache::start(&config, &storage.path().join("storage"))
-    } else {
-        Regcache::start_with_env(&config, &storage.path().join("storage"), env)
-    };
+    // Read-ahead off: these tests follow upstream's requests one by one.
+    let env = [&[("REGCACHE_READ_AHEAD", "0")], env].concat();
+    let rc = Regcache::start_with_env(&config, &storage.path().join("storage"), &env);
     (rc, storage)
 }
 

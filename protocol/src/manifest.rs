@@ -4,7 +4,7 @@
 //! schema 1 lists its layers as `fsLayers[].blobSum`.
 //!
 //! Used to link a repository to the content it was seen to have upstream,
-//! and to keep an image's blobs together.
+//! to keep an image's blobs together, and to fetch small blobs ahead.
 
 use oci_spec::image::{ImageIndex, ImageManifest};
 
@@ -30,6 +30,59 @@ pub struct References {
     pub manifests: Vec<Digest>,
 }
 
+/// A blob an image manifest refers to, with the size it declares.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blob {
+    pub digest: Digest,
+    pub size: u64,
+}
+
+/// The blobs of an image manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Image {
+    pub config: Blob,
+    /// In manifest order.
+    pub layers: Vec<Blob>,
+}
+
+/// `m` as an image manifest (OCI, Docker schema 2, or an artifact of that
+/// shape); `None` for an index, a schema 1 manifest or what does not parse.
+pub fn image_of(m: &Manifest) -> Option<Image> {
+    let mt = m.media_type.as_str();
+    if INDEX_TYPES.contains(&mt) || SCHEMA1_TYPES.contains(&mt) {
+        return None;
+    }
+    parse_image(m).ok()
+}
+
+fn parse_image(m: &Manifest) -> Result<Image, Error> {
+    let image: ImageManifest = serde_json::from_slice(&m.bytes).map_err(|e| m.unreadable(e))?;
+    let blob = |d: &oci_spec::image::Descriptor| -> Result<Blob, Error> {
+        Ok(Blob {
+            digest: d
+                .digest()
+                .to_string()
+                .parse()
+                .map_err(|e| m.unreadable(e))?,
+            size: d.size(),
+        })
+    };
+    Ok(Image {
+        config: blob(image.config())?,
+        layers: image.layers().iter().map(blob).collect::<Result<_, _>>()?,
+    })
+}
+
+impl Manifest {
+    fn unreadable(&self, reason: impl std::fmt::Display) -> Error {
+        Error {
+            digest: self.digest.to_string(),
+            media_type: self.media_type.clone(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("manifest {digest} ({media_type}) cannot be read: {reason}")]
 pub struct Error {
@@ -41,17 +94,9 @@ pub struct Error {
 /// The references of `m`, by its media type (an unknown type is tried as an
 /// image manifest, then as an index: artifacts use both shapes).
 pub fn references(m: &Manifest) -> Result<References, Error> {
-    let fail = |reason: String| Error {
-        digest: m.digest.to_string(),
-        media_type: m.media_type.clone(),
-        reason,
-    };
     let digests = |ds: Vec<String>| -> Result<Vec<Digest>, Error> {
         ds.iter()
-            .map(|d| {
-                d.parse()
-                    .map_err(|e: crate::reference::Error| fail(e.to_string()))
-            })
+            .map(|d| d.parse().map_err(|e| m.unreadable(e)))
             .collect()
     };
     let mt = m.media_type.as_str();
@@ -66,7 +111,7 @@ pub fn references(m: &Manifest) -> Result<References, Error> {
             #[serde(rename = "blobSum")]
             blob_sum: String,
         }
-        let s: Schema1 = serde_json::from_slice(&m.bytes).map_err(|e| fail(e.to_string()))?;
+        let s: Schema1 = serde_json::from_slice(&m.bytes).map_err(|e| m.unreadable(e))?;
         let mut blobs = digests(s.fs_layers.into_iter().map(|l| l.blob_sum).collect())?;
         blobs.sort();
         blobs.dedup();
@@ -76,8 +121,7 @@ pub fn references(m: &Manifest) -> Result<References, Error> {
         });
     }
     let as_index = || -> Result<References, Error> {
-        let index: ImageIndex =
-            serde_json::from_slice(&m.bytes).map_err(|e| fail(e.to_string()))?;
+        let index: ImageIndex = serde_json::from_slice(&m.bytes).map_err(|e| m.unreadable(e))?;
         Ok(References {
             blobs: Vec::new(),
             manifests: digests(
@@ -90,14 +134,10 @@ pub fn references(m: &Manifest) -> Result<References, Error> {
         })
     };
     let as_image = || -> Result<References, Error> {
-        let image: ImageManifest =
-            serde_json::from_slice(&m.bytes).map_err(|e| fail(e.to_string()))?;
-        let all = std::iter::once(image.config())
-            .chain(image.layers())
-            .map(|d| d.digest().to_string())
-            .collect();
+        let image = parse_image(m)?;
+        let all = std::iter::once(image.config).chain(image.layers);
         Ok(References {
-            blobs: digests(all)?,
+            blobs: all.map(|b| b.digest).collect(),
             manifests: Vec::new(),
         })
     };
@@ -147,6 +187,10 @@ mod tests {
         let got: Vec<String> = r.blobs.iter().map(Digest::to_string).collect();
         assert_eq!(got, [d('c'), d('a'), d('b')]);
         assert!(r.manifests.is_empty());
+        let blobs = image_of(&image).unwrap();
+        assert_eq!(blobs.config.digest.to_string(), d('c'));
+        assert_eq!(blobs.layers.len(), 2);
+        assert_eq!(blobs.layers[1].size, 1);
 
         let index = manifest(
             "application/vnd.oci.image.index.v1+json",
@@ -159,12 +203,14 @@ mod tests {
         let r = references(&index).unwrap();
         assert_eq!(r.manifests.len(), 2);
         assert!(r.blobs.is_empty());
+        assert_eq!(image_of(&index), None);
 
         let schema1 = manifest(
             "application/vnd.docker.distribution.manifest.v1+prettyjws",
             serde_json::json!({"schemaVersion": 1, "fsLayers": [{"blobSum": d('e')}, {"blobSum": d('e')}]}),
         );
         assert_eq!(references(&schema1).unwrap().blobs.len(), 1);
+        assert_eq!(image_of(&schema1), None, "schema 1 declares no sizes");
 
         let artifact = manifest(
             "application/vnd.example.thing+json",
@@ -177,5 +223,6 @@ mod tests {
             serde_json::json!({"x": 1}),
         );
         assert!(references(&garbage).is_err());
+        assert_eq!(image_of(&garbage), None);
     }
 }

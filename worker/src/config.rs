@@ -32,6 +32,9 @@ pub struct Settings {
     /// `REGCACHE_RECORD_USE` (default true): record last use for LRU and
     /// expiry (false only to measure what the bookkeeping costs).
     pub record_use: bool,
+    /// `REGCACHE_READ_AHEAD` (default 1MiB; 0: off): the largest blob of a
+    /// cold pull fetched before the client asks for it.
+    pub read_ahead: u64,
     /// The other replicas of this cluster (`REGCACHE_PEERS`), if any.
     pub peers: Option<crate::peers::PeerSettings>,
 }
@@ -119,6 +122,17 @@ pub fn policy_from(
         min_free,
         ttl: (!ttl.is_zero()).then_some(ttl),
     })
+}
+
+/// `REGCACHE_READ_AHEAD`: a size (`0` turns read-ahead off).
+pub fn read_ahead_from(env: &impl Fn(&str) -> Option<String>) -> Result<u64, Error> {
+    match env("REGCACHE_READ_AHEAD").filter(|v| !v.trim().is_empty()) {
+        None => Ok(crate::cache::READ_AHEAD_DEFAULT),
+        Some(v) => regcache_store::policy::parse_size(&v).map_err(|why| Error::Policy {
+            var: "REGCACHE_READ_AHEAD",
+            why,
+        }),
+    }
 }
 
 /// `REGCACHE_RECORD_USE`: true unless set to false.
@@ -399,6 +413,7 @@ impl Settings {
                 Some("false" | "0" | "no")
             ),
             record_use: record_use_from(&env),
+            read_ahead: read_ahead_from(&env)?,
             peers: peers_from(&env, &dir)?,
         })
     }
@@ -413,6 +428,7 @@ pub fn check_env(env: &impl Fn(&str) -> Option<String>) -> Result<(), Error> {
     UpstreamOptions::from_env(env)?;
     policy_from(env)?;
     tag_rules_from(env)?;
+    read_ahead_from(env)?;
     peers_from(env, "check")?;
     for var in ["REGCACHE_CACHE_MANIFESTS", "REGCACHE_RECORD_USE"] {
         if env(var).is_some() {
@@ -567,7 +583,14 @@ mod tests {
         );
         assert!(s.policy.is_unlimited());
         assert!(s.cache_manifests && s.record_use);
+        assert_eq!(s.read_ahead, 1 << 20);
         assert_eq!(s.drain_timeout, DEFAULT_DRAIN);
+        for (v, want) in [("0", Some(0)), ("256KiB", Some(256 << 10)), ("lots", None)] {
+            let env: HashMap<&str, String> = [("REGCACHE_READ_AHEAD", v.to_string())].into();
+            let got = read_ahead_from(&|k| env.get(k).cloned());
+            assert_eq!(got.ok(), want, "{v}");
+            assert_eq!(check_env(&|k| env.get(k).cloned()).is_ok(), want.is_some());
+        }
         let gcs: HashMap<&str, String> = [("REGISTRY_STORAGE", "gcs".to_string())].into();
         let e = Settings::from_env("https://ghcr.io", "/c".into(), |k| gcs.get(k).cloned());
         assert!(matches!(e, Err(Error::Driver(_))));

@@ -130,6 +130,7 @@ impl Worker {
             tags: settings.tag_rules.clone(),
             cache_manifests: settings.cache_manifests,
             record_use: settings.record_use,
+            read_ahead: settings.read_ahead,
         };
         let peers = match &settings.peers {
             Some(p) => {

@@ -36,6 +36,7 @@ pub struct Metrics {
     pub fill_resumes: IntCounter,
     pub fills_followed: IntCounter,
     pub fills_from_store: IntCounter,
+    pub read_ahead: IntCounter,
     pub store_degraded: IntGauge,
     pub store_backfill: IntGauge,
     pub store_remote_errors: IntGauge,
@@ -180,6 +181,10 @@ impl Metrics {
                 "regcache_fills_from_store_total",
                 "Blob fills of the local tier from the shared store (S3) instead of upstream.",
             ),
+            read_ahead: single(
+                "regcache_read_ahead_total",
+                "Small blobs fetched ahead of a client's request (REGCACHE_READ_AHEAD).",
+            ),
             upstream_refused: single(
                 "regcache_upstream_refused_total",
                 "Requests not sent upstream because it is taken to be away (breaker, Retry-After, offline).",
@@ -257,6 +262,7 @@ impl Metrics {
                 Box::new(m.fill_failures.clone()),
                 Box::new(m.fill_resumes.clone()),
                 Box::new(m.fills_from_store.clone()),
+                Box::new(m.read_ahead.clone()),
                 Box::new(m.store_degraded.clone()),
                 Box::new(m.store_backfill.clone()),
                 Box::new(m.store_remote_errors.clone()),

@@ -12,6 +12,8 @@
 //!   answer, the cached digest is served (stale).
 //! - Fetched manifests and tag records are stored after the answer
 //!   ([`write_behind`]), and answered from memory until they are.
+//! - A cold pull's small blobs are fetched before the client asks for them
+//!   ([`read_ahead`]).
 //!
 //! A store that fails to read is treated as a miss (logged), and a corrupt
 //! stored manifest is removed and fetched again: a broken disk costs upstream
@@ -19,7 +21,10 @@
 
 mod direct;
 mod fill;
+mod read_ahead;
 mod write_behind;
+
+pub use read_ahead::DEFAULT_MAX as READ_AHEAD_DEFAULT;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -36,6 +41,7 @@ use regcache_store::{BlobReader, Key, Managed, SpoolDir, Store, TagRecord, Touch
 
 use fill::Fill;
 pub use fill::Reader;
+use read_ahead::ReadAhead;
 use write_behind::WriteBehind;
 
 use crate::flights::Flights;
@@ -154,6 +160,8 @@ pub struct Options {
     pub cache_manifests: bool,
     /// False: last use is not recorded (LRU and expiry see store times).
     pub record_use: bool,
+    /// The largest blob fetched ahead of a client (0: none).
+    pub read_ahead: u64,
 }
 
 impl Options {
@@ -164,6 +172,7 @@ impl Options {
             tags: TagRules::uniform(freshness),
             cache_manifests: true,
             record_use: true,
+            read_ahead: READ_AHEAD_DEFAULT,
         }
     }
 }
@@ -190,6 +199,7 @@ pub struct Cache {
     bypass: Mutex<HashMap<Digest, (Option<u64>, std::time::Instant)>>,
     /// The other replicas of the cluster, if any.
     peers: Option<Arc<Peers>>,
+    ahead: ReadAhead,
 }
 
 impl Cache {
@@ -208,12 +218,13 @@ impl Cache {
             spools,
             upstream: Arc::new(upstream),
             fills: Arc::default(),
-            options,
             metrics,
             fill_tasks: tokio_util::task::TaskTracker::new(),
             manifests: Flights::default(),
             bypass: Mutex::default(),
             peers: None,
+            ahead: ReadAhead::new(options.read_ahead),
+            options,
         }
     }
 
@@ -404,12 +415,44 @@ impl Cache {
     /// A fill started for another repository that upstream refused (404,
     /// 401, 403) says nothing about `name`: it gets a fill of its own.
     #[cfg(test)]
-    pub async fn blob(&self, name: &Name, digest: &Digest) -> Result<Blob, Error> {
+    pub async fn blob(self: &Arc<Self>, name: &Name, digest: &Digest) -> Result<Blob, Error> {
         self.blob_for(name, digest, Via::Client).await
     }
 
-    /// [`Cache::blob`], for `via`: a miss a peer owns is filled from it.
-    pub async fn blob_for(&self, name: &Name, digest: &Digest, via: Via) -> Result<Blob, Error> {
+    /// [`Cache::blob`], for `via`: a miss a peer owns is filled from it. A
+    /// client's first layer of a cold image fetches its other small layers.
+    pub async fn blob_for(
+        self: &Arc<Self>,
+        name: &Name,
+        digest: &Digest,
+        via: Via,
+    ) -> Result<Blob, Error> {
+        if via == Via::Client {
+            self.fetch_ahead(name, self.ahead.blob(name, digest));
+        }
+        self.find_blob(name, digest, via).await
+    }
+
+    /// Starts fills of those of `digests` that are neither stored, nor
+    /// being fetched, nor passed through; each runs on without a reader.
+    fn fetch_ahead(self: &Arc<Self>, name: &Name, digests: Vec<Digest>) {
+        for digest in digests {
+            let known = self.managed.has_blob(&digest) || self.fill_of(&digest).is_some();
+            if known || self.bypassing(&digest).is_some() {
+                continue;
+            }
+            self.metrics.read_ahead.inc();
+            let (cache, name) = (self.clone(), name.clone());
+            self.fill_tasks.spawn(async move {
+                if let Err(e) = cache.find_blob(&name, &digest, Via::Client).await {
+                    tracing::debug!(%name, %digest, error = %e, "read-ahead failed");
+                }
+            });
+        }
+    }
+
+    /// The blob, from a fill in flight, the store, or a new fill.
+    async fn find_blob(&self, name: &Name, digest: &Digest, via: Via) -> Result<Blob, Error> {
         let key = Key::Blob(digest.clone());
         let mut refused: Option<Arc<Fill>> = None;
         loop {
@@ -623,6 +666,22 @@ impl Cache {
     /// [`Cache::manifest`], for `via`: a miss or a revalidation a peer owns
     /// is asked of it.
     pub async fn manifest_for(
+        self: &Arc<Self>,
+        name: &Name,
+        reference: &Reference,
+        via: Via,
+    ) -> Result<(Manifest, Outcome), Error> {
+        let found = self.find_manifest(name, reference, via).await?;
+        if found.1 == Outcome::Miss && via == Via::Client {
+            if let Some(image) = regcache_protocol::manifest::image_of(&found.0) {
+                let config = self.ahead.manifest(name, &image);
+                self.fetch_ahead(name, config.into_iter().collect());
+            }
+        }
+        Ok(found)
+    }
+
+    async fn find_manifest(
         self: &Arc<Self>,
         name: &Name,
         reference: &Reference,

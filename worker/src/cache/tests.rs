@@ -482,6 +482,7 @@ async fn tag_rules_revalidate_every_time_or_pass_through_storing_nothing() {
         tags: rules,
         cache_manifests: true,
         record_use: true,
+        read_ahead: 0,
     };
     let h = harness_with(options, Policy::default());
     let img = h.fake.add_image("org/app", "latest", &[100]);
@@ -510,6 +511,7 @@ async fn tag_rules_revalidate_every_time_or_pass_through_storing_nothing() {
                 .unwrap(),
             cache_manifests: true,
             record_use: true,
+            read_ahead: 0,
         },
         Policy::default(),
     );
@@ -566,4 +568,81 @@ async fn without_manifest_caching_manifests_pass_through_and_blobs_are_still_cac
         .unwrap();
     h.cache.drain_fills_for_tests().await;
     assert_eq!(h.cache.usage().await.unwrap().blobs, 1);
+}
+
+/// A cache that fetches blobs up to 10,000 bytes ahead, and an image of two
+/// small layers and a big one.
+fn read_ahead_harness(read_ahead: u64) -> (Harness, regcache_testkit::ImageParts) {
+    let options = super::Options {
+        read_ahead,
+        ..super::Options::uniform(Duration::from_secs(60))
+    };
+    let h = harness_with(options, Policy::default());
+    let img = h.fake.add_image("org/app", "1", &[3000, 50_000, 2000]);
+    (h, img)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_pull_fetches_its_config_at_once_and_small_layers_on_the_first_layer() {
+    let (h, img) = read_ahead_harness(10_000);
+    let n = name("org/app");
+    let path = |d: &str| format!("/v2/org/app/blobs/{d}");
+    let (config, layers) = (path(&img.config_digest), img.layer_digests.clone());
+    let tag = Reference::Tag("1".parse().unwrap());
+    assert_eq!(h.cache.manifest(&n, &tag).await.unwrap().1, Outcome::Miss);
+    assert!(
+        h.fake.wait_count("GET", &config, 1, Duration::from_secs(5)),
+        "the config was not fetched ahead: {}",
+        h.fake.describe_requests()
+    );
+    // No layer before the client asks for one: it may only be inspecting.
+    assert!(layers.iter().all(|l| h.fake.count("GET", &path(l)) == 0));
+
+    // The big layer first: the small ones, not asked for yet, come too.
+    let big: Digest = layers[1].parse().unwrap();
+    read_all(h.cache.blob(&n, &big).await.unwrap())
+        .await
+        .unwrap();
+    for small in [&layers[0], &layers[2]] {
+        assert!(
+            h.fake
+                .wait_count("GET", &path(small), 1, Duration::from_secs(5)),
+            "{}",
+            h.fake.describe_requests()
+        );
+    }
+    h.cache.drain_fills_for_tests().await;
+    for d in [&layers[0], &layers[2], &img.config_digest] {
+        let blob = h.cache.blob(&n, &d.parse().unwrap()).await.unwrap();
+        assert_eq!(blob.outcome, Outcome::Hit, "{d}");
+        let got = read_all(blob).await.unwrap();
+        assert_eq!(regcache_testkit::sha256_digest(&got), *d);
+    }
+    // Each fetched once, by the read-ahead or the client, never twice.
+    for l in &layers {
+        assert_eq!(h.fake.count("GET", &path(l)), 1, "{l}");
+    }
+    assert_eq!(h.fake.count("GET", &config), 1);
+    assert_eq!(h.cache.metrics.read_ahead.get(), 3);
+}
+
+#[tokio::test]
+async fn read_ahead_off_fetches_only_what_is_asked() {
+    let (h, img) = read_ahead_harness(0);
+    let n = name("org/app");
+    let tag = Reference::Tag("1".parse().unwrap());
+    h.cache.manifest(&n, &tag).await.unwrap();
+    let first: Digest = img.layer_digests[0].parse().unwrap();
+    read_all(h.cache.blob(&n, &first).await.unwrap())
+        .await
+        .unwrap();
+    h.cache.drain_fills().await;
+    let blob_gets = h
+        .fake
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path.contains("/blobs/"))
+        .count();
+    assert_eq!(blob_gets, 1, "{}", h.fake.describe_requests());
+    assert_eq!(h.cache.metrics.read_ahead.get(), 0);
 }
