@@ -544,12 +544,8 @@ fn metrics_follow_pulls_per_upstream() {
         "blob requests after a cold pull"
     );
     assert!(
-        req(&m1, "blob", "miss", &ua) >= 1.0,
-        "the first layer's request must be a miss: only then are layers fetched ahead"
-    );
-    assert!(
         m1.count("regcache_read_ahead_total", &[("upstream", &ua)]) >= 1.0,
-        "the config is fetched ahead with its manifest"
+        "small blobs are fetched ahead with their manifest"
     );
     assert!(
         req(&m1, "manifest", "miss", &ua) >= 1.0,

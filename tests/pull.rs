@@ -860,9 +860,7 @@ fn assert_config_message(label: &str, mode: &str, stderr: &str, item: Option<usi
 #[test]
 fn tags_list_is_forwarded_and_falls_back_to_cached_tags() {
     let mut up = Upstream::start();
-    for tag in ["1", "2", "3"] {
-        seed_image(&up, "org/tagged", tag, &[1_000]);
-    }
+    let seeded = ["1", "2", "3"].map(|tag| seed_image(&up, "org/tagged", tag, &[1_000]));
     let storage_parent = temp_dir("regcache-tags-");
     let rc = Regcache::start(
         &config_json(&[(&up.url(), &["upstream.test"])]),
@@ -876,6 +874,14 @@ fn tags_list_is_forwarded_and_falls_back_to_cached_tags() {
 
     let r = get(rc.addr(), "/v2/upstream.test/org/tagged/manifests/2");
     assert_eq!(r.status, 200, "{}", r.describe());
+    // The rest of the pull, so that no fetch ahead of it is left to fail.
+    for d in seeded[1].image.blob_digests() {
+        let b = get(
+            rc.addr(),
+            &format!("/v2/upstream.test/org/tagged/blobs/{d}"),
+        );
+        assert_eq!(b.status, 200, "{}", b.describe());
+    }
     up.stop();
     let cached = get(rc.addr(), "/v2/upstream.test/org/tagged/tags/list");
     assert_eq!(cached.status, 200, "{}", cached.describe());

@@ -33,7 +33,7 @@ pub struct Settings {
     /// expiry (false only to measure what the bookkeeping costs).
     pub record_use: bool,
     /// `REGCACHE_READ_AHEAD` (default 1MiB; 0: off): the largest blob of a
-    /// cold pull fetched before the client asks for it.
+    /// cold image manifest fetched with it, before the client asks.
     pub read_ahead: u64,
     /// The other replicas of this cluster (`REGCACHE_PEERS`), if any.
     pub peers: Option<crate::peers::PeerSettings>,

@@ -134,7 +134,7 @@ async fn blob_head(cache: &Cache, headers: &HeaderMap, r: &RepoRequest, digest: 
 }
 
 async fn blob_get(
-    cache: &Arc<Cache>,
+    cache: &Cache,
     headers: &HeaderMap,
     r: &RepoRequest,
     digest: &Digest,

@@ -415,44 +415,12 @@ impl Cache {
     /// A fill started for another repository that upstream refused (404,
     /// 401, 403) says nothing about `name`: it gets a fill of its own.
     #[cfg(test)]
-    pub async fn blob(self: &Arc<Self>, name: &Name, digest: &Digest) -> Result<Blob, Error> {
+    pub async fn blob(&self, name: &Name, digest: &Digest) -> Result<Blob, Error> {
         self.blob_for(name, digest, Via::Client).await
     }
 
-    /// [`Cache::blob`], for `via`: a miss a peer owns is filled from it. A
-    /// client's first layer of a cold image fetches its other small layers.
-    pub async fn blob_for(
-        self: &Arc<Self>,
-        name: &Name,
-        digest: &Digest,
-        via: Via,
-    ) -> Result<Blob, Error> {
-        if via == Via::Client {
-            self.fetch_ahead(name, self.ahead.blob(name, digest));
-        }
-        self.find_blob(name, digest, via).await
-    }
-
-    /// Starts fills of those of `digests` that are neither stored, nor
-    /// being fetched, nor passed through; each runs on without a reader.
-    fn fetch_ahead(self: &Arc<Self>, name: &Name, digests: Vec<Digest>) {
-        for digest in digests {
-            let known = self.managed.has_blob(&digest) || self.fill_of(&digest).is_some();
-            if known || self.bypassing(&digest).is_some() {
-                continue;
-            }
-            self.metrics.read_ahead.inc();
-            let (cache, name) = (self.clone(), name.clone());
-            self.fill_tasks.spawn(async move {
-                if let Err(e) = cache.find_blob(&name, &digest, Via::Client).await {
-                    tracing::debug!(%name, %digest, error = %e, "read-ahead failed");
-                }
-            });
-        }
-    }
-
-    /// The blob, from a fill in flight, the store, or a new fill.
-    async fn find_blob(&self, name: &Name, digest: &Digest, via: Via) -> Result<Blob, Error> {
+    /// [`Cache::blob`], for `via`: a miss a peer owns is filled from it.
+    pub async fn blob_for(&self, name: &Name, digest: &Digest, via: Via) -> Result<Blob, Error> {
         let key = Key::Blob(digest.clone());
         let mut refused: Option<Arc<Fill>> = None;
         loop {
@@ -601,6 +569,24 @@ impl Cache {
             }));
     }
 
+    /// Starts fills of those of `digests` that are neither stored, nor
+    /// being fetched, nor passed through; each runs on without a reader.
+    fn fetch_ahead(self: &Arc<Self>, name: &Name, digests: Vec<Digest>) {
+        for digest in digests {
+            let known = self.managed.has_blob(&digest) || self.fill_of(&digest).is_some();
+            if known || self.bypassing(&digest).is_some() {
+                continue;
+            }
+            self.metrics.read_ahead.inc();
+            let (cache, name) = (self.clone(), name.clone());
+            self.fill_tasks.spawn(async move {
+                if let Err(e) = cache.blob_for(&name, &digest, Via::Client).await {
+                    tracing::debug!(%name, %digest, error = %e, "read-ahead failed");
+                }
+            });
+        }
+    }
+
     /// A blob's size for HEAD, without downloading it: from a fill in
     /// flight, the store, or an upstream HEAD (each once `name` may have it).
     pub async fn blob_size(
@@ -673,10 +659,7 @@ impl Cache {
     ) -> Result<(Manifest, Outcome), Error> {
         let found = self.find_manifest(name, reference, via).await?;
         if found.1 == Outcome::Miss && via == Via::Client {
-            if let Some(image) = regcache_protocol::manifest::image_of(&found.0) {
-                let config = self.ahead.manifest(name, &image);
-                self.fetch_ahead(name, config.into_iter().collect());
-            }
+            self.fetch_ahead(name, self.ahead.manifest(name, &found.0));
         }
         Ok(found)
     }

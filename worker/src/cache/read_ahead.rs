@@ -1,105 +1,118 @@
 //! Which small blobs to fetch before a client asks for them, so that a cold
-//! pull pays its small blobs' round trips to upstream at once, not one
-//! after another.
+//! pull pays its small blobs' round trips to upstream together with its
+//! manifest's, not one after another.
 //!
-//! A client that GETs an image manifest GETs its config next (docker,
-//! containerd, skopeo, podman; containerd 2.1 does so for every child of an
-//! index), so a cold manifest's config is fetched at once. Its layers only
-//! once the client asks for one of them: then it is pulling this image, not
-//! inspecting it or choosing among the platforms of an index. Only blobs up
-//! to a size (`REGCACHE_READ_AHEAD`, 1 MiB by default, about what one round
-//! trip costs on a fast link): for a larger blob the round trip is small
-//! beside its bytes, and a wrong guess would cost more.
+//! A client that GETs an image manifest GETs its config and layers next, so
+//! a cold manifest's small blobs are fetched at once. Only blobs up to a
+//! size (`REGCACHE_READ_AHEAD`, 1 MiB by default, about what one round trip
+//! costs on a fast link): a larger blob's round trip is small beside its
+//! bytes, and a client that only inspects the image costs that much at most.
+//! One exception: containerd 2.1 reads the manifest and config of every
+//! platform of an index and the layers of one, so once a second child of
+//! one index is asked for, its children get their config only.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use regcache_protocol::manifest::Image;
-use regcache_protocol::{Digest, Name};
+use regcache_protocol::manifest::{self, Image};
+use regcache_protocol::{Digest, Manifest, Name};
 
-/// Cold manifests whose layers wait for the client's first layer request,
-/// at most (the oldest is forgotten first): a pull asks for a layer soon
-/// after its manifest.
-const PENDING_MAX: usize = 16;
-/// Layers of one image looked at, at most (Docker builds at most 127).
-const LAYERS_MAX: usize = 128;
+/// Cold indexes remembered, at most (the oldest is forgotten first): a pull
+/// asks for a child soon after its index.
+const INDEXES_MAX: usize = 16;
+/// Children of one index remembered, and blobs of one image fetched ahead,
+/// at most.
+const ENTRIES_MAX: usize = 128;
 
 /// The default `REGCACHE_READ_AHEAD`.
 pub const DEFAULT_MAX: u64 = 1 << 20;
 
-/// What is fetched ahead, and the cold images whose layers may be.
+/// What is fetched ahead, and the cold indexes whose children may be.
 #[derive(Debug)]
 pub(super) struct ReadAhead {
     /// The largest blob fetched ahead (0: none).
     max: u64,
-    pending: Mutex<VecDeque<Pending>>,
+    indexes: Mutex<VecDeque<Index>>,
 }
 
-/// A cold image manifest of `name`: its layers, and which are small.
+/// A cold index of `name`: its children, and whether one was asked for.
 #[derive(Debug)]
-struct Pending {
+struct Index {
     name: Name,
-    layers: Vec<Digest>,
-    small: Vec<Digest>,
+    children: Vec<Digest>,
+    taken: bool,
 }
 
 impl ReadAhead {
     pub(super) fn new(max: u64) -> ReadAhead {
         ReadAhead {
             max,
-            pending: Mutex::default(),
+            indexes: Mutex::default(),
         }
     }
 
-    /// `image`, a manifest of `name` fetched from upstream for a client:
-    /// the blob to fetch now (its config, when small). Its small layers
-    /// wait for [`ReadAhead::blob`].
-    pub(super) fn manifest(&self, name: &Name, image: &Image) -> Option<Digest> {
+    /// `m`, a manifest of `name` just fetched from upstream for a client:
+    /// the blobs to fetch now.
+    pub(super) fn manifest(&self, name: &Name, m: &Manifest) -> Vec<Digest> {
         if self.max == 0 {
-            return None;
+            return Vec::new();
         }
-        let layers = &image.layers[..image.layers.len().min(LAYERS_MAX)];
-        let small: Vec<Digest> = layers
-            .iter()
-            .filter(|l| l.size <= self.max && l.digest != image.config.digest)
-            .map(|l| l.digest.clone())
-            .collect();
-        // A lone layer's own request is its fetch.
-        if !small.is_empty() && layers.len() > 1 {
-            let mut pending = self.pending.lock().unwrap();
-            if pending.len() == PENDING_MAX {
-                pending.pop_front();
+        match manifest::image_of(m) {
+            Some(image) => self.blobs(&image, self.first_child(name, &m.digest)),
+            None => {
+                if let Ok(refs) = manifest::references(m) {
+                    self.remember(name, refs.manifests);
+                }
+                Vec::new()
             }
-            pending.push_back(Pending {
-                name: name.clone(),
-                layers: layers.iter().map(|l| l.digest.clone()).collect(),
-                small,
-            });
         }
-        (image.config.size <= self.max).then(|| image.config.digest.clone())
     }
 
-    /// A client asked for blob `digest` of `name`: if it is a layer of a
-    /// cold image (the latest, when several share it), that image's other
-    /// small layers, once.
-    pub(super) fn blob(&self, name: &Name, digest: &Digest) -> Vec<Digest> {
-        let mut pending = self.pending.lock().unwrap();
-        let Some(at) = pending
-            .iter()
-            .rposition(|p| p.name == *name && p.layers.contains(digest))
-        else {
-            return Vec::new();
-        };
-        let mut small = pending.remove(at).expect("found above").small;
-        small.retain(|l| l != digest);
+    /// The small blobs of `image`: config first, then the layers if asked.
+    fn blobs(&self, image: &Image, layers: bool) -> Vec<Digest> {
+        let layers = image.layers.iter().filter(|_| layers);
+        let mut small: Vec<Digest> = Vec::new();
+        for b in std::iter::once(&image.config).chain(layers) {
+            if b.size <= self.max && !small.contains(&b.digest) && small.len() < ENTRIES_MAX {
+                small.push(b.digest.clone());
+            }
+        }
         small
+    }
+
+    /// Is `digest` the first child asked for of a cold index of `name`
+    /// (or a child of none)?
+    fn first_child(&self, name: &Name, digest: &Digest) -> bool {
+        let mut indexes = self.indexes.lock().unwrap();
+        let index = indexes
+            .iter_mut()
+            .rev()
+            .find(|i| i.name == *name && i.children.contains(digest));
+        index.is_none_or(|i| !std::mem::replace(&mut i.taken, true))
+    }
+
+    fn remember(&self, name: &Name, mut children: Vec<Digest>) {
+        if children.is_empty() {
+            return;
+        }
+        children.truncate(ENTRIES_MAX);
+        let mut indexes = self.indexes.lock().unwrap();
+        if indexes.len() == INDEXES_MAX {
+            indexes.pop_front();
+        }
+        indexes.push_back(Index {
+            name: name.clone(),
+            children,
+            taken: false,
+        });
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use regcache_protocol::manifest::Blob;
+    use bytes::Bytes;
+    use regcache_protocol::Algorithm;
 
     fn d(c: char) -> Digest {
         format!("sha256:{}", c.to_string().repeat(64))
@@ -107,17 +120,36 @@ mod tests {
             .unwrap()
     }
 
-    fn image(config: u64, layers: &[(char, u64)]) -> Image {
-        Image {
-            config: Blob {
-                digest: d('c'),
-                size: config,
-            },
-            layers: layers
-                .iter()
-                .map(|&(c, size)| Blob { digest: d(c), size })
-                .collect(),
+    fn manifest(json: serde_json::Value) -> Manifest {
+        let bytes = Bytes::from(json.to_string());
+        Manifest {
+            media_type: json["mediaType"].as_str().unwrap().into(),
+            digest: Digest::of(Algorithm::Sha256, &bytes),
+            bytes,
         }
+    }
+
+    fn desc(digest: Digest, size: u64) -> serde_json::Value {
+        serde_json::json!({"mediaType": "x/y", "size": size, "digest": digest.to_string()})
+    }
+
+    /// An image of config `c` (500 bytes) and `layers`, told apart by `tag`.
+    fn image(tag: &str, layers: &[(char, u64)]) -> Manifest {
+        manifest(serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": desc(d('c'), 500),
+            "layers": layers.iter().map(|&(c, s)| desc(d(c), s)).collect::<Vec<_>>(),
+            "annotations": {"tag": tag},
+        }))
+    }
+
+    fn index(children: &[&Manifest]) -> Manifest {
+        manifest(serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": children.iter().map(|m| desc(m.digest.clone(), 1)).collect::<Vec<_>>(),
+        }))
     }
 
     fn name(s: &str) -> Name {
@@ -125,48 +157,52 @@ mod tests {
     }
 
     #[test]
-    fn the_config_at_once_the_small_layers_on_the_first_layer_request() {
+    fn a_cold_image_fetches_its_small_blobs_config_first() {
         let ahead = ReadAhead::new(1000);
-        let img = image(500, &[('a', 1000), ('b', 2000), ('e', 10)]);
-        assert_eq!(ahead.manifest(&name("org/app"), &img), Some(d('c')));
-        // The config request is no sign of a pull; another repository's
-        // request is not this pull.
-        assert!(ahead.blob(&name("org/app"), &d('c')).is_empty());
-        assert!(ahead.blob(&name("org/other"), &d('a')).is_empty());
-        assert_eq!(ahead.blob(&name("org/app"), &d('a')), [d('e')]);
-        // Once only.
-        assert!(ahead.blob(&name("org/app"), &d('e')).is_empty());
-
-        // A big layer's request starts the small ones too.
-        ahead.manifest(&name("org/app"), &image(5, &[('b', 2000), ('e', 10)]));
-        assert_eq!(ahead.blob(&name("org/app"), &d('b')), [d('e')]);
+        let m = image("1", &[('a', 1000), ('b', 2000), ('e', 10), ('a', 1000)]);
+        assert_eq!(
+            ahead.manifest(&name("org/app"), &m),
+            [d('c'), d('a'), d('e')]
+        );
+        let big_config = ReadAhead::new(100);
+        assert_eq!(big_config.manifest(&name("org/app"), &m), [d('e')]);
     }
 
     #[test]
-    fn nothing_when_off_or_too_big_or_alone() {
-        let off = ReadAhead::new(0);
-        let img = image(5, &[('a', 10), ('e', 10)]);
-        assert_eq!(off.manifest(&name("org/app"), &img), None);
-        assert!(off.blob(&name("org/app"), &d('a')).is_empty());
-
-        let ahead = ReadAhead::new(100);
-        assert_eq!(ahead.manifest(&name("org/app"), &image(101, &[])), None);
-        // A lone layer's request is its fetch; big layers wait for theirs.
-        ahead.manifest(&name("org/app"), &image(5, &[('a', 10)]));
-        ahead.manifest(&name("org/app"), &image(5, &[('b', 500), ('e', 500)]));
-        assert!(ahead.pending.lock().unwrap().is_empty());
+    fn nothing_when_off_or_for_an_index_itself() {
+        let m = image("1", &[('a', 10)]);
+        assert!(ReadAhead::new(0).manifest(&name("org/app"), &m).is_empty());
+        let ahead = ReadAhead::new(1000);
+        assert!(ahead.manifest(&name("org/app"), &index(&[&m])).is_empty());
     }
 
     #[test]
-    fn a_shared_layer_starts_the_latest_image_and_memory_is_bounded() {
-        let ahead = ReadAhead::new(100);
-        ahead.manifest(&name("org/app"), &image(5, &[('a', 10), ('1', 10)]));
-        ahead.manifest(&name("org/app"), &image(5, &[('a', 10), ('2', 10)]));
-        assert_eq!(ahead.blob(&name("org/app"), &d('a')), [d('2')]);
-        assert_eq!(ahead.blob(&name("org/app"), &d('a')), [d('1')]);
-        for _ in 0..PENDING_MAX + 10 {
-            ahead.manifest(&name("org/app"), &image(5, &[('a', 10), ('1', 10)]));
+    fn a_second_child_of_one_index_gets_its_config_only() {
+        let ahead = ReadAhead::new(1000);
+        let (amd, arm) = (image("amd64", &[('a', 10)]), image("arm64", &[('b', 10)]));
+        let n = name("org/app");
+        ahead.manifest(&n, &index(&[&amd, &arm]));
+        // Another repository's index is another pull.
+        ahead.manifest(&name("org/other"), &index(&[&amd, &arm]));
+        assert_eq!(ahead.manifest(&n, &arm), [d('c'), d('b')]);
+        assert_eq!(ahead.manifest(&n, &amd), [d('c')]);
+        assert_eq!(ahead.manifest(&name("org/other"), &amd), [d('c'), d('a')]);
+    }
+
+    #[test]
+    fn memory_is_bounded() {
+        let ahead = ReadAhead::new(1000);
+        let child = image("1", &[('a', 10)]);
+        let many: Vec<Manifest> = (0..ENTRIES_MAX + 5)
+            .map(|i| image(&i.to_string(), &[]))
+            .collect();
+        let big = index(&many.iter().collect::<Vec<_>>());
+        for _ in 0..INDEXES_MAX + 3 {
+            ahead.manifest(&name("org/app"), &big);
         }
-        assert_eq!(ahead.pending.lock().unwrap().len(), PENDING_MAX);
+        ahead.manifest(&name("org/app"), &index(&[&child]));
+        let indexes = ahead.indexes.lock().unwrap();
+        assert_eq!(indexes.len(), INDEXES_MAX);
+        assert!(indexes.iter().all(|i| i.children.len() <= ENTRIES_MAX));
     }
 }
