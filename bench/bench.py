@@ -50,6 +50,9 @@ def env_int(name, default, lo, hi):
 BLOB_MIB = env_int("BENCH_BLOB_MIB", 256, 1, 4096)
 COLD_MIB = env_int("BENCH_COLD_MIB", BLOB_MIB, 1, 4096)
 PASSES = env_int("BENCH_PASSES", 3, 1, 20)
+# A small pull takes ~50 ms, where one scheduling hiccup of a 2-core machine
+# is 10-20 ms: more passes, at ~1 s each.
+SMALL_PASSES = env_int("BENCH_SMALL_PASSES", 7, 1, 50)
 WRK_SECONDS = env_int("BENCH_WRK_SECONDS", 5, 1, 60)
 WRK_THREADS = env_int("BENCH_WRK_THREADS", 2, 1, 64)
 WRK_CONNS = env_int("BENCH_WRK_CONNS", 32, 1, 1024)
@@ -1050,7 +1053,7 @@ def main():
     colds = [layout.image(f"c{i + 1}", [COLD_MIB * MIB]) for i in range(PASSES)]
     smalls = {kind: [layout.index(f"{t}{i + 1}", [200_000]) if "index" in kind
                      else layout.image(f"{t}{i + 1}", [20_000] if "one layer" in kind else [200_000, 20_000])
-                     for i in range(PASSES)]
+                     for i in range(SMALL_PASSES)]
               for kind, _, _, t in SMALL_KINDS}
 
     up_root = os.path.join(WORK, "upstream-data")
@@ -1065,9 +1068,10 @@ def main():
             push(layout, im["tag"], repo)
     for im in images:
         manifest_check(f"http://127.0.0.1:{P_UP}/v2/{REPO}/manifests/{im['tag']}", im["manifest"])
-    start_registry("upstream-rc", P_UP_RC, up_root)
-    start_registry("upstream-r2", P_UP_R2, up_root)
-    start_registry("upstream-nx", P_UP_NX, up_root)
+    # Each cache's own upstream front, whose CPU the cold GETs count.
+    ups = {"regcache": start_registry("upstream-rc", P_UP_RC, up_root).pid,
+           "registry2": start_registry("upstream-r2", P_UP_R2, up_root).pid,
+           "nginx-cache": start_registry("upstream-nx", P_UP_NX, up_root).pid}
 
     # --- services -----------------------------------------------------------
     log("starting regcache, registry:2 proxy, nginx proxy_cache, nginx static")
@@ -1088,13 +1092,14 @@ def main():
     R = {"direct": {}, "nginx": {}, "regcache": {}, "registry2": {}, "nginx-cache": {}}
     for k in CACHES:
         R[k].update(cold=[], warm=[], warm_reqs=[], warm_desc="", fetches=[], heads=[], cold_reqs=[],
-                    ttfb=[], cold_done=[], cold_errors=[], small={kind: [] for kind, _, _, _ in SMALL_KINDS},
+                    ttfb=[], cold_done=[], cold_errors=[], cold_cpu=[], small={kind: [] for kind, _, _, _ in SMALL_KINDS},
                     small_reqs={kind: [] for kind, _, _, _ in SMALL_KINDS})
     R["direct"]["pull"] = []
     R["direct"]["small"] = {kind: [] for kind, _, _, _ in SMALL_KINDS}
     rss_steps = [("started", tree_hwm_mib(rc.pid))]
     R["nginx"]["ttfb"] = []
     R["nginx"]["cold_done"] = []
+    R["nginx"]["cold_cpu"] = []
     last_tag_fetch = {}
 
     # --- pulls: direct, cold and warm through each cache ----------------------
@@ -1122,11 +1127,17 @@ def main():
     # --- cold pulls of small images: round trips, not bandwidth ---------------
     log("cold pulls of small images: " + ", ".join(kind for kind, _, _, _ in SMALL_KINDS))
     for kind, repo, short, _ in SMALL_KINDS:
-        for im in smalls[kind]:
+        for i, im in enumerate(smalls[kind]):
             check_alive()
             ref = f"{repo}:{im['tag']}"
-            R["direct"]["small"][kind].append(pull(f"127.0.0.1:{P_UP}/{ref}", "direct-small"))
-            for k, c in caches.items():
+            # Who goes first turns with each pass: a busy moment, or an
+            # upstream file just read, favours no one.
+            order = ["direct", *caches]
+            for k in order[i % len(order):] + order[:i % len(order)]:
+                if k == "direct":
+                    R["direct"]["small"][kind].append(pull(f"127.0.0.1:{P_UP}/{ref}", "direct-small"))
+                    continue
+                c = caches[k]
                 n0 = len(settled_entries(c["up"]))
                 via = f"127.0.0.1:{P_RC}/{short}:{im['tag']}" if short and k == "regcache" else f"{c['ref']}/{ref}"
                 R[k]["small"][kind].append(pull(via, f"{k}-small"))
@@ -1181,16 +1192,22 @@ def main():
     log(f"{COLD_CLIENTS} concurrent cold GETs x{PASSES}")
     for i, cim in enumerate(colds):
         cdig, csize = cim["layers"][0]
+        c0 = cpu_snapshot(ngx.pid)
         res, errs = concurrent_cold(f"http://127.0.0.1:{P_NGX}/v2/{REPO}/blobs/{big}", big_size)
         if errs:
             raise BenchError(f"nginx concurrent GETs failed: {errs[:3]}")
         R["nginx"]["ttfb"].append(max(r["ttfb"] for r in res))
         R["nginx"]["cold_done"].append(max(r["total"] for r in res))
+        R["nginx"]["cold_cpu"].append(sum(t for _, t in cpu_delta(c0, cpu_snapshot(ngx.pid))))
         for k, c in caches.items():
             check_alive()
             n0 = len(settled_entries(c["up"]))
+            c0, u0 = cpu_snapshot(roots[k]), cpu_snapshot(ups[k])
             res, errs = concurrent_cold(f"{c['base']}/{COLD_REPO}/blobs/{cdig}", csize)
             e = settled_entries(c["up"])[n0:]
+            # The cache's processes (regcache: supervisor, worker), then its upstream.
+            parts = [t for _, t in cpu_delta(c0, cpu_snapshot(roots[k]))]
+            R[k]["cold_cpu"].append(parts + [sum(t for _, t in cpu_delta(u0, cpu_snapshot(ups[k])))])
             blob_path = f"/blobs/{cdig}"
             R[k]["fetches"].append(sum(1 for m, p, _ in e if m == "GET" and p.endswith(blob_path)))
             R[k]["heads"].append(sum(1 for m, p, _ in e if m == "HEAD" and p.endswith(blob_path)))
@@ -1377,8 +1394,8 @@ def report(R, images, colds, cond):
 
     out = []
     out.append("")
-    out.append(f"regcache benchmark: {BLOB_MIB} MiB blob, {COLD_MIB} MiB cold blob, medians of {PASSES} passes, "
-               f"wrk {WRK_SECONDS} s, tag freshness {TAG_FRESHNESS} s")
+    out.append(f"regcache benchmark: {BLOB_MIB} MiB blob, {COLD_MIB} MiB cold blob, medians of {PASSES} passes "
+               f"({SMALL_PASSES} for small pulls), wrk {WRK_SECONDS} s, tag freshness {TAG_FRESHNESS} s")
     out.append(line(head))
     out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
@@ -1406,6 +1423,13 @@ def report(R, images, colds, cond):
                + "; ".join(f"{k} {cpu_parts(R[k]['wrk_cpu_us'], 'us')}" for k in ("nginx", *CACHES)))
     out.append(f"  {COLD_CLIENTS} cold GETs, last client done (s) per pass: " + "; ".join(
         f"{k} {', '.join(f'{x:.2f}' for x in R[k]['cold_done'])}" for k in ("nginx", *CACHES)))
+
+    def median_parts(passes):
+        return [statistics.median(p[j] for p in passes) for j in range(min(map(len, passes)))]
+    out.append(f"  CPU s of the {COLD_CLIENTS} cold GETs, median pass (per process; regcache: supervisor + worker; "
+               f"last: the cache's upstream; nginx's wall time is {os.cpu_count() * med(ng['cold_done']):.2f} core-s): "
+               f"nginx {med(ng['cold_cpu']):.2f}; " + "; ".join(
+                   f"{k} {' + '.join(f'{x:.2f}' for x in median_parts(R[k]['cold_cpu']))}" for k in CACHES))
     for k in CACHES:
         if R[k]["cold_errors"]:
             out.append(f"  {k} concurrent cold GET failures: {len(R[k]['cold_errors'])}: {R[k]['cold_errors'][0]}")
