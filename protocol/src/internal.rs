@@ -15,6 +15,10 @@ pub const STATUS_PATH: &str = "/_regcache/status";
 /// cluster (over the authenticated peer listener): the worker answers as the
 /// owner and never asks a peer in turn. Removed from every client request.
 pub const FROM_PEER: &str = "x-regcache-peer";
+/// Set by the front on its own preload requests: the worker fetches nothing
+/// ahead of them (a preload asks for exactly what it wants, platforms
+/// included). Removed from every client request.
+pub const PRELOAD: &str = "x-regcache-preload";
 /// On a tag's manifest answered to a peer: when upstream last confirmed
 /// the tag (ms since the epoch).
 pub const CONFIRMED: &str = "x-regcache-confirmed";

@@ -6,7 +6,7 @@
 //! Used to link a repository to the content it was seen to have upstream,
 //! to keep an image's blobs together, and to fetch small blobs ahead.
 
-use oci_spec::image::{ImageIndex, ImageManifest};
+use oci_spec::image::{Arch, ImageIndex, ImageManifest, Os};
 
 use crate::reference::{Digest, Manifest};
 
@@ -53,6 +53,26 @@ pub fn image_of(m: &Manifest) -> Option<Image> {
         return None;
     }
     parse_image(m).ok()
+}
+
+/// The first child of index `m` for `os` and `architecture` (of any
+/// variant); `None` when `m` is no index or has none.
+pub fn child_for(m: &Manifest, os: &str, architecture: &str) -> Option<Digest> {
+    if !INDEX_TYPES.contains(&m.media_type.as_str()) {
+        return None;
+    }
+    let index: ImageIndex = serde_json::from_slice(&m.bytes).ok()?;
+    let child = index.manifests().iter().find(|d| {
+        d.platform().as_ref().is_some_and(|p| {
+            p.os().to_string() == os && p.architecture().to_string() == architecture
+        })
+    })?;
+    child.digest().to_string().parse().ok()
+}
+
+/// The platform (os, architecture) of this machine, as an index names it.
+pub fn host_platform() -> (String, String) {
+    (Os::default().to_string(), Arch::default().to_string())
 }
 
 fn parse_image(m: &Manifest) -> Result<Image, Error> {
@@ -204,6 +224,25 @@ mod tests {
         assert_eq!(r.manifests.len(), 2);
         assert!(r.blobs.is_empty());
         assert_eq!(image_of(&index), None);
+        assert_eq!(child_for(&index, "linux", "amd64"), None, "no platforms");
+
+        let mut amd = desc("application/vnd.oci.image.manifest.v1+json", &d('3'));
+        amd["platform"] = serde_json::json!({"os": "linux", "architecture": "amd64"});
+        let mut arm = desc("application/vnd.oci.image.manifest.v1+json", &d('4'));
+        arm["platform"] =
+            serde_json::json!({"os": "linux", "architecture": "arm64", "variant": "v8"});
+        let mut attestation = desc("application/vnd.oci.image.manifest.v1+json", &d('5'));
+        attestation["platform"] = serde_json::json!({"os": "unknown", "architecture": "unknown"});
+        let platforms = manifest(
+            "application/vnd.docker.distribution.manifest.list.v2+json",
+            serde_json::json!({"schemaVersion": 2, "manifests": [attestation, arm, amd]}),
+        );
+        let child = |os, arch| child_for(&platforms, os, arch).map(|d| d.to_string());
+        assert_eq!(child("linux", "amd64"), Some(d('3')));
+        assert_eq!(child("linux", "arm64"), Some(d('4')));
+        assert_eq!(child("linux", "s390x"), None);
+        assert_eq!(child_for(&image, "linux", "amd64"), None);
+        assert_eq!(host_platform().0, "linux");
 
         let schema1 = manifest(
             "application/vnd.docker.distribution.manifest.v1+prettyjws",

@@ -129,7 +129,7 @@ impl PeerFront {
         }
         self.front
             .proxy
-            .forward(index, &r, &headers, true, false)
+            .forward(index, &r, &headers, crate::proxy::Sender::Peer, false)
             .await
             .map_err(|_| unavailable())
     }

@@ -288,7 +288,13 @@ async fn forward(
     }
     let resp = front
         .proxy
-        .forward(index, request, &headers, false, false)
+        .forward(
+            index,
+            request,
+            &headers,
+            crate::proxy::Sender::Preload,
+            false,
+        )
         .await
         .map_err(|e| format!("worker unreachable: {e}"))?;
     if !resp.status().is_success() {

@@ -15,8 +15,18 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use regcache_protocol::body::Body;
 use regcache_protocol::follow;
-use regcache_protocol::internal::FROM_PEER;
+use regcache_protocol::internal::{FROM_PEER, PRELOAD};
 use regcache_protocol::request::RepoRequest;
+
+/// Who a forwarded request is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sender {
+    Client,
+    /// Another replica of the cluster (the worker answers as the owner).
+    Peer,
+    /// The front's own preload (the worker fetches nothing ahead of it).
+    Preload,
+}
 
 /// Connects `http://w<index>/` to worker `index`'s socket.
 #[derive(Clone)]
@@ -88,8 +98,8 @@ impl Proxy {
     }
 
     /// Sends `request` with the client's `headers` to worker `index`,
-    /// marked as a peer replica's when `from_peer` (the mark is never taken
-    /// from the client), asking for a fill to follow (`crate::follow`) when
+    /// marked with who it is `for` (the mark is never taken from the
+    /// client), asking for a fill to follow (`crate::follow`) when
     /// `follow`. Requests carry no body: the cache is read-only and writes
     /// never get here.
     pub async fn forward(
@@ -97,7 +107,7 @@ impl Proxy {
         index: usize,
         request: &RepoRequest,
         headers: &HeaderMap,
-        from_peer: bool,
+        sender: Sender,
         follow: bool,
     ) -> Result<Response<Body>, hyper_util::client::legacy::Error> {
         let uri: Uri = format!("http://w{index}{}", request.path_and_query())
@@ -116,10 +126,16 @@ impl Proxy {
         out.headers_mut().remove(header::AUTHORIZATION);
         out.headers_mut().remove(header::CONTENT_LENGTH);
         out.headers_mut().remove(FROM_PEER);
+        out.headers_mut().remove(PRELOAD);
         out.headers_mut().remove(follow::FOLLOW);
-        if from_peer {
+        let mark = match sender {
+            Sender::Client => None,
+            Sender::Peer => Some(FROM_PEER),
+            Sender::Preload => Some(PRELOAD),
+        };
+        if let Some(mark) = mark {
             out.headers_mut()
-                .insert(FROM_PEER, http::HeaderValue::from_static("1"));
+                .insert(mark, http::HeaderValue::from_static("1"));
         }
         if follow {
             out.headers_mut()

@@ -245,7 +245,13 @@ impl Front {
         let (upstream, unavailable) = (&name, &unavailable);
         let forward = |follow| async move {
             self.proxy
-                .forward(index, request, req.headers(), false, follow)
+                .forward(
+                    index,
+                    request,
+                    req.headers(),
+                    crate::proxy::Sender::Client,
+                    follow,
+                )
                 .await
                 .map_err(|e| {
                     tracing::warn!(%upstream, error = %e, "worker unreachable");

@@ -183,7 +183,7 @@ impl Metrics {
             ),
             read_ahead: single(
                 "regcache_read_ahead_total",
-                "Small blobs fetched ahead of a client's request (REGCACHE_READ_AHEAD).",
+                "Blobs and manifests fetched ahead of a client's request (REGCACHE_READ_AHEAD).",
             ),
             upstream_refused: single(
                 "regcache_upstream_refused_total",

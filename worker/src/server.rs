@@ -17,7 +17,7 @@ use regcache_protocol::body::{full, Body};
 use regcache_protocol::error::RegistryError;
 use regcache_protocol::follow;
 use regcache_protocol::internal::{
-    CONFIRMED, FROM_PEER, INVENTORY_PATH, METRICS_PATH, STATUS_PATH,
+    CONFIRMED, FROM_PEER, INVENTORY_PATH, METRICS_PATH, PRELOAD, STATUS_PATH,
 };
 use regcache_protocol::request::{self, Endpoint, Kind, Method, RepoRequest, Request};
 use regcache_protocol::response::{self, Outcome};
@@ -52,6 +52,8 @@ pub async fn handle<B>(cache: Arc<Cache>, req: HttpRequest<B>) -> Response<Body>
             let via = if req.headers().contains_key(FROM_PEER) {
                 cache.metrics().peer_served.inc();
                 Via::Peer
+            } else if req.headers().contains_key(PRELOAD) {
+                Via::Preload
             } else {
                 Via::Client
             };

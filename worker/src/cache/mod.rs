@@ -145,11 +145,14 @@ enum FlightKey {
 }
 
 /// Who is asking: a client, or another replica that takes this one to own
-/// what it asks for (which then never asks a peer in turn).
+/// what it asks for (which then never asks a peer in turn), or the front's
+/// preload (a client that asks for exactly what it wants: nothing is
+/// fetched ahead of it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Via {
     Client,
     Peer,
+    Preload,
 }
 
 /// What a cache keeps of what it fetches, besides its store's policy.
@@ -210,6 +213,9 @@ impl Cache {
         options: Options,
         metrics: Arc<Metrics>,
     ) -> Self {
+        // A wrong guess of a client's platform would cost a counted pull.
+        let platform =
+            (!upstream.counts_manifest_gets()).then(regcache_protocol::manifest::host_platform);
         Cache {
             store: managed.clone(),
             behind: WriteBehind::new(managed.clone()),
@@ -223,7 +229,7 @@ impl Cache {
             manifests: Flights::default(),
             bypass: Mutex::default(),
             peers: None,
-            ahead: ReadAhead::new(options.read_ahead),
+            ahead: ReadAhead::new(options.read_ahead, platform),
             options,
         }
     }
@@ -235,9 +241,9 @@ impl Cache {
     }
 
     /// The replica that owns `key`, when that is another one and `via` is
-    /// a client (a peer's request is answered here, as the owner).
+    /// not a peer (a peer's request is answered here, as the owner).
     fn owner(&self, key: &str, via: Via) -> Option<(Arc<Peers>, Member)> {
-        let peers = self.peers.as_ref().filter(|_| via == Via::Client)?;
+        let peers = self.peers.as_ref().filter(|_| via != Via::Peer)?;
         Some((peers.clone(), peers.owner(key)?))
     }
 
@@ -417,6 +423,19 @@ impl Cache {
     #[cfg(test)]
     pub async fn blob(&self, name: &Name, digest: &Digest) -> Result<Blob, Error> {
         self.blob_for(name, digest, Via::Client).await
+    }
+
+    /// Fetches manifest `digest` of `name` as a client would, in the
+    /// background (and so what it holds, in turn).
+    fn fetch_manifest_ahead(self: &Arc<Self>, name: &Name, digest: Digest) {
+        self.metrics.read_ahead.inc();
+        let (cache, name) = (self.clone(), name.clone());
+        self.fill_tasks.spawn(async move {
+            let reference = Reference::Digest(digest);
+            if let Err(e) = cache.manifest_for(&name, &reference, Via::Client).await {
+                tracing::debug!(%name, ?reference, error = %e, "read-ahead failed");
+            }
+        });
     }
 
     /// [`Cache::blob`], for `via`: a miss a peer owns is filled from it.
@@ -659,7 +678,11 @@ impl Cache {
     ) -> Result<(Manifest, Outcome), Error> {
         let found = self.find_manifest(name, reference, via).await?;
         if found.1 == Outcome::Miss && via == Via::Client {
-            self.fetch_ahead(name, self.ahead.manifest(name, &found.0));
+            let ahead = self.ahead.manifest(name, &found.0);
+            self.fetch_ahead(name, ahead.blobs);
+            if let Some(child) = ahead.manifest {
+                self.fetch_manifest_ahead(name, child);
+            }
         }
         Ok(found)
     }

@@ -7,9 +7,14 @@
 //! size (`REGCACHE_READ_AHEAD`, 1 MiB by default, about what one round trip
 //! costs on a fast link): a larger blob's round trip is small beside its
 //! bytes, and a client that only inspects the image costs that much at most.
-//! One exception: containerd 2.1 reads the manifest and config of every
-//! platform of an index and the layers of one, so once a second child of
-//! one index is asked for, its children get their config only.
+//! containerd 2.1 reads the manifest and config of every platform of an
+//! index and the layers of one, so once a second child of one index is
+//! asked for, its children get their config only.
+//!
+//! A cold index's child for this machine's platform is fetched with it:
+//! a cache mostly serves the machines it runs beside. Not where upstream
+//! counts manifest GETs as pulls (Docker Hub): a wrong guess there costs
+//! a pull of the client's rate limit.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -32,7 +37,17 @@ pub const DEFAULT_MAX: u64 = 1 << 20;
 pub(super) struct ReadAhead {
     /// The largest blob fetched ahead (0: none).
     max: u64,
+    /// The (os, architecture) whose child of an index is fetched with it;
+    /// `None`: no child is.
+    platform: Option<(String, String)>,
     indexes: Mutex<VecDeque<Index>>,
+}
+
+/// What to fetch now.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Ahead {
+    pub blobs: Vec<Digest>,
+    pub manifest: Option<Digest>,
 }
 
 /// A cold index of `name`: its children, and whether one was asked for.
@@ -44,27 +59,38 @@ struct Index {
 }
 
 impl ReadAhead {
-    pub(super) fn new(max: u64) -> ReadAhead {
+    /// Blobs up to `max` (0: nothing at all) and, given a `platform`, an
+    /// index's child for it.
+    pub(super) fn new(max: u64, platform: Option<(String, String)>) -> ReadAhead {
         ReadAhead {
             max,
+            platform: platform.filter(|_| max > 0),
             indexes: Mutex::default(),
         }
     }
 
     /// `m`, a manifest of `name` just fetched from upstream for a client:
-    /// the blobs to fetch now.
-    pub(super) fn manifest(&self, name: &Name, m: &Manifest) -> Vec<Digest> {
+    /// what to fetch now.
+    pub(super) fn manifest(&self, name: &Name, m: &Manifest) -> Ahead {
         if self.max == 0 {
-            return Vec::new();
+            return Ahead::default();
         }
-        match manifest::image_of(m) {
-            Some(image) => self.blobs(&image, self.first_child(name, &m.digest)),
-            None => {
-                if let Ok(refs) = manifest::references(m) {
-                    self.remember(name, refs.manifests);
-                }
-                Vec::new()
-            }
+        if let Some(image) = manifest::image_of(m) {
+            let layers = self.first_child(name, &m.digest);
+            return Ahead {
+                blobs: self.blobs(&image, layers),
+                manifest: None,
+            };
+        }
+        if let Ok(refs) = manifest::references(m) {
+            self.remember(name, refs.manifests);
+        }
+        Ahead {
+            blobs: Vec::new(),
+            manifest: self
+                .platform
+                .as_ref()
+                .and_then(|(os, arch)| manifest::child_for(m, os, arch)),
         }
     }
 
@@ -144,12 +170,29 @@ mod tests {
         }))
     }
 
+    /// An index of `children`, the first for linux/amd64, the others for
+    /// linux/arm64.
     fn index(children: &[&Manifest]) -> Manifest {
+        let platforms = children.iter().enumerate().map(|(i, m)| {
+            let mut d = desc(m.digest.clone(), 1);
+            let arch = if i == 0 { "amd64" } else { "arm64" };
+            d["platform"] = serde_json::json!({"os": "linux", "architecture": arch});
+            d
+        });
         manifest(serde_json::json!({
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.index.v1+json",
-            "manifests": children.iter().map(|m| desc(m.digest.clone(), 1)).collect::<Vec<_>>(),
+            "manifests": platforms.collect::<Vec<_>>(),
         }))
+    }
+
+    fn ahead(max: u64) -> ReadAhead {
+        ReadAhead::new(max, None)
+    }
+
+    fn blobs(a: Ahead) -> Vec<Digest> {
+        assert_eq!(a.manifest, None);
+        a.blobs
     }
 
     fn name(s: &str) -> Name {
@@ -158,40 +201,60 @@ mod tests {
 
     #[test]
     fn a_cold_image_fetches_its_small_blobs_config_first() {
-        let ahead = ReadAhead::new(1000);
         let m = image("1", &[('a', 1000), ('b', 2000), ('e', 10), ('a', 1000)]);
-        assert_eq!(
-            ahead.manifest(&name("org/app"), &m),
-            [d('c'), d('a'), d('e')]
-        );
-        let big_config = ReadAhead::new(100);
-        assert_eq!(big_config.manifest(&name("org/app"), &m), [d('e')]);
+        let got = blobs(ahead(1000).manifest(&name("org/app"), &m));
+        assert_eq!(got, [d('c'), d('a'), d('e')]);
+        assert_eq!(blobs(ahead(100).manifest(&name("org/app"), &m)), [d('e')]);
     }
 
     #[test]
-    fn nothing_when_off_or_for_an_index_itself() {
+    fn nothing_when_off_or_for_an_index_without_the_platform() {
         let m = image("1", &[('a', 10)]);
-        assert!(ReadAhead::new(0).manifest(&name("org/app"), &m).is_empty());
-        let ahead = ReadAhead::new(1000);
-        assert!(ahead.manifest(&name("org/app"), &index(&[&m])).is_empty());
+        let amd64 = Some(("linux".to_string(), "amd64".to_string()));
+        let off = ReadAhead::new(0, amd64);
+        assert_eq!(off.manifest(&name("org/app"), &m), Ahead::default());
+        assert_eq!(
+            off.manifest(&name("org/app"), &index(&[&m])),
+            Ahead::default()
+        );
+        let no_platform = ahead(1000).manifest(&name("org/app"), &index(&[&m]));
+        assert_eq!(no_platform, Ahead::default());
+        let s390x = Some(("linux".to_string(), "s390x".to_string()));
+        let none_for_it = ReadAhead::new(1000, s390x).manifest(&name("org/app"), &index(&[&m]));
+        assert_eq!(none_for_it, Ahead::default());
+    }
+
+    #[test]
+    fn an_index_fetches_its_child_for_the_platform() {
+        let (amd, arm) = (image("amd64", &[('a', 10)]), image("arm64", &[('b', 10)]));
+        let arm64 = Some(("linux".to_string(), "arm64".to_string()));
+        let got = ReadAhead::new(1000, arm64).manifest(&name("org/app"), &index(&[&amd, &arm]));
+        let want = Ahead {
+            blobs: Vec::new(),
+            manifest: Some(arm.digest.clone()),
+        };
+        assert_eq!(got, want);
     }
 
     #[test]
     fn a_second_child_of_one_index_gets_its_config_only() {
-        let ahead = ReadAhead::new(1000);
+        let ahead = ahead(1000);
         let (amd, arm) = (image("amd64", &[('a', 10)]), image("arm64", &[('b', 10)]));
         let n = name("org/app");
         ahead.manifest(&n, &index(&[&amd, &arm]));
         // Another repository's index is another pull.
         ahead.manifest(&name("org/other"), &index(&[&amd, &arm]));
-        assert_eq!(ahead.manifest(&n, &arm), [d('c'), d('b')]);
-        assert_eq!(ahead.manifest(&n, &amd), [d('c')]);
-        assert_eq!(ahead.manifest(&name("org/other"), &amd), [d('c'), d('a')]);
+        assert_eq!(blobs(ahead.manifest(&n, &arm)), [d('c'), d('b')]);
+        assert_eq!(blobs(ahead.manifest(&n, &amd)), [d('c')]);
+        assert_eq!(
+            blobs(ahead.manifest(&name("org/other"), &amd)),
+            [d('c'), d('a')]
+        );
     }
 
     #[test]
     fn memory_is_bounded() {
-        let ahead = ReadAhead::new(1000);
+        let ahead = ahead(1000);
         let child = image("1", &[('a', 10)]);
         let many: Vec<Manifest> = (0..ENTRIES_MAX + 5)
             .map(|i| image(&i.to_string(), &[]))

@@ -636,3 +636,67 @@ async fn read_ahead_off_fetches_only_what_is_asked() {
     assert_eq!(blob_gets, 1, "{}", h.fake.describe_requests());
     assert_eq!(h.cache.metrics.read_ahead.get(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_index_fetches_the_child_for_this_machine_and_its_small_blobs() {
+    let h = harness(Duration::from_secs(60));
+    let (mine, other) = (
+        h.fake.add_image("org/app", "mine", &[3000]),
+        h.fake.add_image("org/app", "other", &[2500]),
+    );
+    let (os, arch) = regcache_protocol::manifest::host_platform();
+    let other_arch = if arch == "amd64" { "arm64" } else { "amd64" };
+    let entry = |img: &regcache_testkit::ImageParts, arch: &str| {
+        serde_json::json!({
+            "mediaType": OCI_MANIFEST,
+            "digest": img.manifest_digest,
+            "size": img.manifest.len(),
+            "platform": {"os": os, "architecture": arch},
+        })
+    };
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": regcache_testkit::OCI_INDEX,
+        "manifests": [entry(&other, other_arch), entry(&mine, &arch)],
+    });
+    h.fake.add_manifest(
+        "org/app",
+        Some("multi"),
+        regcache_testkit::OCI_INDEX,
+        index.to_string().as_bytes(),
+    );
+    let n = name("org/app");
+    let tag = Reference::Tag("multi".parse().unwrap());
+    assert_eq!(h.cache.manifest(&n, &tag).await.unwrap().1, Outcome::Miss);
+    let manifest_path = |img: &regcache_testkit::ImageParts| {
+        format!("/v2/org/app/manifests/{}", img.manifest_digest)
+    };
+    for path in std::iter::once(manifest_path(&mine)).chain(
+        mine.blob_digests()
+            .iter()
+            .map(|d| format!("/v2/org/app/blobs/{d}")),
+    ) {
+        assert!(
+            h.fake.wait_count("GET", &path, 1, Duration::from_secs(5)),
+            "{path} was not fetched ahead: {}",
+            h.fake.describe_requests()
+        );
+    }
+    h.cache.drain_fills_for_tests().await;
+    assert_eq!(h.fake.count("GET", &manifest_path(&other)), 0);
+    // The client's own request for the child: a hit, nothing more upstream.
+    let mark = h.fake.request_count();
+    let child = Reference::Digest(mine.manifest_digest.parse().unwrap());
+    let (m, outcome) = h.cache.manifest(&n, &child).await.unwrap();
+    assert_eq!(
+        (m.digest.to_string(), outcome),
+        (mine.manifest_digest.clone(), Outcome::Hit)
+    );
+    assert_eq!(
+        h.fake.request_count(),
+        mark,
+        "{}",
+        h.fake.describe_requests()
+    );
+    assert_eq!(h.cache.metrics.read_ahead.get(), 3);
+}
