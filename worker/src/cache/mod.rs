@@ -94,6 +94,10 @@ impl Error {
     }
 }
 
+/// Fetches ahead of clients waiting for upstream at once, at most (of the
+/// upstream's `REGCACHE_UPSTREAM_CONCURRENCY`).
+const AHEAD_SLOTS: usize = 4;
+
 /// How long a digest, once passed through, keeps bypassing the store.
 const BYPASS_FOR: Duration = Duration::from_secs(600);
 /// Digests remembered as bypassing, at most (oldest forgotten first).
@@ -203,6 +207,7 @@ pub struct Cache {
     /// The other replicas of the cluster, if any.
     peers: Option<Arc<Peers>>,
     ahead: ReadAhead,
+    ahead_slots: tokio::sync::Semaphore,
 }
 
 impl Cache {
@@ -230,6 +235,7 @@ impl Cache {
             bypass: Mutex::default(),
             peers: None,
             ahead: ReadAhead::new(options.read_ahead, platform),
+            ahead_slots: tokio::sync::Semaphore::new(AHEAD_SLOTS),
             options,
         }
     }
@@ -425,19 +431,6 @@ impl Cache {
         self.blob_for(name, digest, Via::Client).await
     }
 
-    /// Fetches manifest `digest` of `name` as a client would, in the
-    /// background (and so what it holds, in turn).
-    fn fetch_manifest_ahead(self: &Arc<Self>, name: &Name, digest: Digest) {
-        self.metrics.read_ahead.inc();
-        let (cache, name) = (self.clone(), name.clone());
-        self.fill_tasks.spawn(async move {
-            let reference = Reference::Digest(digest);
-            if let Err(e) = cache.manifest_for(&name, &reference, Via::Client).await {
-                tracing::debug!(%name, ?reference, error = %e, "read-ahead failed");
-            }
-        });
-    }
-
     /// [`Cache::blob`], for `via`: a miss a peer owns is filled from it.
     pub async fn blob_for(&self, name: &Name, digest: &Digest, via: Via) -> Result<Blob, Error> {
         let key = Key::Blob(digest.clone());
@@ -588,22 +581,43 @@ impl Cache {
             }));
     }
 
-    /// Starts fills of those of `digests` that are neither stored, nor
-    /// being fetched, nor passed through; each runs on without a reader.
+    /// Fetches those of `digests` that are neither stored, nor being
+    /// fetched, nor passed through, each as a fill that runs on without a
+    /// reader; [`AHEAD_SLOTS`] at a time, so that clients keep the rest of
+    /// the upstream's concurrency.
     fn fetch_ahead(self: &Arc<Self>, name: &Name, digests: Vec<Digest>) {
         for digest in digests {
-            let known = self.managed.has_blob(&digest) || self.fill_of(&digest).is_some();
-            if known || self.bypassing(&digest).is_some() {
-                continue;
-            }
-            self.metrics.read_ahead.inc();
             let (cache, name) = (self.clone(), name.clone());
             self.fill_tasks.spawn(async move {
+                let Ok(_slot) = cache.ahead_slots.acquire().await else {
+                    return;
+                };
+                let known = cache.managed.has_blob(&digest) || cache.fill_of(&digest).is_some();
+                if known || cache.bypassing(&digest).is_some() {
+                    return;
+                }
+                cache.metrics.read_ahead.inc();
                 if let Err(e) = cache.blob_for(&name, &digest, Via::Client).await {
                     tracing::debug!(%name, %digest, error = %e, "read-ahead failed");
                 }
             });
         }
+    }
+
+    /// Fetches manifest `digest` of `name` as a client would, in the
+    /// background (and so, in turn, what it holds).
+    fn fetch_manifest_ahead(self: &Arc<Self>, name: &Name, digest: Digest) {
+        let (cache, name) = (self.clone(), name.clone());
+        self.fill_tasks.spawn(async move {
+            let Ok(_slot) = cache.ahead_slots.acquire().await else {
+                return;
+            };
+            cache.metrics.read_ahead.inc();
+            let reference = Reference::Digest(digest);
+            if let Err(e) = cache.manifest_for(&name, &reference, Via::Client).await {
+                tracing::debug!(%name, ?reference, error = %e, "read-ahead failed");
+            }
+        });
     }
 
     /// A blob's size for HEAD, without downloading it: from a fill in

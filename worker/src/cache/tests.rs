@@ -700,3 +700,35 @@ async fn a_cold_index_fetches_the_child_for_this_machine_and_its_small_blobs() {
     );
     assert_eq!(h.cache.metrics.read_ahead.get(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetches_ahead_leave_clients_most_of_the_upstream() {
+    let h = harness(Duration::from_secs(60));
+    let img = h.fake.add_image("org/app", "1", &[1000; 8]);
+    let paths: Vec<String> = img
+        .blob_digests()
+        .iter()
+        .map(|d| format!("/v2/org/app/blobs/{d}"))
+        .collect();
+    for p in &paths {
+        h.fake.set(p, Serve::ok().delay(ms(800)));
+    }
+    let tag = Reference::Tag("1".parse().unwrap());
+    h.cache.manifest(&name("org/app"), &tag).await.unwrap();
+    tokio::time::sleep(ms(300)).await;
+    let asked = |p: &String| h.fake.count("GET", p);
+    assert_eq!(
+        paths.iter().map(asked).sum::<usize>(),
+        super::AHEAD_SLOTS,
+        "{}",
+        h.fake.describe_requests()
+    );
+    for p in &paths {
+        assert!(
+            h.fake.wait_count("GET", p, 1, Duration::from_secs(10)),
+            "{p}"
+        );
+    }
+    h.cache.drain_fills_for_tests().await;
+    assert!(paths.iter().all(|p| asked(p) == 1));
+}
