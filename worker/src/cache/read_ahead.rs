@@ -1,20 +1,19 @@
-//! Which small blobs to fetch before a client asks for them, so that a cold
-//! pull pays its small blobs' round trips to upstream together with its
-//! manifest's, not one after another.
+//! What a cold manifest fetches with it, before the client asks, so that a
+//! cold pull pays the upstream round trips of its small parts together,
+//! not one after another.
 //!
-//! A client that GETs an image manifest GETs its config and layers next, so
-//! a cold manifest's small blobs are fetched at once. Only blobs up to a
-//! size (`REGCACHE_READ_AHEAD`, 1 MiB by default, about what one round trip
-//! costs on a fast link): a larger blob's round trip is small beside its
-//! bytes, and a client that only inspects the image costs that much at most.
-//! containerd 2.1 reads the manifest and config of every platform of an
-//! index and the layers of one, so once a second child of one index is
-//! asked for, its children get their config only.
-//!
-//! A cold index's child for this machine's platform is fetched with it:
-//! a cache mostly serves the machines it runs beside. Not where upstream
-//! counts manifest GETs as pulls (Docker Hub): a wrong guess there costs
-//! a pull of the client's rate limit.
+//! - An image manifest: its blobs up to `REGCACHE_READ_AHEAD` (1 MiB by
+//!   default, about what one round trip costs on a fast link). A client
+//!   that GETs an image manifest GETs its config and layers next; a larger
+//!   blob's round trip is small beside its bytes, and a client that only
+//!   inspects the image costs that much at most. containerd 2.1 reads the
+//!   manifest and config of every platform of an index and the layers of
+//!   one, so once a second child of one index is asked for, its children
+//!   get their config only.
+//! - An index: its child for this machine's platform, since a cache mostly
+//!   serves the machines it runs beside. Not where upstream counts manifest
+//!   GETs as pulls (Docker Hub): a wrong guess there costs a pull of the
+//!   client's rate limit.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
