@@ -12,7 +12,8 @@
 //!   answer, the cached digest is served (stale).
 //! - Fetched manifests and tag records are stored after the answer
 //!   ([`write_behind`]), and answered from memory until they are.
-//! - A cold pull's small blobs are fetched before the client asks for them
+//! - A client's cold manifest fetches its small parts before the client asks
+//!   for them: an image's small blobs, an index's child for this platform
 //!   ([`read_ahead`]).
 //!
 //! A store that fails to read is treated as a miss (logged), and a corrupt
@@ -683,7 +684,7 @@ impl Cache {
     }
 
     /// [`Cache::manifest`], for `via`: a miss or a revalidation a peer owns
-    /// is asked of it.
+    /// is asked of it. A client's miss starts its read-ahead.
     pub async fn manifest_for(
         self: &Arc<Self>,
         name: &Name,
