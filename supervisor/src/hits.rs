@@ -26,6 +26,7 @@ use regcache_protocol::{Authority, Digest, Manifest, Name, Reference};
 use regcache_store::{FsStore, Key, Store, Toucher};
 use regcache_worker::metrics::Metrics;
 
+use crate::follow::Follows;
 use crate::sendfile::Spans;
 
 /// What the front needs to answer one upstream's hits itself.
@@ -41,6 +42,8 @@ pub struct LocalHits {
     /// Manifests read (and verified) lately: a hit is then answered from
     /// memory, not an open, two reads and a hash.
     recent: Recent,
+    /// Fills in flight that clients are reading from their spools.
+    follows: Follows,
 }
 
 /// Verified manifests by digest, the oldest dropped first beyond a budget,
@@ -127,6 +130,7 @@ impl LocalHits {
             metrics: Arc::new(Metrics::for_front(&upstream.to_string())),
             touches: touch_every.map(Toucher::new),
             recent: Recent::default(),
+            follows: Follows::default(),
         }
     }
 
@@ -139,7 +143,8 @@ impl LocalHits {
     /// A worker's answer that names a fill to follow, read from its spool
     /// here (see `crate::follow`); `None`: ask the worker again unfollowed.
     pub fn follow(&self, resp: Response<Body>, sendfile: Option<&Spans>) -> Option<Response<Body>> {
-        crate::follow::serve(&self.view, self.metrics.clone(), resp, sendfile)
+        self.follows
+            .serve(&self.view, self.metrics.clone(), resp, sendfile)
     }
 
     /// A stored manifest, from memory while it is still stored.
