@@ -79,6 +79,9 @@ P_RC_NOUSE = PORT_BASE + 14  # regcache with REGCACHE_RECORD_USE=false
 P_RC_IDLE = PORT_BASE + 18  # regcache with the embedded default CONFIG, idle
 INDEX_BLOBS = env_int("BENCH_INDEX_BLOBS", 100_000, 0, 1_000_000)
 P_UP_CL = PORT_BASE + 4  # upstream front counted for the cluster
+P_UP_TLS = PORT_BASE + 6  # the upstream over TLS (its own certificate)
+P_RC_TLS = PORT_BASE + 19  # regcache in front of it
+TLS = env_int("BENCH_TLS", 1, 0, 1)
 P_RC_CL = PORT_BASE + 15  # cluster replicas: 15, 16, 17; their peer listeners 50, 51, 52
 CLUSTER = env_int("BENCH_CLUSTER", 1, 0, 1)
 
@@ -203,8 +206,11 @@ def port_free(port):
 
 def http_status(url, method="GET", headers=None, timeout=2):
     req = urllib.request.Request(url, method=method, headers=headers or {})
+    # Only the bench's own TLS upstream is asked over https: its readiness.
+    import ssl
+    unverified = ssl._create_unverified_context() if url.startswith("https:") else None
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout, context=unverified) as r:
             return r.status, dict(r.headers), r.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read()
@@ -508,7 +514,7 @@ def pull(ref, label):
 # ---------------------------------------------------------------------------
 
 
-def registry_config(path, port, root, access_log, proxy=None):
+def registry_config(path, port, root, access_log, proxy=None, tls=None):
     # The registry:2 image's own config (cmd/registry/config-example.yml) with
     # paths and port adapted; the upstream fronts keep the access log.
     cfg = (
@@ -520,22 +526,24 @@ def registry_config(path, port, root, access_log, proxy=None):
         f"http:\n  addr: 127.0.0.1:{port}\n  secret: regcache-bench-secret\n"
         "  headers:\n    X-Content-Type-Options: [nosniff]\n"
     )
+    if tls:
+        cfg += f"  tls:\n    certificate: {tls[0]}\n    key: {tls[1]}\n"
     if proxy:
         cfg += f"proxy:\n  remoteurl: {proxy}\n"
     with open(path, "w") as f:
         f.write(cfg)
 
 
-def start_registry(name, port, root, proxy=None, access_log=True):
+def start_registry(name, port, root, proxy=None, access_log=True, tls=None):
     d = os.path.join(WORK, name)
     os.makedirs(d, exist_ok=True)
     cfg = os.path.join(d, "config.yml")
-    registry_config(cfg, port, root, access_log, proxy)
+    registry_config(cfg, port, root, access_log, proxy, tls)
     # distribution writes the access log (combined format) to stdout and its
     # own log to stderr.
     p = start(name, ["docker-registry", "serve", cfg],
               stdout=os.path.join(d, "access.log"), stderr=os.path.join(WORK, "logs", f"{name}.log"))
-    wait_ready(name, f"http://127.0.0.1:{port}/v2/", p, timeout=30)
+    wait_ready(name, f"{'https' if tls else 'http'}://127.0.0.1:{port}/v2/", p, timeout=30)
     return p
 
 
@@ -596,11 +604,11 @@ def group_requests(entries):
     return ", ".join(f"{k} x{n}" for k, n in counts.items()) or "none"
 
 
-def start_regcache(name="regcache", port=P_RC, upstream=P_UP_RC, extra_env=None):
+def start_regcache(name="regcache", port=P_RC, upstream=P_UP_RC, extra_env=None, scheme="http"):
     d = os.path.join(WORK, name)
     os.makedirs(d, exist_ok=True)
     env = dict(os.environ)
-    env["CONFIG"] = json.dumps([{"registry": f"http://127.0.0.1:{upstream}", "aliases": [RC_PREFIX, "docker.io"]}])
+    env["CONFIG"] = json.dumps([{"registry": f"{scheme}://127.0.0.1:{upstream}", "aliases": [RC_PREFIX, "docker.io"]}])
     env["REGCACHE_TAG_FRESHNESS"] = f"{TAG_FRESHNESS}s"
     for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "REGCACHE_LISTEN", "REGCACHE_STORAGE"):
         env.pop(k, None)
@@ -798,6 +806,38 @@ def cluster_phase(images, R, s3_env):
     R["cluster"] = C
     log(f"cluster: slowest of 3 pulls {', '.join(f'{x:.2f}' for x in C['pull'])}s; upstream bytes / image "
         f"{', '.join(f'{x:.2f}' for x in C['ratio'])}")
+
+
+def tls_phase(images, R):
+    """The upstream over TLS, as every public registry is: a regcache in
+    front of it (trusting its certificate through REGCACHE_UPSTREAM_CA_FILE)
+    pulls each image cold, beside the same pull straight from the TLS
+    upstream; the peak PSS of that regcache meanwhile (its TLS code and
+    buffers, which the plain-HTTP upstream of the main run never touches)."""
+    d = os.path.join(WORK, "tls")
+    os.makedirs(d, exist_ok=True)
+    ca, ca_key = os.path.join(d, "ca.pem"), os.path.join(d, "ca-key.pem")
+    cert, key = os.path.join(d, "cert.pem"), os.path.join(d, "key.pem")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"]
+    run(["openssl", "req", "-x509", *ec, "-subj", "/CN=regcache bench CA", "-keyout", ca_key, "-out", ca],
+        timeout=30)
+    run(["openssl", "req", "-x509", *ec, "-subj", "/CN=127.0.0.1", "-CA", ca, "-CAkey", ca_key,
+         "-addext", "subjectAltName=IP:127.0.0.1", "-addext", "basicConstraints=critical,CA:FALSE",
+         "-keyout", key, "-out", cert], timeout=30)
+    start_registry("upstream-tls", P_UP_TLS, os.path.join(WORK, "upstream-data"), tls=(cert, key))
+    env = {"REGCACHE_UPSTREAM_CA_FILE": ca}
+    p = start_regcache("regcache-tls", P_RC_TLS, P_UP_TLS, env, scheme="https")
+    pss = PssPeaks({"regcache": p.pid})
+    T = {"cold": [], "direct": []}
+    for im in images:
+        check_alive()
+        ref = f"{REPO}:{im['tag']}"
+        T["direct"].append(pull(f"127.0.0.1:{P_UP_TLS}/{ref}", "tls-direct"))
+        T["cold"].append(pull(f"127.0.0.1:{P_RC_TLS}/{RC_PREFIX}/{ref}", "tls-cold"))
+        log(f"TLS upstream {im['tag']}: direct {T['direct'][-1]:.2f}s, regcache cold {T['cold'][-1]:.2f}s")
+    T["pss"] = pss.finish()["regcache"]
+    stop(p)
+    R["tls"] = T
 
 
 def s3_phase(images, R):
@@ -1030,6 +1070,8 @@ def main():
         ports += [P_RC_IDX, P_RC_NOUSE]
     if S3_SERVER:
         ports += [P_UP_S3, P_RC_S3, P_RC_S3B, P_S3]
+    if TLS:
+        ports += [P_UP_TLS, P_RC_TLS]
     if CLUSTER:
         ports += [P_UP_CL, P_RC_CL, P_RC_CL + 1, P_RC_CL + 2, PORT_BASE + 50, PORT_BASE + 51, PORT_BASE + 52]
     busy = [p for p in ports if not port_free(p)]
@@ -1249,6 +1291,11 @@ def main():
 
     idle_phase(R)
 
+    # --- an upstream over TLS ---------------------------------------------------
+    if TLS:
+        log("TLS phase: regcache in front of an upstream over TLS")
+        tls_phase(images, R)
+
     # --- start-up on a big store, bookkeeping on/off ----------------------------
     if INDEX_BLOBS:
         index_phase(R, images, rc.pid)
@@ -1348,6 +1395,14 @@ def report(R, images, colds, cond):
     rows.append(("idle PSS, embedded default CONFIG", "-",
                  *only_rc(f"{idle['pss']:.1f} MiB ({idle['procs']} processes)"), "<= 20 MiB",
                  mark(idle["pss"] <= 20)))
+
+    if "tls" in R:
+        T = R["tls"]
+        tdirect = med(T["direct"])
+        rows.append(("cold pull from an upstream over TLS (direct: over TLS too)", f"{tdirect:.2f} s",
+                     *only_rc(f"{med(T['cold']):.2f} s ({med(T['cold']) / tdirect:.2f}x)"), "", ""))
+        rows.append(("  same: peak PSS of that regcache", "-", *only_rc(f"{T['pss']:.1f} MiB"), "<= 12 MiB",
+                     mark(T["pss"] <= 12)))
 
     if "s3" in R:
         s3 = R["s3"]
@@ -1457,6 +1512,10 @@ def report(R, images, colds, cond):
         out.append(f"  cluster: slowest pull per pass {', '.join(f'{x:.2f}' for x in C['pull'])} s; upstream blob "
                    f"GETs per pass {', '.join(map(str, C['gets']))}; upstream bytes / image "
                    f"{', '.join(f'{x:.2f}' for x in C['ratio'])}")
+    if "tls" in R:
+        T = R["tls"]
+        out.append(f"  TLS upstream pull seconds per pass: direct {', '.join(f'{x:.2f}' for x in T['direct'])}; "
+                   f"regcache cold {', '.join(f'{x:.2f}' for x in T['cold'])}")
     if "s3" in R:
         s3 = R["s3"]
         out.append(f"  S3 pull seconds per pass: cold {', '.join(f'{x:.2f}' for x in s3['cold'])}; "
