@@ -738,6 +738,7 @@ def index_phase(R, images, rc_pid):
     mb = warm_blobs(blobs, big_size)
     X.update(rps_on=statistics.median(rps["on"]), rps_off=statistics.median(rps["off"]),
              rps_all=rps, blob_on=mb["on"][0], blob_off=mb["off"][0])
+    stop(nouse)
     R["index"] = X
     log(f"index: start {ready_s:.3f}s with {INDEX_BLOBS} blobs (empty {empty_s:.3f}s), index built "
         f"{built if built is None else round(built, 2)}s; manifest req/s bookkeeping on "
@@ -1289,16 +1290,19 @@ def main():
     for k, v in pss.finish().items():
         R[k]["pss"] = v
 
+    # --- start-up on a big store, bookkeeping on/off ----------------------------
+    if INDEX_BLOBS:
+        index_phase(R, images, rc.pid)
+
+    # The phases below measure regcache processes of their own: alone, so
+    # that no page they share with the main regcache is counted half.
+    stop(rc)
     idle_phase(R)
 
     # --- an upstream over TLS ---------------------------------------------------
     if TLS:
         log("TLS phase: regcache in front of an upstream over TLS")
         tls_phase(images, R)
-
-    # --- start-up on a big store, bookkeeping on/off ----------------------------
-    if INDEX_BLOBS:
-        index_phase(R, images, rc.pid)
 
     # --- regcache on S3, and a cluster --------------------------------------------
     if S3_SERVER:
