@@ -9,12 +9,15 @@
 
 use std::fs::File;
 use std::io;
+use std::io::IoSlice;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::{FutureExt, StreamExt, TryStreamExt};
 use http::Method;
+use nix::errno::Errno;
+use nix::sys::uio::pwritev;
 use regcache_protocol::follow::Step;
 use regcache_protocol::request::Kind;
 use regcache_protocol::response::{BlobStream, Outcome};
@@ -34,6 +37,11 @@ const MIN_GROWING_READ: u64 = 64 << 10;
 pub(super) const INLINE_FILL: u64 = 1 << 20;
 /// Times a broken-off upstream transfer is resumed before the fill fails.
 const MAX_RESUMES: u32 = 3;
+/// Bytes already received that a fill writes, hashes and reports in one go.
+/// A TLS upstream's body comes 16 KiB (one record) at a time; a write, a
+/// hand-off to a blocking thread and a wake-up of every reader per record
+/// cost more than the bytes.
+const BATCH: usize = 256 << 10;
 
 /// The state of a fill's bytes, as readers see it.
 #[derive(Debug, Clone)]
@@ -320,7 +328,7 @@ async fn resume(
     Ok(resp)
 }
 
-/// The fetch itself: each chunk written and hashed as it arrives.
+/// The fetch itself: what has arrived written and hashed before waiting for more.
 /// The last byte is released (Done) as soon as size and digest check out,
 /// before the commit that makes the blob visible to later requests.
 #[allow(clippy::too_many_arguments)]
@@ -391,7 +399,18 @@ async fn fetch(
     let mut failure = None;
     loop {
         let broke = loop {
-            match stream.next().await {
+            let next = match stream.next().now_or_never() {
+                Some(next) => next,
+                None => {
+                    // Nothing more has arrived: what has goes to disk and
+                    // to the readers before waiting for more.
+                    if !sink.flush(progress) {
+                        break None; // the writer failed; its error is reported below
+                    }
+                    stream.next().await
+                }
+            };
+            match next {
                 None => break None,
                 Some(Ok(chunk)) => {
                     received += chunk.len() as u64;
@@ -407,6 +426,9 @@ async fn fetch(
             }
         };
         let Some(broken) = broke else { break };
+        if !sink.flush(progress) {
+            break;
+        }
         // The transfer broke off (from upstream or from the shared store):
         // ask upstream for the rest (the whole blob is still hashed and
         // checked), when it is known how much there is.
@@ -426,7 +448,7 @@ async fn fetch(
             }
         }
     }
-    let (written, actual) = sink.finish().map_err(|source| {
+    let (written, actual) = sink.finish(progress).map_err(|source| {
         Error::Storage(regcache_store::Error::Io {
             op: "write",
             path: spool.path().to_owned(),
@@ -465,31 +487,40 @@ struct Disk {
 }
 
 impl Disk {
-    /// Writes `chunk` at `at`: at explicit offsets, so that a write retried
-    /// after a full disk rewrites exactly what did not land.
-    fn write(&self, chunk: &[u8], at: u64) -> io::Result<()> {
+    /// Writes `chunks` from `at` on: at explicit offsets, so that a write
+    /// retried after a full disk rewrites exactly what did not land.
+    fn write(&self, chunks: &[Bytes], mut at: u64) -> io::Result<()> {
         let (name, digest) = (&self.name, &self.digest);
-        loop {
-            match self.file.write_all_at(chunk, at) {
-                Err(e) if e.kind() == io::ErrorKind::StorageFull => {
-                    let needed = self
-                        .total
-                        .map_or(chunk.len() as u64, |t| t.saturating_sub(at));
+        let mut slices: Vec<IoSlice> = chunks.iter().map(|c| IoSlice::new(c)).collect();
+        let mut left = &mut slices[..];
+        while !left.is_empty() {
+            match pwritev(&*self.file, left, at as nix::libc::off_t) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    at += n as u64;
+                    IoSlice::advance_slices(&mut left, n);
+                }
+                Err(Errno::EINTR) => {}
+                Err(Errno::ENOSPC) => {
+                    let rest: usize = left.iter().map(|s| s.len()).sum();
+                    let needed = self.total.map_or(rest as u64, |t| t.saturating_sub(at));
                     if !self.store.relieve(needed) {
                         tracing::warn!(%name, %digest, "cache disk full and nothing left to evict: this blob is not cached");
-                        return Err(e);
+                        return Err(Errno::ENOSPC.into());
                     }
                     tracing::warn!(%name, %digest, "cache disk full: evicted to make room");
                 }
-                other => return other,
+                Err(e) => return Err(e.into()),
             }
         }
+        Ok(())
     }
 }
 
-/// A fill's writing and hashing, on the task that receives its bytes: each
-/// chunk is written and hashed before the next is read, so a fill pins one
-/// upstream connection buffer, not a queue of them (a queue between tasks
+/// A fill's writing and hashing, on the task that receives its bytes: the
+/// chunks received since the last flush (at most [`BATCH`]) are written and
+/// hashed before more is read, so a fill pins a bounded part of its
+/// upstream connection's buffers, not a queue of them (a queue between tasks
 /// held 0.8 MiB more for a fast upstream), and a slow disk slows the
 /// upstream read, never a client. A large blob's writes may block and its
 /// hashing takes a while, so they run in `block_in_place`: the runtime
@@ -498,6 +529,9 @@ struct Sink {
     disk: Disk,
     hasher: Box<Hasher>,
     written: u64,
+    /// Received, not yet written.
+    pending: Vec<Bytes>,
+    pending_len: usize,
     blocking: bool,
     failed: Option<io::Error>,
 }
@@ -511,18 +545,35 @@ impl Sink {
         Sink {
             hasher: Box::new(Hasher::new(disk.digest.algorithm())),
             written: 0,
+            pending: Vec::new(),
+            pending_len: 0,
             blocking: multi_thread && disk.total.is_none_or(|t| t > INLINE_FILL),
             failed: None,
             disk,
         }
     }
 
-    /// Takes `chunk`; `false` once writing has failed (see [`Sink::finish`]).
+    /// Takes `chunk`, writing once a batch is full; `false` once writing
+    /// has failed (see [`Sink::finish`]).
     fn push(&mut self, chunk: Bytes, progress: &watch::Sender<Progress>) -> bool {
-        let (disk, hasher, at) = (&self.disk, &mut self.hasher, self.written);
+        self.pending_len += chunk.len();
+        self.pending.push(chunk);
+        self.pending_len < BATCH || self.flush(progress)
+    }
+
+    /// Writes and hashes what is pending and tells the readers; `false`
+    /// once writing has failed.
+    fn flush(&mut self, progress: &watch::Sender<Progress>) -> bool {
+        if self.failed.is_some() {
+            return false;
+        }
+        if self.pending.is_empty() {
+            return true;
+        }
+        let (disk, hasher, chunks) = (&self.disk, &mut self.hasher, &self.pending);
         let mut work = || {
-            disk.write(&chunk, at)?;
-            hasher.update(&chunk);
+            disk.write(chunks, self.written)?;
+            chunks.iter().for_each(|c| hasher.update(c));
             Ok::<_, io::Error>(())
         };
         let done = match self.blocking {
@@ -533,20 +584,93 @@ impl Sink {
             self.failed = Some(e);
             return false;
         }
-        self.written += chunk.len() as u64;
-        let total = self.disk.total;
+        self.written += self.pending_len as u64;
+        self.pending.clear();
+        self.pending_len = 0;
         progress.send_replace(Progress::Writing {
             written: self.written,
-            total,
+            total: self.disk.total,
         });
         true
     }
 
     /// Bytes written and their digest, or why writing failed.
-    fn finish(self) -> io::Result<(u64, Digest)> {
+    fn finish(mut self, progress: &watch::Sender<Progress>) -> io::Result<(u64, Digest)> {
+        self.flush(progress);
         match self.failed {
             Some(e) => Err(e),
             None => Ok((self.written, self.hasher.finish())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use regcache_protocol::Algorithm;
+    use regcache_store::policy::Policy;
+    use regcache_store::FsStore;
+
+    use super::*;
+
+    /// A sink writing to a spool of a fresh store, and its readers' view.
+    fn sink(dir: &tempfile::TempDir) -> (Sink, Spool, watch::Sender<Progress>) {
+        let store = FsStore::open(dir.path()).unwrap();
+        let spool = store.spools().unwrap().create().unwrap();
+        let managed = Managed::new(Arc::new(store.clone()), store, Policy::default());
+        let disk = Disk {
+            file: spool.file().clone(),
+            total: None,
+            store: managed,
+            name: "org/img".parse().unwrap(),
+            digest: Digest::of(Algorithm::Sha256, b""),
+        };
+        let (tx, _) = watch::channel(Progress::Starting);
+        (Sink::new(disk), spool, tx)
+    }
+
+    fn written(progress: &watch::Sender<Progress>) -> Option<u64> {
+        match *progress.borrow() {
+            Progress::Writing { written, .. } => Some(written),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn small_chunks_are_written_and_reported_a_batch_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut sink, spool, progress) = sink(&dir);
+        let data = regcache_testkit::random_bytes(2 * BATCH + 1000);
+        // Records of 16 KiB, as a TLS upstream's body comes.
+        let chunks: Vec<Bytes> = data.chunks(16 << 10).map(Bytes::copy_from_slice).collect();
+        let per_batch = BATCH / (16 << 10);
+        for (i, chunk) in chunks.iter().enumerate() {
+            assert!(sink.push(chunk.clone(), &progress));
+            let batches = (i + 1) / per_batch;
+            let told = (batches > 0).then_some((batches * BATCH) as u64);
+            assert_eq!(written(&progress), told, "after chunk {i}");
+        }
+        // Less than a batch is written when the upstream makes the fill wait.
+        assert!(sink.flush(&progress));
+        assert_eq!(written(&progress), Some(data.len() as u64));
+        let (size, digest) = sink.finish(&progress).unwrap();
+        assert_eq!(size, data.len() as u64);
+        assert_eq!(digest, Digest::of(Algorithm::Sha256, &data));
+        assert!(std::fs::read(spool.path()).unwrap() == data);
+    }
+
+    #[tokio::test]
+    async fn what_is_pending_at_the_end_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut sink, spool, progress) = sink(&dir);
+        for part in [&b"abc"[..], b"def"] {
+            assert!(sink.push(Bytes::from_static(part), &progress));
+        }
+        assert_eq!(written(&progress), None, "a small chunk is held");
+        let (size, digest) = sink.finish(&progress).unwrap();
+        assert_eq!(
+            (size, digest),
+            (6, Digest::of(Algorithm::Sha256, b"abcdef"))
+        );
+        assert_eq!(std::fs::read(spool.path()).unwrap(), b"abcdef");
     }
 }
