@@ -42,6 +42,9 @@ const MAX_RESUMES: u32 = 3;
 /// hand-off to a blocking thread and a wake-up of every reader per record
 /// cost more than the bytes.
 const BATCH: usize = 256 << 10;
+/// Chunks a fill writes in one go at most (one `pwritev`, well under IOV_MAX
+/// however small an upstream's chunks are).
+const BATCH_CHUNKS: usize = 64;
 
 /// The state of a fill's bytes, as readers see it.
 #[derive(Debug, Clone)]
@@ -518,9 +521,10 @@ impl Disk {
 }
 
 /// A fill's writing and hashing, on the task that receives its bytes: the
-/// chunks received since the last flush (at most [`BATCH`]) are written and
-/// hashed before more is read, so a fill pins a bounded part of its
-/// upstream connection's buffers, not a queue of them (a queue between tasks
+/// chunks received since the last flush (at most [`BATCH`] bytes in
+/// [`BATCH_CHUNKS`] chunks) are written and hashed before more is read, so
+/// a fill pins a bounded part of its upstream connection's buffers, not a
+/// queue of them (a queue between tasks
 /// held 0.8 MiB more for a fast upstream), and a slow disk slows the
 /// upstream read, never a client. A large blob's writes may block and its
 /// hashing takes a while, so they run in `block_in_place`: the runtime
@@ -558,7 +562,8 @@ impl Sink {
     fn push(&mut self, chunk: Bytes, progress: &watch::Sender<Progress>) -> bool {
         self.pending_len += chunk.len();
         self.pending.push(chunk);
-        self.pending_len < BATCH || self.flush(progress)
+        let full = self.pending_len >= BATCH || self.pending.len() >= BATCH_CHUNKS;
+        !full || self.flush(progress)
     }
 
     /// Writes and hashes what is pending and tells the readers; `false`
@@ -672,5 +677,18 @@ mod tests {
             (6, Digest::of(Algorithm::Sha256, b"abcdef"))
         );
         assert_eq!(std::fs::read(spool.path()).unwrap(), b"abcdef");
+    }
+
+    #[tokio::test]
+    async fn tiny_chunks_are_written_a_bounded_number_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut sink, spool, progress) = sink(&dir);
+        for i in 0..BATCH_CHUNKS * 3 {
+            assert!(sink.push(Bytes::from(vec![i as u8]), &progress));
+        }
+        assert_eq!(written(&progress), Some(3 * BATCH_CHUNKS as u64));
+        assert_eq!(sink.finish(&progress).unwrap().0, 3 * BATCH_CHUNKS as u64);
+        let len = std::fs::metadata(spool.path()).unwrap().len();
+        assert_eq!(len, 3 * BATCH_CHUNKS as u64);
     }
 }
