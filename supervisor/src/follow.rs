@@ -472,7 +472,8 @@ mod tests {
     async fn a_failed_fill_fails_every_client_and_is_not_joined() {
         let fill = Fill::new(200_000);
         let (first, a) = fill.client();
-        let (_second, b) = fill.client();
+        let (second, b) = fill.client();
+        assert!(dropped(&second).await, "the second client did not join");
         let reads = tokio::spawn(async move { tokio::join!(body(a), body(b)) });
         send(&first, "100000\n").await;
         let failure = io::Error::other("digest mismatch");
