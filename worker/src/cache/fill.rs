@@ -558,8 +558,13 @@ impl Sink {
     }
 
     /// Takes `chunk`, writing once a batch is full; `false` once writing
-    /// has failed (see [`Sink::finish`]).
+    /// has failed (see [`Sink::finish`]). An empty chunk is dropped: an
+    /// HTTP/2 upstream may end a body with an empty DATA frame, and a
+    /// `pwritev` of nothing returns 0, which reads as a failed write.
     fn push(&mut self, chunk: Bytes, progress: &watch::Sender<Progress>) -> bool {
+        if chunk.is_empty() {
+            return self.failed.is_none();
+        }
         self.pending_len += chunk.len();
         self.pending.push(chunk);
         let full = self.pending_len >= BATCH || self.pending.len() >= BATCH_CHUNKS;
@@ -671,6 +676,24 @@ mod tests {
             assert!(sink.push(Bytes::from_static(part), &progress));
         }
         assert_eq!(written(&progress), None, "a small chunk is held");
+        let (size, digest) = sink.finish(&progress).unwrap();
+        assert_eq!(
+            (size, digest),
+            (6, Digest::of(Algorithm::Sha256, b"abcdef"))
+        );
+        assert_eq!(std::fs::read(spool.path()).unwrap(), b"abcdef");
+    }
+
+    #[tokio::test]
+    async fn empty_chunks_are_no_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut sink, spool, progress) = sink(&dir);
+        for part in [&b"abc"[..], b"", b"def", b""] {
+            assert!(sink.push(Bytes::from_static(part), &progress));
+            assert!(sink.flush(&progress), "after {part:?}");
+        }
+        // A body's last frame, empty, alone in its batch.
+        assert!(sink.push(Bytes::new(), &progress));
         let (size, digest) = sink.finish(&progress).unwrap();
         assert_eq!(
             (size, digest),
