@@ -109,12 +109,13 @@ async fn a_corrupted_fill_ends_its_reader_with_an_error_and_commits_nothing() {
         let blob = h.fake.add_blob("org/img", &data);
         h.fake.once(&blob.path, Serve::ok().corrupt_at(1000));
         let digest: Digest = blob.digest.parse().unwrap();
-        let first = h.cache.blob(&name("org/img"), &digest).await.unwrap();
-        let got = read_all(first).await;
-        assert!(
-            got.is_err(),
-            "{size}: wrong bytes were presented as complete"
-        );
+        // The reader attaches mid-fill and fails, or (on a busy machine)
+        // the fill has failed before it asks and the request fails.
+        let presented = match h.cache.blob(&name("org/img"), &digest).await {
+            Ok(first) => read_all(first).await.is_ok(),
+            Err(_) => false,
+        };
+        assert!(!presented, "{size}: wrong bytes were presented as complete");
         h.cache.drain_fills().await;
         let committed = h
             .dir
