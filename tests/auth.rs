@@ -717,6 +717,42 @@ fn upstream_ca_bundle_and_skip_verify() {
     );
 }
 
+/// From an upstream that offers HTTP/2 (TLS, ALPN), the API requests come
+/// over HTTP/2 and blob bodies over HTTP/1.1 (kernel-sized windows: see
+/// `worker/src/upstream.rs`), and the image arrives whole.
+#[test]
+fn blob_bodies_come_over_http1_and_the_api_over_http2() {
+    let up = Upstream::start();
+    let img = seed_image(&up, "org/app", "1", &[300_000, 20_000]);
+    let pki = Pki::new();
+    let tls = up.tls_twin(&pki.path("server.crt"), &pki.path("server.key"));
+    let storage = temp_dir("regcache-storage-");
+    let ca = pki.path("ca.crt");
+    let rc = Regcache::start_with_env(
+        &config_json(&[(&tls.url(), &["tls.up"])]),
+        &storage.path().join("storage"),
+        &[("REGCACHE_UPSTREAM_CA_FILE", &ca)],
+    );
+    let work = temp_dir("regcache-e2e-");
+    let dest = work.path().join("img");
+    skopeo_copy(&format!("{}/tls.up/org/app:1", rc.addr()), &dest, false)
+        .unwrap_or_else(|e| panic!("{e}\n{}", rc.log_tail(50)));
+    check_image_copy("over TLS", &img.image, &dest);
+    let log = tls.access_log();
+    let of = |what: &str| -> Vec<&String> { log.iter().filter(|l| l.contains(what)).collect() };
+    let (blobs, manifests) = (of("\"GET /v2/org/app/blobs/"), of("/v2/org/app/manifests/"));
+    assert_eq!(blobs.len(), 3, "config and two layers, once each: {log:#?}");
+    assert!(!manifests.is_empty(), "{log:#?}");
+    assert!(
+        blobs.iter().all(|l| l.contains(" HTTP/1.1\"")),
+        "{blobs:#?}"
+    );
+    assert!(
+        manifests.iter().all(|l| l.contains(" HTTP/2.0\"")),
+        "{manifests:#?}"
+    );
+}
+
 /// Over TLS, an HTTP/2 and an HTTP/1.1 client of one blob still being
 /// filled (the upstream holds it after 256 KiB until both are attached)
 /// each get the whole blob, read by the front from the fill's spool, with

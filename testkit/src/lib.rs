@@ -657,6 +657,8 @@ pub struct Upstream {
     port: u16,
     child: Option<Child>,
     creds: Option<(String, String)>,
+    /// Serves HTTPS (and so HTTP/2, by ALPN).
+    tls: bool,
 }
 
 impl Upstream {
@@ -706,6 +708,33 @@ impl Upstream {
             port,
             child: None,
             creds,
+            tls: false,
+        };
+        up.start_again();
+        up
+    }
+
+    /// A second registry on this one's storage, over TLS with `cert` and
+    /// `key` (PEM files), with its own access log: an upstream that offers
+    /// HTTP/2, as public registries do.
+    pub fn tls_twin(&self, cert: &str, key: &str) -> Upstream {
+        let dir = temp_dir("regcache-upstream-tls-");
+        let port = free_port();
+        let config = format!(
+            "version: 0.1\n\
+             log:\n  level: info\n  accesslog:\n    disabled: false\n\
+             storage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: 127.0.0.1:{port}\n  secret: regcache-test-secret\n\
+             \x20 tls:\n    certificate: {cert}\n    key: {key}\n",
+            self.dir.path().join("data").display()
+        );
+        fs::write(dir.path().join("config.yml"), config).unwrap();
+        let mut up = Upstream {
+            dir,
+            port,
+            child: None,
+            creds: None,
+            tls: true,
         };
         up.start_again();
         up
@@ -732,6 +761,10 @@ impl Upstream {
         self.child = Some(child);
         let addr = self.addr();
         let ready = wait_for(Duration::from_secs(15), || {
+            if self.tls {
+                // Go listens once it serves; the plain client cannot ask.
+                return port_is_open(&addr).then_some(());
+            }
             match http(&addr, "GET", "/v2/", &[]) {
                 Ok(r) if r.status == 200 || r.status == 401 => Some(()),
                 _ => None,
@@ -786,9 +819,11 @@ impl Upstream {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// `http://127.0.0.1:PORT`, as a CONFIG `registry` value.
+    /// `http://127.0.0.1:PORT` (`https://` over TLS), as a CONFIG
+    /// `registry` value.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr())
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr())
     }
 
     /// `(user, password)` when started with htpasswd.
