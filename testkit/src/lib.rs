@@ -1766,7 +1766,9 @@ impl Regcache {
         }
     }
 
-    /// SIGKILL the supervisor's process group and any worker seen.
+    /// SIGKILL the supervisor's process group and any worker seen, and
+    /// wait (up to 10 s) until those workers are gone: a worker's storage
+    /// lock is free only once it has exited, which SIGKILL does not wait for.
     pub fn kill(&mut self) {
         self.remember_workers();
         if let Some(mut child) = self.child.take() {
@@ -1774,13 +1776,17 @@ impl Regcache {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for p in std::mem::take(&mut self.seen_workers) {
+        let workers = std::mem::take(&mut self.seen_workers);
+        for &p in &workers {
             // A pid seen earlier may have been reused by now: only kill it if
             // it is still a `regcache worker` process.
             if is_regcache_worker(p) {
                 let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
             }
         }
+        wait_for(Duration::from_secs(10), || {
+            (!workers.iter().any(|&p| is_regcache_worker(p))).then_some(())
+        });
     }
 }
 
