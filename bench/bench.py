@@ -53,6 +53,9 @@ PASSES = env_int("BENCH_PASSES", 3, 1, 20)
 # A small pull takes ~50 ms, where one scheduling hiccup of a 2-core machine
 # is 10-20 ms: more passes, at ~1 s each.
 SMALL_PASSES = env_int("BENCH_SMALL_PASSES", 7, 1, 50)
+# A warm 256 MiB GET takes ~0.1 s: three of them sample a busy moment as much
+# as the server, so the row takes more (interleaved, all targets alike).
+WARM_PASSES = env_int("BENCH_WARM_PASSES", 9, 1, 50)
 WRK_SECONDS = env_int("BENCH_WRK_SECONDS", 5, 1, 60)
 WRK_THREADS = env_int("BENCH_WRK_THREADS", 2, 1, 64)
 WRK_CONNS = env_int("BENCH_WRK_CONNS", 32, 1, 1024)
@@ -983,21 +986,21 @@ def x_cache(header_file):
 
 def warm_blobs(targets, size):
     """targets: {name: (url, process tree root)}. Per target one untimed GET
-    (warms the cache and the page cache), then PASSES rounds of one timed GET
-    per target, interleaved so a busy moment hits all alike. Returns
+    (warms the cache and the page cache), then WARM_PASSES rounds of one timed
+    GET per target, interleaved so a busy moment hits all alike. Returns
     {name: (median MB/s, all MB/s, X-Cache of the last GET, CPU s/GB per process)}."""
     hf = {k: os.path.join(WORK, "logs", f"headers-{k}") for k in targets}
     for k, (url, _) in targets.items():
         blob_get(url, size, dump_headers=hf[k] + "-warmup")
     speeds = {k: [] for k in targets}
     cpu = {k: {} for k in targets}
-    for _ in range(PASSES):
+    for _ in range(WARM_PASSES):
         for k, (url, root) in targets.items():
             c0 = cpu_snapshot(root)
             speeds[k].append(blob_get(url, size, dump_headers=hf[k])["speed"] / 1e6)
             for j, (_, t) in enumerate(cpu_delta(c0, cpu_snapshot(root))):
                 cpu[k][j] = cpu[k].get(j, 0.0) + t
-    gb = PASSES * size / 1e9
+    gb = WARM_PASSES * size / 1e9
     return {k: (statistics.median(speeds[k]), speeds[k], x_cache(hf[k]), [cpu[k][j] / gb for j in sorted(cpu[k])])
             for k in targets}
 
@@ -1190,7 +1193,7 @@ def main():
 
     # --- warm blob throughput -----------------------------------------------
     big, big_size = images[0]["layers"][0]
-    log(f"warm blob GET ({big_size} bytes) x{PASSES}")
+    log(f"warm blob GET ({big_size} bytes) x{WARM_PASSES}")
     targets = {"nginx": (f"http://127.0.0.1:{P_NGX}/v2/{REPO}/blobs/{big}", ngx.pid)}
     for k, c in caches.items():
         targets[k] = (f"{c['base']}/{REPO}/blobs/{big}", roots[k])
@@ -1474,7 +1477,7 @@ def report(R, images, colds, cond):
     def cpu_parts(v, unit):
         return " + ".join(f"{x:.2f}" if unit == "s/GB" else f"{x:.0f}" for x in v) + f" {unit}"
 
-    coarse = " (coarse: 10 ms ticks over little data)" if PASSES * big_size < 500e6 else ""
+    coarse = " (coarse: 10 ms ticks over little data)" if WARM_PASSES * big_size < 500e6 else ""
     out.append(f"  CPU per warm blob GB served{coarse} (per process, regcache: supervisor + worker): "
                + "; ".join(f"{k} {cpu_parts(R[k]['blob_cpu'], 's/GB')}"
                            for k in ("nginx", *CACHES)))
