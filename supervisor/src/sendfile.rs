@@ -15,7 +15,8 @@
 //! While more of a body is at hand the socket is corked (`TCP_CORK`, as
 //! nginx's `tcp_nopush`), so each `sendfile`'s tail waits to fill a segment
 //! with the next one's head instead of going out alone; the body's last span
-//! uncorks it. On loopback that alone is a third more throughput.
+//! uncorks it. It halved the front's CPU per GB sent in the bench; its
+//! effect on loopback throughput measured both ways (issue #15's notes).
 
 use std::collections::VecDeque;
 use std::fs::File;
