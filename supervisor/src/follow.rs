@@ -248,9 +248,7 @@ impl Reading {
                 let file = &self.fill.file;
                 if let Some(spans) = &self.sendfile {
                     let len = (limit - self.pos).min(sendfile::CHUNK as u64) as usize;
-                    // The bytes after these are written already: they follow.
-                    let more = self.pos + (len as u64) < limit;
-                    let chunk = spans.chunk(file, self.pos, len, more);
+                    let chunk = spans.chunk(file, self.pos, len);
                     self.pos += len as u64;
                     return Ok(Some(chunk));
                 }
