@@ -77,6 +77,7 @@ P_RC_S3 = PORT_BASE + 11  # regcache on S3, node 1
 P_RC_S3B = PORT_BASE + 12  # regcache on S3, node 2 (same bucket, its own disk)
 P_S3 = PORT_BASE + 40  # the S3 server (s3s-fs)
 S3_SERVER = os.environ.get("BENCH_S3_SERVER", "")  # s3s-fs binary; empty: no S3 phase
+COMPARE = os.environ.get("BENCH_COMPARE", "")  # "NAME=BINARY ...": compare regcache builds (compare())
 P_RC_IDX = PORT_BASE + 13  # regcache started on a store of INDEX_BLOBS blobs
 P_RC_NOUSE = PORT_BASE + 14  # regcache with REGCACHE_RECORD_USE=false
 P_RC_IDLE = PORT_BASE + 18  # regcache with the embedded default CONFIG, idle
@@ -607,7 +608,7 @@ def group_requests(entries):
     return ", ".join(f"{k} x{n}" for k, n in counts.items()) or "none"
 
 
-def start_regcache(name="regcache", port=P_RC, upstream=P_UP_RC, extra_env=None, scheme="http"):
+def start_regcache(name="regcache", port=P_RC, upstream=P_UP_RC, extra_env=None, scheme="http", binary=None):
     d = os.path.join(WORK, name)
     os.makedirs(d, exist_ok=True)
     env = dict(os.environ)
@@ -616,7 +617,7 @@ def start_regcache(name="regcache", port=P_RC, upstream=P_UP_RC, extra_env=None,
     for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "REGCACHE_LISTEN", "REGCACHE_STORAGE"):
         env.pop(k, None)
     env.update(extra_env or {})
-    p = start(name, [REGCACHE, "--listen", f"127.0.0.1:{port}", "--storage", os.path.join(d, "data")],
+    p = start(name, [binary or REGCACHE, "--listen", f"127.0.0.1:{port}", "--storage", os.path.join(d, "data")],
               env=env, stdout=os.path.join(WORK, "logs", f"{name}.log"))
     wait_ready(name, f"http://127.0.0.1:{port}/v2/", p, timeout=60)
     return p
@@ -678,7 +679,7 @@ def timed_start(name, port, extra_env):
         env.pop(k, None)
     env.update(extra_env)
     t = time.monotonic()
-    p = start(name, [REGCACHE, "--listen", f"127.0.0.1:{port}", "--storage", os.path.join(d, "data")],
+    p = start(name, [binary or REGCACHE, "--listen", f"127.0.0.1:{port}", "--storage", os.path.join(d, "data")],
               env=env, stdout=os.path.join(WORK, "logs", f"{name}.log"))
     url = f"http://127.0.0.1:{port}/v2/"
     while True:
@@ -1062,12 +1063,93 @@ def manifest_check(url, digest):
 # ---------------------------------------------------------------------------
 
 
+def compare_builds(spec):
+    """{name: binary} of BENCH_COMPARE's "NAME=BINARY ..." (2 to 9 builds)."""
+    builds = {}
+    for word in spec.split():
+        name, sep, binary = word.partition("=")
+        if not sep or not name or not os.access(binary, os.X_OK):
+            raise BenchError(f"BENCH_COMPARE: {word!r} is not NAME=EXECUTABLE")
+        builds[name] = os.path.realpath(binary)
+    if not 2 <= len(builds) <= 9:
+        raise BenchError(f"BENCH_COMPARE: {len(builds)} builds; compare 2 to 9")
+    return builds
+
+
+def compare(builds):
+    """regcache builds side by side on the two figures a change to the data
+    path moves most: the warm blob GET (beside nginx static) and the cold
+    pull of the big image (beside direct). Every GET and every pull of one
+    round goes to each build in turn, so a busy moment of the machine hits
+    all of them. Separate runs mislead: the same code's warm GET came out
+    at 70-83 % of nginx in one session's full runs and 157-166 % in
+    another's."""
+    med = statistics.median
+    setup_skopeo()
+    n = len(builds)
+    log(f"building test data: {PASSES * n + 1} images with a {BLOB_MIB} MiB layer")
+    layout = Layout(os.path.join(WORK, "layout"))
+    images = [layout.image(f"p{i + 1}", [BLOB_MIB * MIB, 200_000, 20_000]) for i in range(PASSES * n + 1)]
+    up_root = os.path.join(WORK, "upstream-data")
+    start_registry("upstream", P_UP, up_root)
+    for im in images:
+        push(layout, im["tag"], REPO)
+    start_registry("upstream-rc", P_UP_RC, up_root)
+    ngx = start_nginx(layout, images[0])
+    procs = {k: start_regcache(k, P_RC + i, binary=b) for i, (k, b) in enumerate(builds.items())}
+
+    big, size = images[0]["layers"][0]
+    log(f"warm blob GET ({size} bytes) x{WARM_PASSES} per target")
+    targets = {"nginx": (f"http://127.0.0.1:{P_NGX}/v2/{REPO}/blobs/{big}", ngx.pid)}
+    for i, k in enumerate(builds):
+        targets[k] = (f"http://127.0.0.1:{P_RC + i}/v2/{RC_PREFIX}/{REPO}/blobs/{big}", procs[k].pid)
+    warm = warm_blobs(targets, size)
+
+    log(f"cold pulls of the {BLOB_MIB} MiB image, {PASSES} rounds")
+    pull(f"127.0.0.1:{P_UP}/{REPO}:{images[0]['tag']}", "warmup")
+    cold = {k: [] for k in ["direct", *builds]}
+    fresh = iter(images[1:])
+    for r in range(PASSES):
+        order = ["direct", *builds]
+        for k in order[r % len(order):] + order[:r % len(order)]:
+            check_alive()
+            if k == "direct":
+                cold[k].append(pull(f"127.0.0.1:{P_UP}/{REPO}:{images[0]['tag']}", "direct"))
+            else:
+                i = list(builds).index(k)
+                cold[k].append(pull(f"127.0.0.1:{P_RC + i}/{RC_PREFIX}/{REPO}:{next(fresh)['tag']}", k))
+        log(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in cold.items()))
+
+    ng_mb, direct = warm["nginx"][0], med(cold["direct"])
+    rows = [("measure", "nginx static / direct", *builds),
+            (f"warm {BLOB_MIB} MiB blob GET, median of {WARM_PASSES}", fmt_mb(ng_mb),
+             *(f"{fmt_mb(warm[k][0])} ({warm[k][0] / ng_mb:.0%})" for k in builds)),
+            ("  same: CPU per GB served", f"{sum(warm['nginx'][3]):.2f} s",
+             *(f"{sum(warm[k][3]):.2f} s" for k in builds)),
+            (f"cold skopeo pull, {BLOB_MIB} MiB image, median of {PASSES}", f"{direct:.2f} s",
+             *(f"{med(cold[k]):.2f} s ({med(cold[k]) / direct:.2f}x)" for k in builds))]
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    line = lambda r: "| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |"
+    out = [line(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows[1:]), "", "details:"]
+    out.append("  warm blob MB/s per GET: " + "; ".join(f"{k} " + ", ".join(f"{v:.0f}" for v in warm[k][1])
+                                                     for k in targets))
+    out.append("  cold pull seconds per round: " + "; ".join(f"{k} " + ", ".join(f"{v:.2f}" for v in cold[k])
+                                                         for k in cold))
+    out += [f"  {k}: {b}, code: {text_layout(b)}" for k, b in builds.items()]
+    sys.stdout.write("\n".join(out) + "\n")
+
+
 def main():
     global WORK, REGCACHE, PIDFILE
     WORK = os.environ["BENCH_WORK"]
-    REGCACHE = os.environ["REGCACHE_BIN"]
+    REGCACHE = os.environ.get("REGCACHE_BIN", "")
     PIDFILE = os.environ.get("BENCH_PIDFILE", os.path.join(WORK, "pids"))
     os.makedirs(os.path.join(WORK, "logs"), exist_ok=True)
+    if COMPARE:
+        busy = [p for p in (P_UP, P_UP_RC, P_NGX, *range(P_RC, P_RC + 9)) if not port_free(p)]
+        if busy:
+            raise BenchError(f"ports already in use: {busy} (set BENCH_PORT_BASE)")
+        return compare(compare_builds(COMPARE))
 
     ports = [P_UP, P_UP_RC, P_UP_R2, P_UP_NX, P_RC, P_R2, P_NX, P_NGX, P_RC_IDLE]
     if INDEX_BLOBS:
