@@ -1081,9 +1081,9 @@ def compare(builds):
     path moves most: the warm blob GET (beside nginx static) and the cold
     pull of the big image (beside direct). Every GET and every pull of one
     round goes to each build in turn, so a busy moment of the machine hits
-    all of them. Separate runs mislead: the same code's warm GET came out
-    at 70-83 % of nginx in one session's full runs and 157-166 % in
-    another's."""
+    all of them. Separate runs mislead: the same sendfile front's warm GET
+    came out at 70-83 % of nginx in one session's full runs and 157-166 %
+    in another's."""
     med = statistics.median
     setup_skopeo()
     n = len(builds)
