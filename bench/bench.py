@@ -679,7 +679,7 @@ def timed_start(name, port, extra_env):
         env.pop(k, None)
     env.update(extra_env)
     t = time.monotonic()
-    p = start(name, [binary or REGCACHE, "--listen", f"127.0.0.1:{port}", "--storage", os.path.join(d, "data")],
+    p = start(name, [REGCACHE, "--listen", f"127.0.0.1:{port}", "--storage", os.path.join(d, "data")],
               env=env, stdout=os.path.join(WORK, "logs", f"{name}.log"))
     url = f"http://127.0.0.1:{port}/v2/"
     while True:
