@@ -1128,9 +1128,7 @@ def compare(builds):
              *(f"{sum(warm[k][3]):.2f} s" for k in builds)),
             (f"cold skopeo pull, {BLOB_MIB} MiB image, median of {PASSES}", f"{direct:.2f} s",
              *(f"{med(cold[k]):.2f} s ({med(cold[k]) / direct:.2f}x)" for k in builds))]
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    line = lambda r: "| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |"
-    out = [line(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows[1:]), "", "details:"]
+    out = [*markdown_table(rows[0], rows[1:]), "", "details:"]
     out.append("  warm blob MB/s per GET: " + "; ".join(f"{k} " + ", ".join(f"{v:.0f}" for v in warm[k][1])
                                                      for k in targets))
     out.append("  cold pull seconds per round: " + "; ".join(f"{k} " + ", ".join(f"{v:.2f}" for v in cold[k])
@@ -1414,6 +1412,19 @@ def main():
 # ---------------------------------------------------------------------------
 
 
+def markdown_table(head, rows, right=()):
+    """Lines of a Markdown table, columns padded to their widest cell;
+    the columns numbered in `right` (figures) right-aligned."""
+    table = [head, *rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+
+    def line(r):
+        return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
+                                 for i, (c, w) in enumerate(zip(r, widths))) + " |"
+
+    return [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
+
+
 def fmt_mb(v):
     return f"{v:,.0f} MB/s"
 
@@ -1529,21 +1540,11 @@ def report(R, images, colds, cond):
 
     head = ("measure", "nginx static / direct", "regcache", "registry:2 proxy", "nginx proxy_cache",
             "regcache target", "")
-    table = [head] + rows
-    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
-
-    def line(r):
-        return "| " + " | ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) if 1 <= i <= len(CACHES) + 1
-                                 else c.ljust(widths[i]) for i, c in enumerate(r)) + " |"
-
     out = []
     out.append("")
     out.append(f"regcache benchmark: {BLOB_MIB} MiB blob, {COLD_MIB} MiB cold blob, medians of {PASSES} passes "
                f"({SMALL_PASSES} for small pulls), wrk {WRK_SECONDS} s, tag freshness {TAG_FRESHNESS} s")
-    out.append(line(head))
-    out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        out.append(line(r))
+    out += markdown_table(head, rows, right=range(1, len(CACHES) + 2))
     out.append("")
     out.append("details:")
     out.append(f"  warm blob MB/s per pass: " + "; ".join(
