@@ -296,7 +296,10 @@ impl FsStore {
 }
 
 /// fsync, rename into place, fsync the directory: the file is whole and
-/// durable under its final name, or absent.
+/// durable under its final name, or absent. A fill's writeback is not
+/// started early so that this fsync finds less to do: `sync_file_range`
+/// every 8 MiB of a 256 MiB fill made a cold pull no faster (1.14x direct
+/// against 1.08x, one interleaved run of 10 pulls each).
 fn place(file: &File, from: &Path, dest: &Path) -> Result<()> {
     file.sync_all().map_err(io_err("fsync", from))?;
     let parent = dest.parent().expect("store paths have parents");
