@@ -152,10 +152,11 @@ def text_layout(binary):
     size = {}
     for line in out.splitlines():
         f = line.split("]", 1)[-1].split()
-        if len(f) > 4 and f[0] in (".text", ".text.hot"):
+        if len(f) > 4 and f[0] in (".text", ".text.hot", ".text.tls"):
             size[f[0]] = int(f[4], 16)
-    hot, rest = size.get(".text.hot", 0), size.get(".text", 0)
-    return (f"{hot // 1024} KiB of {(hot + rest) // 1024} KiB placed first by link/hot-text.ld"
+    hot, tls, rest = size.get(".text.hot", 0), size.get(".text.tls", 0), size.get(".text", 0)
+    return (f"{hot // 1024} KiB of {(hot + tls + rest) // 1024} KiB placed first by link/hot-text.ld, "
+            f"{tls // 1024} KiB of TLS after it"
             f"{'' if hot else ' (none: not a release build, or no function of the file matched)'}")
 
 
@@ -831,6 +832,11 @@ def tls_phase(images, R):
          "-keyout", key, "-out", cert], timeout=30)
     start_registry("upstream-tls", P_UP_TLS, os.path.join(WORK, "upstream-data"), tls=(cert, key))
     env = {"REGCACHE_UPSTREAM_CA_FILE": ca}
+    if os.environ.get("REGCACHE_TEXT_PROFILE"):
+        # scripts/order-text: the code only a TLS upstream runs is placed
+        # apart from the rest, so it profiles apart.
+        env["REGCACHE_TEXT_PROFILE"] = os.path.join(os.environ["REGCACHE_TEXT_PROFILE"], "tls")
+        os.makedirs(env["REGCACHE_TEXT_PROFILE"], exist_ok=True)
     p = start_regcache("regcache-tls", P_RC_TLS, P_UP_TLS, env, scheme="https")
     pss = PssPeaks({"regcache": p.pid})
     T = {"cold": [], "direct": []}
