@@ -149,10 +149,10 @@ def main():
     seen = set()
     for section, order in ((".text.hot", hot), (".text.tls", tls)):
         print(f"  {section} : {{")
-        patterns = (pattern(n, len(by_key[key(n)]) == 1, n in local) for n in order)
-        for p in dict.fromkeys(patterns):
-            # The wildcard after .text. takes .text.unlikely.<name> too, where
-            # the compiler puts a function it deems cold.
+        for p in (pattern(n, len(by_key[key(n)]) == 1, n in local) for n in order):
+            # Once each, in the first section that has it. The wildcard after
+            # .text. takes .text.unlikely.<name> too, where the compiler puts
+            # a function it deems cold.
             if p not in seen:
                 seen.add(p)
                 print(f"    *(.text.*{p})")
