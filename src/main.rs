@@ -153,7 +153,7 @@ fn tame_malloc() {
 
 fn main() -> ExitCode {
     tame_malloc();
-    init_logging();
+    regcache_supervisor::log_lines::init();
     regcache_worker::raise_fd_limit();
     let cli = Cli::parse();
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
@@ -307,25 +307,6 @@ async fn healthcheck(args: HealthArgs) -> ExitCode {
             eprintln!("regcache healthcheck: {url}: {}{hint}", e.without_url());
             ExitCode::FAILURE
         }
-    }
-}
-
-/// `RUST_LOG` (or registry:2's `REGISTRY_LOG_LEVEL`) filters; JSON lines
-/// with `REGISTRY_LOG_FORMATTER=json`.
-fn init_logging() {
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .or_else(|| std::env::var("REGISTRY_LOG_LEVEL").ok())
-        .unwrap_or_else(|| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(regcache_supervisor::log_lines::Stderr);
-    if std::env::var("REGISTRY_LOG_FORMATTER").is_ok_and(|f| f.eq_ignore_ascii_case("json")) {
-        builder.json().init();
-    } else {
-        builder
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init();
     }
 }
 

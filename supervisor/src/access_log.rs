@@ -1,6 +1,7 @@
 //! One access-log line per request, written when the response body is done
 //! (or the client went away), so that bytes and duration are the real ones.
 
+use std::borrow::Cow;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -9,6 +10,8 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body as _, Frame, SizeHint};
 use regcache_protocol::body::Body;
+
+use crate::log_lines;
 
 /// What the line says besides bytes and duration; formatted only when the
 /// line is written (the request's own values, no copies).
@@ -49,19 +52,38 @@ impl Logged {
     }
 
     fn emit(&mut self, complete: bool) {
-        if let Some(e) = self.entry.take() {
-            tracing::info!(
-                target: "access",
-                method = %e.method,
-                path = %e.uri,
-                upstream = %e.upstream.as_deref().unwrap_or("-"),
-                status = e.status,
-                bytes = self.bytes,
-                duration_ms = e.started.elapsed().as_secs_f64() * 1000.0,
-                cache = %e.cache.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
-                complete,
-            );
+        let Some(e) = self.entry.take() else { return };
+        if !tracing::enabled!(target: "access", tracing::Level::INFO) {
+            return;
         }
+        // A request line's URI is a path (the origin form); a proxy's
+        // absolute form is rare enough to format.
+        let uri = match e.uri.scheme() {
+            None => Cow::Borrowed(e.uri.path_and_query().map_or("/", |p| p.as_str())),
+            Some(_) => Cow::Owned(e.uri.to_string()),
+        };
+        use log_lines::Value::{Bool, Millis, Number, Text};
+        log_lines::info(
+            "access",
+            &[
+                ("method", Text(e.method.as_str())),
+                ("path", Text(&uri)),
+                ("upstream", Text(e.upstream.as_deref().unwrap_or("-"))),
+                ("status", Number(e.status.into())),
+                ("bytes", Number(self.bytes)),
+                ("duration_ms", Millis(e.started.elapsed())),
+                (
+                    "cache",
+                    Text(
+                        e.cache
+                            .as_ref()
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("-"),
+                    ),
+                ),
+                ("complete", Bool(complete)),
+            ],
+        );
     }
 }
 
