@@ -170,7 +170,13 @@ pub fn is_base(path: &str) -> bool {
 /// Splits the part of a path after `/v2/` into the raw name and the endpoint
 /// suffix (starting with `/`). `None` when there is no endpoint marker.
 pub fn split(rest: &str) -> Option<(&str, &str)> {
-    let mut at = MARKERS.iter().filter_map(|m| rest.rfind(m)).max();
+    // The last marker: a scan back over the `/`s, where three `rfind`s
+    // each set up a substring searcher (1.4 % of a manifest hit's time).
+    let b = rest.as_bytes();
+    let mut at = (0..b.len())
+        .rev()
+        .filter(|&i| b[i] == b'/')
+        .find(|&i| MARKERS.iter().any(|m| b[i..].starts_with(m.as_bytes())));
     if rest.ends_with(TAGS_LIST) {
         let t = rest.len() - TAGS_LIST.len();
         at = Some(at.map_or(t, |a| a.max(t)));
@@ -216,6 +222,18 @@ mod tests {
         }
         let p = format!("a/blobs/{dd}");
         assert_eq!(split(&p), Some(("a", &p[1..])));
+    }
+
+    proptest::proptest! {
+        /// The scan finds what the plain definition does: the marker that
+        /// starts last (or the `/tags/list` ending after it).
+        #[test]
+        fn split_is_the_last_marker(rest in "([a-z]{0,3}|/|/manifests/|/blobs/|/referrers/|/tags/list){0,8}") {
+            let last = MARKERS.iter().filter_map(|m| rest.rfind(m)).max();
+            let tags = rest.ends_with(TAGS_LIST).then(|| rest.len() - TAGS_LIST.len());
+            let want = last.max(tags).map(|at| (&rest[..at], &rest[at..]));
+            proptest::prop_assert_eq!(split(&rest), want);
+        }
     }
 
     #[test]
