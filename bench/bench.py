@@ -1240,8 +1240,13 @@ def main():
     for i, im in enumerate(images):
         tag = im["tag"]
         check_alive()
-        R["direct"]["pull"].append(pull(f"127.0.0.1:{P_UP}/{REPO}:{tag}", "direct"))
-        for k, c in caches.items():
+        # Who goes first turns with each pass, as for the small images below.
+        order = ["direct", *caches]
+        for k in order[i % len(order):] + order[:i % len(order)]:
+            if k == "direct":
+                R["direct"]["pull"].append(pull(f"127.0.0.1:{P_UP}/{REPO}:{tag}", "direct"))
+                continue
+            c = caches[k]
             n0 = len(settled_entries(c["up"]))
             R[k]["cold"].append(pull(f"{c['ref']}/{REPO}:{tag}", f"{k}-cold"))
             last_tag_fetch[(k, tag)] = time.monotonic()  # the tag was fetched before this
