@@ -514,6 +514,22 @@ def pull(ref, label):
     return secs
 
 
+def children_cpu_seconds():
+    t = os.times()
+    return t.children_user + t.children_system
+
+
+def pull_cpu(ref, label, roots):
+    """pull(), and the CPU seconds it cost: skopeo's, then those of each
+    process under each of `roots` (a cache's, then its upstream's summed)."""
+    before = [cpu_snapshot(r) for r in roots]
+    k0 = children_cpu_seconds()
+    secs = pull(ref, label)
+    skopeo = children_cpu_seconds() - k0
+    *cache, upstream = [cpu_delta(b, cpu_snapshot(r)) for b, r in zip(before, roots)]
+    return secs, [skopeo, *(t for part in cache for _, t in part), sum(t for _, t in upstream)]
+
+
 # ---------------------------------------------------------------------------
 # services
 # ---------------------------------------------------------------------------
@@ -1189,7 +1205,7 @@ def main():
               for kind, _, _, t in SMALL_KINDS}
 
     up_root = os.path.join(WORK, "upstream-data")
-    start_registry("upstream", P_UP, up_root)
+    up = start_registry("upstream", P_UP, up_root)
     log("pushing to the upstream")
     for im in images:
         push(layout, im["tag"], REPO)
@@ -1224,9 +1240,10 @@ def main():
     R = {"direct": {}, "nginx": {}, "regcache": {}, "registry2": {}, "nginx-cache": {}}
     for k in CACHES:
         R[k].update(cold=[], warm=[], warm_reqs=[], warm_desc="", fetches=[], heads=[], cold_reqs=[],
-                    ttfb=[], cold_done=[], cold_errors=[], cold_cpu=[], small={kind: [] for kind, _, _, _ in SMALL_KINDS},
+                    ttfb=[], cold_done=[], cold_errors=[], cold_cpu=[], cold_pull_cpu=[], small={kind: [] for kind, _, _, _ in SMALL_KINDS},
                     small_reqs={kind: [] for kind, _, _, _ in SMALL_KINDS})
     R["direct"]["pull"] = []
+    R["direct"]["pull_cpu"] = []
     R["direct"]["small"] = {kind: [] for kind, _, _, _ in SMALL_KINDS}
     rss_steps = [("started", tree_hwm_mib(rc.pid))]
     R["nginx"]["ttfb"] = []
@@ -1244,11 +1261,15 @@ def main():
         order = ["direct", *caches]
         for k in order[i % len(order):] + order[:i % len(order)]:
             if k == "direct":
-                R["direct"]["pull"].append(pull(f"127.0.0.1:{P_UP}/{REPO}:{tag}", "direct"))
+                secs, cpu = pull_cpu(f"127.0.0.1:{P_UP}/{REPO}:{tag}", "direct", [up.pid])
+                R["direct"]["pull"].append(secs)
+                R["direct"]["pull_cpu"].append(cpu)
                 continue
             c = caches[k]
             n0 = len(settled_entries(c["up"]))
-            R[k]["cold"].append(pull(f"{c['ref']}/{REPO}:{tag}", f"{k}-cold"))
+            secs, cpu = pull_cpu(f"{c['ref']}/{REPO}:{tag}", f"{k}-cold", [roots[k], ups[k]])
+            R[k]["cold"].append(secs)
+            R[k]["cold_pull_cpu"].append(cpu)
             last_tag_fetch[(k, tag)] = time.monotonic()  # the tag was fetched before this
             n1 = len(settled_entries(c["up"]))
             R[k]["warm"].append(pull(f"{c['ref']}/{REPO}:{tag}", f"{k}-warm"))
@@ -1586,6 +1607,10 @@ def report(R, images, colds, cond):
                f"last: the cache's upstream; nginx's wall time is {os.cpu_count() * med(ng['cold_done']):.2f} core-s): "
                f"nginx {med(ng['cold_cpu']):.2f}; " + "; ".join(
                    f"{k} {' + '.join(f'{x:.2f}' for x in median_parts(R[k]['cold_cpu']))}" for k in CACHES))
+    out.append(f"  CPU s of a cold pull of the {BLOB_MIB} MiB image, median pass (per process: skopeo, the cache's "
+               "(regcache: supervisor + worker), the upstream's): direct "
+               + " + ".join(f"{x:.2f}" for x in median_parts(dr["pull_cpu"])) + "; " + "; ".join(
+                   f"{k} {' + '.join(f'{x:.2f}' for x in median_parts(R[k]['cold_pull_cpu']))}" for k in CACHES))
     for k in CACHES:
         if R[k]["cold_errors"]:
             out.append(f"  {k} concurrent cold GET failures: {len(R[k]['cold_errors'])}: {R[k]['cold_errors'][0]}")
