@@ -519,15 +519,16 @@ def children_cpu_seconds():
     return t.children_user + t.children_system
 
 
-def pull_cpu(ref, label, roots):
-    """pull(), and the CPU seconds it cost: skopeo's, then those of each
-    process under each of `roots` (a cache's, then its upstream's summed)."""
-    before = [cpu_snapshot(r) for r in roots]
+def pull_cpu(ref, label, upstream, cache=None):
+    """pull(), and the CPU seconds it cost: [skopeo's, the `cache` tree's
+    (if any), the `upstream` tree's], and the cache's per process."""
+    trees = [r for r in (cache, upstream) if r]
+    before = [cpu_snapshot(r) for r in trees]
     k0 = children_cpu_seconds()
     secs = pull(ref, label)
     skopeo = children_cpu_seconds() - k0
-    *cache, upstream = [cpu_delta(b, cpu_snapshot(r)) for b, r in zip(before, roots)]
-    return secs, [skopeo, *(t for part in cache for _, t in part), sum(t for _, t in upstream)]
+    per = [[t for _, t in cpu_delta(b, cpu_snapshot(r))] for b, r in zip(before, trees)]
+    return secs, [skopeo, *map(sum, per)], per[0] if cache else []
 
 
 # ---------------------------------------------------------------------------
@@ -1240,7 +1241,7 @@ def main():
     R = {"direct": {}, "nginx": {}, "regcache": {}, "registry2": {}, "nginx-cache": {}}
     for k in CACHES:
         R[k].update(cold=[], warm=[], warm_reqs=[], warm_desc="", fetches=[], heads=[], cold_reqs=[],
-                    ttfb=[], cold_done=[], cold_errors=[], cold_cpu=[], cold_pull_cpu=[], small={kind: [] for kind, _, _, _ in SMALL_KINDS},
+                    ttfb=[], cold_done=[], cold_errors=[], cold_cpu=[], cold_pull_cpu=[], cold_pull_cpu_per=[], small={kind: [] for kind, _, _, _ in SMALL_KINDS},
                     small_reqs={kind: [] for kind, _, _, _ in SMALL_KINDS})
     R["direct"]["pull"] = []
     R["direct"]["pull_cpu"] = []
@@ -1261,15 +1262,16 @@ def main():
         order = ["direct", *caches]
         for k in order[i % len(order):] + order[:i % len(order)]:
             if k == "direct":
-                secs, cpu = pull_cpu(f"127.0.0.1:{P_UP}/{REPO}:{tag}", "direct", [up.pid])
+                secs, cpu, _ = pull_cpu(f"127.0.0.1:{P_UP}/{REPO}:{tag}", "direct", up.pid)
                 R["direct"]["pull"].append(secs)
                 R["direct"]["pull_cpu"].append(cpu)
                 continue
             c = caches[k]
             n0 = len(settled_entries(c["up"]))
-            secs, cpu = pull_cpu(f"{c['ref']}/{REPO}:{tag}", f"{k}-cold", [roots[k], ups[k]])
+            secs, cpu, per = pull_cpu(f"{c['ref']}/{REPO}:{tag}", f"{k}-cold", ups[k], roots[k])
             R[k]["cold"].append(secs)
             R[k]["cold_pull_cpu"].append(cpu)
+            R[k]["cold_pull_cpu_per"].append(per)
             last_tag_fetch[(k, tag)] = time.monotonic()  # the tag was fetched before this
             n1 = len(settled_entries(c["up"]))
             R[k]["warm"].append(pull(f"{c['ref']}/{REPO}:{tag}", f"{k}-warm"))
@@ -1603,14 +1605,19 @@ def report(R, images, colds, cond):
 
     def median_parts(passes):
         return [statistics.median(p[j] for p in passes) for j in range(min(map(len, passes)))]
+
+    def parts(passes):
+        return " + ".join(f"{x:.2f}" for x in median_parts(passes))
     out.append(f"  CPU s of the {COLD_CLIENTS} cold GETs, median pass (per process; regcache: supervisor + worker; "
                f"last: the cache's upstream; nginx's wall time is {os.cpu_count() * med(ng['cold_done']):.2f} core-s): "
                f"nginx {med(ng['cold_cpu']):.2f}; " + "; ".join(
-                   f"{k} {' + '.join(f'{x:.2f}' for x in median_parts(R[k]['cold_cpu']))}" for k in CACHES))
-    out.append(f"  CPU s of a cold pull of the {BLOB_MIB} MiB image, median pass (per process: skopeo, the cache's "
-               "(regcache: supervisor + worker), the upstream's): direct "
-               + " + ".join(f"{x:.2f}" for x in median_parts(dr["pull_cpu"])) + "; " + "; ".join(
-                   f"{k} {' + '.join(f'{x:.2f}' for x in median_parts(R[k]['cold_pull_cpu']))}" for k in CACHES))
+                   f"{k} {parts(R[k]['cold_cpu'])}" for k in CACHES))
+    # regcache's processes keep their order (supervisor, worker); nginx's
+    # workers take turns, so only the cache's sum is a median for every cache.
+    out.append(f"  CPU s of a cold pull of the {BLOB_MIB} MiB image, median pass (skopeo + the cache's processes + "
+               f"the upstream's): direct {parts(dr['pull_cpu'])}; " + "; ".join(
+                   f"{k} {parts(R[k]['cold_pull_cpu'])}" for k in CACHES)
+               + f"; regcache's supervisor + worker {parts(rc['cold_pull_cpu_per'])}")
     for k in CACHES:
         if R[k]["cold_errors"]:
             out.append(f"  {k} concurrent cold GET failures: {len(R[k]['cold_errors'])}: {R[k]['cold_errors'][0]}")
