@@ -84,18 +84,15 @@ fn format_line(
             .iter()
             .for_each(|p| out.extend_from_slice(p.as_bytes()));
     }
-    let stamp = humantime::format_rfc3339_micros(now).to_string();
+    // Written in place: a `String` of it first was one allocation a line.
+    let stamp = humantime::format_rfc3339_micros(now);
     if json {
-        put(
-            out,
-            &[
-                r#"{"timestamp":""#,
-                &stamp,
-                r#"","level":"INFO","fields":{"#,
-            ],
-        );
+        put(out, &[r#"{"timestamp":""#]);
+        let _ = write!(out, "{stamp}");
+        put(out, &[r#"","level":"INFO","fields":{"#]);
     } else {
-        put(out, &[&stamp, "  INFO ", target, ":"]);
+        let _ = write!(out, "{stamp}");
+        put(out, &["  INFO ", target, ":"]);
     }
     for (i, (name, value)) in fields.iter().enumerate() {
         match (json, i) {
