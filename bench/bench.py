@@ -1286,6 +1286,9 @@ def main():
 
     # --- cold pulls of small images: round trips, not bandwidth ---------------
     log("cold pulls of small images: " + ", ".join(kind for kind, _, _, _ in SMALL_KINDS))
+    # Each cache has an upstream front of its own, so the count its log had
+    # settled at after one pull is the count before its next.
+    seen = {k: len(settled_entries(c["up"])) for k, c in caches.items()}
     for kind, repo, short, _ in SMALL_KINDS:
         for i, im in enumerate(smalls[kind]):
             check_alive()
@@ -1298,10 +1301,11 @@ def main():
                     R["direct"]["small"][kind].append(pull(f"127.0.0.1:{P_UP}/{ref}", "direct-small"))
                     continue
                 c = caches[k]
-                n0 = len(settled_entries(c["up"]))
                 via = f"127.0.0.1:{P_RC}/{short}:{im['tag']}" if short and k == "regcache" else f"{c['ref']}/{ref}"
                 R[k]["small"][kind].append(pull(via, f"{k}-small"))
-                R[k]["small_reqs"][kind].append(len(settled_entries(c["up"])) - n0)
+                n = len(settled_entries(c["up"]))
+                R[k]["small_reqs"][kind].append(n - seen[k])
+                seen[k] = n
 
     rss_steps.append(("pulls", tree_hwm_mib(rc.pid)))
 
