@@ -50,8 +50,9 @@ def env_int(name, default, lo, hi):
 BLOB_MIB = env_int("BENCH_BLOB_MIB", 256, 1, 4096)
 COLD_MIB = env_int("BENCH_COLD_MIB", BLOB_MIB, 1, 4096)
 PASSES = env_int("BENCH_PASSES", 3, 1, 20)
-# A small pull takes ~50 ms, where one scheduling hiccup of a 2-core machine
-# is 10-20 ms: more passes, at ~1 s each.
+# A small pull takes ~40 ms, where one scheduling hiccup of a 2-core machine
+# is 10-20 ms: more passes, at ~6 s each (12 pulls; each cache's upstream log
+# settles after its pull).
 SMALL_PASSES = env_int("BENCH_SMALL_PASSES", 21, 1, 50)
 # A warm 256 MiB GET takes ~0.1 s: three of them sample a busy moment as much
 # as the server, so the row takes more (interleaved, all targets alike).
