@@ -1,9 +1,9 @@
 //! A blob its worker is still filling, served from the fill's spool file:
 //! the worker sends progress (`regcache_protocol::follow`), the front sends
 //! the bytes from the page cache itself (by `sendfile` where the connection
-//! allows and it is cheaper, see [`Reading::copies`], else read here), so no
-//! blob byte is relayed over the worker's socket, and TLS and HTTP/2
-//! clients get the same body.
+//! allows and it is the cheaper way, see `sendfile::Sending::copies`, else
+//! read here), so no blob byte is relayed over the worker's socket, and TLS
+//! and HTTP/2 clients get the same body.
 //!
 //! One fill, one progress stream: the first whole-blob answer naming a
 //! spool is followed by a task of its own ([`drive`]), and every later
@@ -28,7 +28,7 @@ use regcache_store::{FsStore, ReadBuf};
 use regcache_worker::metrics::Metrics;
 use tokio::sync::watch;
 
-use crate::sendfile::{self, Spans};
+use crate::sendfile::{self, Sending, Spans};
 
 /// The fills one worker's answers are following now, by spool name.
 #[derive(Default)]
@@ -113,7 +113,7 @@ impl Follows {
         let reading = Reading {
             progress: fill.progress.clone(),
             fill,
-            sendfile: sendfile.cloned(),
+            sendfile: sendfile.map(Spans::sending),
             pos: start,
             end,
         };
@@ -227,28 +227,14 @@ fn range_start(v: &HeaderValue) -> Option<u64> {
 struct Reading {
     fill: Arc<Followed>,
     progress: watch::Receiver<Progress>,
-    /// Set where the bytes go out by `sendfile`, not read here.
-    sendfile: Option<Spans>,
+    /// Set where the bytes may go out by `sendfile` rather than read here.
+    sendfile: Option<Sending>,
     pos: u64,
     /// Where the answer ends, when its length is known.
     end: Option<u64>,
 }
 
 impl Reading {
-    /// Whether this client gets copies read here rather than `sendfile`.
-    /// By `sendfile`, the client's own read takes the bytes from memory the
-    /// fill wrote a while ago (the fill runs ahead of a client that hashes
-    /// and writes what it gets); copied here, that read is the front's, on
-    /// another core, and the client reads what was just copied. For the
-    /// lone client of a fill on this host (`docker pull` through
-    /// 127.0.0.1), a cold 256 MiB skopeo pull took 1.21x direct against
-    /// 1.36x by `sendfile` (12 interleaved pulls each). With more clients
-    /// the front's copies add up (16 of one cold blob, all copied: 2.51 s
-    /// against 1.87 s by `sendfile`, nginx 1.94 s), so each chunk asks.
-    fn copies(&self, spans: &Spans) -> bool {
-        spans.local() && Arc::strong_count(&self.fill) == 1
-    }
-
     /// The next chunk of the answer; `None` at its end. An error aborts the
     /// client's body (the fill failed, or its worker went away).
     async fn next(&mut self) -> io::Result<Option<Bytes>> {
@@ -261,9 +247,9 @@ impl Reading {
             let limit = self.end.map_or(readable, |e| e.min(readable));
             if self.pos < limit {
                 let file = &self.fill.file;
-                if let Some(spans) = self.sendfile.as_ref().filter(|s| !self.copies(s)) {
+                if let Some(sending) = self.sendfile.as_ref().filter(|s| !s.copies()) {
                     let len = (limit - self.pos).min(sendfile::CHUNK as u64) as usize;
-                    let chunk = spans.chunk(file, self.pos, len);
+                    let chunk = sending.chunk(file, self.pos, len);
                     self.pos += len as u64;
                     return Ok(Some(chunk));
                 }
@@ -485,7 +471,8 @@ mod tests {
         let fill = Fill::new(300_000);
         let len = fill.data.len();
         let (tx, steps) = progress();
-        let here = Spans::on_host(true);
+        let bodies = Box::leak(Box::default());
+        let here = Spans::on_host(true, bodies);
         let mut a = fill.serve_on(0, len, steps, Some(&here)).unwrap();
         send(&tx, "100000\n").await;
         let copied = chunk(a.body_mut()).await;
@@ -502,7 +489,7 @@ mod tests {
         // A lone client elsewhere gets `sendfile` all along.
         drop((a, b));
         let (tx, steps) = progress();
-        let away = Spans::on_host(false);
+        let away = Spans::on_host(false, bodies);
         let mut c = fill.serve_on(0, len, steps, Some(&away)).unwrap();
         send(&tx, "300000 end\n").await;
         assert!(sendfile::is_placeholder(&chunk(c.body_mut()).await));

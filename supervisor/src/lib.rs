@@ -73,6 +73,9 @@ const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 /// How long routing waits for every worker before serving anyway (a slow
 /// one answers 503 until it is ready).
 const WORKERS_READY: Duration = Duration::from_secs(30);
+/// The blob bodies this process sends on plain TCP, to clients and peers
+/// (`sendfile::Sending::copies` asks how many).
+static BODIES: sendfile::Bodies = sendfile::Bodies::new();
 
 /// Runs the supervisor on `listener` (and the probes-only `metrics`
 /// listener, and the cluster's `peer` listener) until `shutdown` resolves:
@@ -251,7 +254,7 @@ async fn serve(
                     let mut byte = [0u8; 1];
                     let first = tokio::time::timeout(limits.header_timeout, stream.peek(&mut byte));
                     if matches!(first.await, Ok(Ok(n)) if n > 0) {
-                        let wire = sendfile::Wire::new(stream);
+                        let wire = sendfile::Wire::new(stream, &BODIES);
                         let spans = wire.spans();
                         conn.serve(wire, Some(spans), Some(watcher));
                     }
@@ -308,7 +311,7 @@ async fn serve_peers(listener: TcpListener, peers: Arc<peer::PeerFront>) {
         let _ = stream.set_nodelay(true);
         let peers = peers.clone();
         // Blobs a peer fetches go out by `sendfile`, as to clients.
-        let wire = sendfile::Wire::new(stream);
+        let wire = sendfile::Wire::new(stream, &BODIES);
         let spans = wire.spans();
         let svc = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(spans.for_request());
