@@ -26,8 +26,9 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{self, IoSlice, Read, Seek};
+use std::io::{self, IoSlice};
 use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -43,6 +44,9 @@ use tokio::net::TcpStream;
 /// call runs on the connection's runtime thread, so it is bounded (nginx's
 /// `sendfile_max_chunk` default).
 pub const CHUNK: usize = 2 << 20;
+/// The most one copied chunk holds (see [`Sending::copies`]): a read from
+/// the page cache on the connection's thread, so a short one.
+const COPY: u64 = 128 << 10;
 
 /// Zeroed memory from the allocator (`calloc`: fresh pages, mapped lazily),
 /// never touched, so it costs address space only.
@@ -117,8 +121,7 @@ impl Spans {
     }
 
     /// The body chunks of bytes `start..end` of `file`, a committed blob:
-    /// placeholders, or bytes read on the blocking pool while the body
-    /// [`Sending::copies`].
+    /// placeholders, or bytes read while the body [`Sending::copies`].
     pub fn file(
         self,
         file: File,
@@ -136,24 +139,7 @@ impl Spans {
                         let len = (end - at).min(CHUNK as u64) as usize;
                         Ok(sending.spans.chunk(&file, at, len))
                     }
-                    true => {
-                        let room = Room::sized(end - at);
-                        let read = tokio::task::spawn_blocking(move || {
-                            // Read, not read at: no zeroed buffer needed.
-                            // The file's offset is this body's own.
-                            (&*file).seek(io::SeekFrom::Start(at))?;
-                            let mut buf = Vec::with_capacity(room.size());
-                            (&*file).take(room.size() as u64).read_to_end(&mut buf)?;
-                            if buf.len() < room.size() {
-                                return Err(io::Error::new(
-                                    io::ErrorKind::UnexpectedEof,
-                                    "blob file shorter than its answer",
-                                ));
-                            }
-                            Ok(room.into_bytes(buf))
-                        });
-                        read.await.unwrap_or_else(|e| Err(io::Error::other(e)))
-                    }
+                    true => copy(file, at, end).await,
                 };
                 let next = match &chunk {
                     Ok(b) if at + (b.len() as u64) < end => Some((sending, at + b.len() as u64)),
@@ -220,6 +206,30 @@ impl Drop for Sending {
 #[cfg(test)]
 pub fn is_placeholder(s: &[u8]) -> bool {
     placeholder_offset(s).is_some()
+}
+
+/// Bytes from `at` (to at most `end`) of `file` to copy to a client: read
+/// here when the page cache has them all, which is the rule for a blob
+/// served a moment ago; else on the blocking pool, so that the disk never
+/// holds up the connections this thread serves.
+async fn copy(file: Arc<File>, at: u64, end: u64) -> io::Result<Bytes> {
+    let room = Room::sized((end - at).min(COPY));
+    let mut buf = vec![0; room.size()];
+    let cached = rustix::io::preadv2(
+        &*file,
+        &mut [io::IoSliceMut::new(&mut buf)],
+        at,
+        rustix::io::ReadWriteFlags::NOWAIT,
+    );
+    let got = cached.unwrap_or(0);
+    if got == buf.len() {
+        return Ok(room.into_bytes(buf));
+    }
+    let read = tokio::task::spawn_blocking(move || {
+        file.read_exact_at(&mut buf[got..], at + got as u64)?;
+        Ok(room.into_bytes(buf))
+    });
+    read.await.unwrap_or_else(|e| Err(io::Error::other(e)))
 }
 
 /// How far into the placeholder `s` starts, if it is one.
@@ -508,6 +518,25 @@ mod tests {
             "{} body bytes of {n}",
             got.len() - head_end
         );
+    }
+
+    #[tokio::test]
+    async fn a_copy_reads_what_the_page_cache_has_not_from_the_disk() {
+        let (file, data) = file_of(300_000);
+        let f = file.as_file();
+        f.sync_all().unwrap();
+        // Clean pages dropped: the cached read gets none, the disk the rest.
+        use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+        posix_fadvise(f, 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED).unwrap();
+        let f = Arc::new(File::open(file.path()).unwrap());
+        let n = data.len() as u64;
+        let got = copy(f.clone(), 1000, n).await.unwrap();
+        assert!(got[..] == data[1000..1000 + got.len()]);
+        assert_eq!(got.len() as u64, COPY);
+        // The last bytes, and a file shorter than the answer.
+        assert!(copy(f.clone(), n - 10, n).await.unwrap()[..] == data[data.len() - 10..]);
+        let short = copy(f, n - 10, n + 10).await.unwrap_err();
+        assert_eq!(short.kind(), io::ErrorKind::UnexpectedEof);
     }
 
     #[test]
