@@ -21,14 +21,14 @@
 //! cache onto the client: a Python reader of a warm 256 MiB blob used 0.17 s
 //! of CPU against 0.12 s when the front read and wrote the bytes itself (and
 //! 0.14 s from `docker-registry`, 0.18 s from nginx's `sendfile`; 12 GETs
-//! each, interleaved). So a body goes by `sendfile` unless its client runs
-//! on this host and it is the only one going out ([`Sending::copies`]).
+//! each, interleaved). So a fill's body goes by `sendfile` unless its client
+//! runs on this host and it is the only body going out
+//! ([`Sending::copies`]).
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, IoSlice};
 use std::os::fd::AsFd;
-use std::os::unix::fs::FileExt;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -36,7 +36,6 @@ use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use futures_util::Stream;
-use regcache_store::ReadBuf as Room;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -44,9 +43,6 @@ use tokio::net::TcpStream;
 /// call runs on the connection's runtime thread, so it is bounded (nginx's
 /// `sendfile_max_chunk` default).
 pub const CHUNK: usize = 2 << 20;
-/// The most one copied chunk holds (see [`Sending::copies`]): a read from
-/// the page cache on the connection's thread, so a short one.
-const COPY: u64 = 128 << 10;
 
 /// Zeroed memory from the allocator (`calloc`: fresh pages, mapped lazily),
 /// never touched, so it costs address space only.
@@ -120,8 +116,9 @@ impl Spans {
         self.clone()
     }
 
-    /// The body chunks of bytes `start..end` of `file`, a committed blob:
-    /// placeholders, or bytes read while the body [`Sending::copies`].
+    /// The body chunks of bytes `start..end` of `file`, a committed blob,
+    /// counted as a body going out while they are sent. Always placeholders:
+    /// see [`Sending::copies`] for why a stored blob is not copied.
     pub fn file(
         self,
         file: File,
@@ -129,25 +126,11 @@ impl Spans {
         end: u64,
     ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
         let file = Arc::new(file);
-        let state = (start < end).then(|| (self.sending(), start));
-        futures_util::stream::unfold(state, move |state| {
-            let file = file.clone();
-            async move {
-                let (sending, at) = state?;
-                let chunk = match sending.copies() {
-                    false => {
-                        let len = (end - at).min(CHUNK as u64) as usize;
-                        Ok(sending.spans.chunk(&file, at, len))
-                    }
-                    true => copy(file, at, end).await,
-                };
-                let next = match &chunk {
-                    Ok(b) if at + (b.len() as u64) < end => Some((sending, at + b.len() as u64)),
-                    _ => None,
-                };
-                Some((chunk, next))
-            }
-        })
+        let sending = self.sending();
+        futures_util::stream::iter((start..end).step_by(CHUNK).map(move |at| {
+            let len = (end - at).min(CHUNK as u64) as usize;
+            Ok(sending.chunk(&file, at, len))
+        }))
     }
 
     /// Bytes sent from files on this connection.
@@ -169,23 +152,22 @@ pub struct Sending {
 }
 
 impl Sending {
-    /// Whether the next chunk is better read here and written than sent by
-    /// `sendfile`: when the client runs on this host (a loopback connection,
-    /// or one to our own address) and no other blob is being sent. By
-    /// `sendfile`, the client's own read of the bytes is a read of memory
-    /// long out of the CPU's caches (a stored blob, or a fill that runs
-    /// ahead of a client that hashes and writes what it gets); copied, that
-    /// read is the front's, on the core the client leaves idle, and the
-    /// client reads what was just written. On two cores, a warm 256 MiB
-    /// skopeo pull took 1.01-1.04x direct copied against 1.07-1.11x by
-    /// `sendfile` (skopeo's CPU 1.24-1.32 s against 1.39-1.46 s; 22 pulls
-    /// each, interleaved), a cold one 1.21x against 1.36x (12 each). With
-    /// other blobs going out, the copies add up where `sendfile` costs the
-    /// front nothing: 16 clients of one cold blob, all copied, took 2.51 s
-    /// against 1.87 s (nginx 1.94 s). A fast reader of a lone blob also
-    /// does better by `sendfile` (curl: 2,024-2,046 MB/s copied against
-    /// 2,311-2,391 MB/s); a pull, which works on what it reads, does not.
-    /// Asked afresh for each chunk, as other bodies come and go.
+    /// Whether the next chunk of a fill is better read here and written
+    /// than sent by `sendfile`: when the client runs on this host (a
+    /// loopback connection, or one to our own address) and no other blob
+    /// is going out. By `sendfile`, the client's own read of the bytes is a
+    /// read of memory long out of the CPU's caches (the fill runs ahead of
+    /// a client that hashes and writes what it gets); copied, that read is
+    /// the front's, on the core the client leaves idle, and the client
+    /// reads what was just written. A cold 256 MiB skopeo pull took 1.21x
+    /// direct copied against 1.36x by `sendfile` (12 interleaved pulls
+    /// each, two cores). With other blobs going out the copies add up,
+    /// where `sendfile` costs the front nothing: 16 clients of one cold
+    /// blob, all copied, took 2.51 s against 1.87 s (nginx 1.94 s). Stored
+    /// blobs always go by `sendfile` ([`Spans::file`]): copied, warm skopeo
+    /// pulls gained 0.89-0.99x against 1.00-1.06x direct in interleaved
+    /// runs but not in a full benchmark run (1.06x), while curl lost 7-23 %
+    /// of its 2.3-2.9 GB/s. Asked afresh for each chunk.
     pub fn copies(&self) -> bool {
         self.spans.local && self.spans.bodies.0.load(Ordering::Relaxed) == 1
     }
@@ -206,30 +188,6 @@ impl Drop for Sending {
 #[cfg(test)]
 pub fn is_placeholder(s: &[u8]) -> bool {
     placeholder_offset(s).is_some()
-}
-
-/// Bytes from `at` (to at most `end`) of `file` to copy to a client: read
-/// here when the page cache has them all, which is the rule for a blob
-/// served a moment ago; else on the blocking pool, so that the disk never
-/// holds up the connections this thread serves.
-async fn copy(file: Arc<File>, at: u64, end: u64) -> io::Result<Bytes> {
-    let room = Room::sized((end - at).min(COPY));
-    let mut buf = vec![0; room.size()];
-    let cached = rustix::io::preadv2(
-        &*file,
-        &mut [io::IoSliceMut::new(&mut buf)],
-        at,
-        rustix::io::ReadWriteFlags::NOWAIT,
-    );
-    let got = cached.unwrap_or(0);
-    if got == buf.len() {
-        return Ok(room.into_bytes(buf));
-    }
-    let read = tokio::task::spawn_blocking(move || {
-        file.read_exact_at(&mut buf[got..], at + got as u64)?;
-        Ok(room.into_bytes(buf))
-    });
-    read.await.unwrap_or_else(|e| Err(io::Error::other(e)))
 }
 
 /// How far into the placeholder `s` starts, if it is one.
@@ -374,20 +332,17 @@ mod tests {
     use std::path::PathBuf;
 
     /// Serves `GET /START/END`, bytes `START..END` of the file at `path`,
-    /// by [`Spans::file`] over a [`Wire`], on one connection, to a client
-    /// taken for one on this host or not (`local`); gives its spans.
+    /// by placeholders over a [`Wire`], on one connection; gives its spans.
     async fn server(
         path: PathBuf,
-        local: bool,
     ) -> (std::net::SocketAddr, tokio::sync::oneshot::Receiver<Spans>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
-            let mut wire = Wire::new(tcp, Box::leak(Box::default()));
+            let wire = Wire::new(tcp, Box::leak(Box::default()));
             assert!(wire.spans.local, "a loopback client runs on this host");
-            wire.spans.local = local;
             let spans = wire.spans();
             let _ = tx.send(spans.clone());
             let svc =
@@ -426,39 +381,15 @@ mod tests {
         (f, data)
     }
 
-    /// GETs of `ranges` of `data` (the file at `path`) on one connection,
-    /// each checked byte for byte, with `other` blob body sent meanwhile or
-    /// not; the bytes sent by `sendfile`.
-    async fn get_ranges(
-        path: PathBuf,
-        data: &[u8],
-        local: bool,
-        ranges: &[(usize, usize)],
-        other: bool,
-    ) -> u64 {
-        let (addr, spans) = server(path, local).await;
+    #[tokio::test]
+    async fn answers_on_one_connection_get_exact_file_bytes_sent_by_the_kernel() {
+        let (file, data) = file_of(5 * CHUNK / 2 + 7);
+        let (addr, spans) = server(file.path().to_owned()).await;
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
             .await
             .unwrap();
         tokio::spawn(conn);
-        let spans = spans.await.unwrap();
-        let _other = other.then(|| spans.sending());
-        for &(start, end) in ranges {
-            let req = http::Request::get(format!("/{start}/{end}"))
-                .header("host", "x")
-                .body(Full::new(Bytes::new()))
-                .unwrap();
-            let resp = send.send_request(req).await.unwrap();
-            let body = resp.into_body().collect().await.unwrap().to_bytes();
-            assert!(body[..] == data[start..end], "bytes {start}..{end}");
-        }
-        spans.sent()
-    }
-
-    #[tokio::test]
-    async fn answers_on_one_connection_get_exact_file_bytes_sent_by_the_kernel() {
-        let (file, data) = file_of(5 * CHUNK / 2 + 7);
         let n = data.len();
         let ranges = [
             (0, n),
@@ -467,22 +398,18 @@ mod tests {
             (CHUNK, 2 * CHUNK),
             (0, n),
         ];
-        let sent = get_ranges(file.path().to_owned(), &data, false, &ranges, false).await;
-        let all: usize = ranges.iter().map(|(s, e)| e - s).sum();
-        assert_eq!(sent, all as u64, "every byte by sendfile");
-    }
-
-    #[tokio::test]
-    async fn a_lone_blob_to_a_client_on_this_host_is_copied_unless_another_goes_out() {
-        let (file, data) = file_of(3 * CHUNK / 2 + 7);
-        let n = data.len();
-        let ranges = [(0, n), (100, CHUNK + 5)];
-        let path = file.path().to_owned();
-        let sent = get_ranges(path.clone(), &data, true, &ranges, false).await;
-        assert_eq!(sent, 0, "copied");
-        let sent = get_ranges(path, &data, true, &ranges, true).await;
-        let all: usize = ranges.iter().map(|(s, e)| e - s).sum();
-        assert_eq!(sent, all as u64, "by sendfile beside another blob");
+        for (start, end) in ranges {
+            let req = http::Request::get(format!("/{start}/{end}"))
+                .header("host", "x")
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert!(body[..] == data[start..end], "bytes {start}..{end}");
+        }
+        let sent: usize = ranges.iter().map(|(s, e)| e - s).sum();
+        let sent = sent as u64;
+        assert_eq!(spans.await.unwrap().sent(), sent, "every byte by sendfile");
     }
 
     /// A client that reads late fills the socket: the sends wait for room
@@ -490,7 +417,7 @@ mod tests {
     #[tokio::test]
     async fn a_slow_client_gets_every_byte() {
         let (file, data) = file_of(12 << 20);
-        let (addr, _spans) = server(file.path().to_owned(), false).await;
+        let (addr, _spans) = server(file.path().to_owned()).await;
         let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let n = data.len();
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -518,25 +445,6 @@ mod tests {
             "{} body bytes of {n}",
             got.len() - head_end
         );
-    }
-
-    #[tokio::test]
-    async fn a_copy_reads_what_the_page_cache_has_not_from_the_disk() {
-        let (file, data) = file_of(300_000);
-        let f = file.as_file();
-        f.sync_all().unwrap();
-        // Clean pages dropped: the cached read gets none, the disk the rest.
-        use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
-        posix_fadvise(f, 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED).unwrap();
-        let f = Arc::new(File::open(file.path()).unwrap());
-        let n = data.len() as u64;
-        let got = copy(f.clone(), 1000, n).await.unwrap();
-        assert!(got[..] == data[1000..1000 + got.len()]);
-        assert_eq!(got.len() as u64, COPY);
-        // The last bytes, and a file shorter than the answer.
-        assert!(copy(f.clone(), n - 10, n).await.unwrap()[..] == data[data.len() - 10..]);
-        let short = copy(f, n - 10, n + 10).await.unwrap_err();
-        assert_eq!(short.kind(), io::ErrorKind::UnexpectedEof);
     }
 
     #[test]
