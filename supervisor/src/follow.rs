@@ -472,7 +472,7 @@ mod tests {
         let len = fill.data.len();
         let (tx, steps) = progress();
         let bodies = Box::leak(Box::default());
-        let here = Spans::on_host(true, bodies);
+        let here = Spans::new(true, bodies);
         let mut a = fill.serve_on(0, len, steps, Some(&here)).unwrap();
         send(&tx, "100000\n").await;
         let copied = chunk(a.body_mut()).await;
@@ -489,7 +489,7 @@ mod tests {
         // A lone client elsewhere gets `sendfile` all along.
         drop((a, b));
         let (tx, steps) = progress();
-        let away = Spans::on_host(false, bodies);
+        let away = Spans::new(false, bodies);
         let mut c = fill.serve_on(0, len, steps, Some(&away)).unwrap();
         send(&tx, "300000 end\n").await;
         assert!(sendfile::is_placeholder(&chunk(c.body_mut()).await));

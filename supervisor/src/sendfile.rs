@@ -79,7 +79,9 @@ struct Span {
 }
 
 impl Spans {
-    fn new(local: bool, bodies: &'static Bodies) -> Spans {
+    /// A connection's handle: its client on this host or not, its bodies
+    /// counted in `bodies`.
+    pub fn new(local: bool, bodies: &'static Bodies) -> Spans {
         Spans {
             queue: Arc::default(),
             sent: Arc::default(),
@@ -136,12 +138,6 @@ impl Spans {
     /// Bytes sent from files on this connection.
     pub fn sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
-    }
-
-    /// A connection's handle, its client on this host or not, for tests.
-    #[cfg(test)]
-    pub fn on_host(local: bool, bodies: &'static Bodies) -> Spans {
-        Spans::new(local, bodies)
     }
 }
 
