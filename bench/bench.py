@@ -500,19 +500,91 @@ def push(layout, tag, repo):
         timeout=600, env=skopeo_env())
 
 
-def pull(ref, label):
-    """skopeo copy docker://REF dir:fresh; returns seconds. Verifies the
-    manifest digest and the blob sizes that landed."""
+def pull(ref, label, upstream=None):
+    """skopeo copy docker://REF dir:fresh (skopeo checks every digest);
+    returns seconds. With `upstream` (a pid) returns (seconds, Flow): what
+    skopeo read and that upstream's tree wrote, every 10 ms."""
     dest = os.path.join(WORK, "pulls", label)
     shutil.rmtree(dest, ignore_errors=True)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     argv = skopeo_base() + ["copy", "-q", "--src-tls-verify=false", "--src-no-creds",
                             f"docker://{ref}", f"dir:{dest}"]
     t = time.monotonic()
-    run(argv, timeout=600, env=skopeo_env())
+    if upstream is None:
+        run(argv, timeout=600, env=skopeo_env())
+    else:
+        with subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env=skopeo_env()) as p:
+            flow = Flow(p.pid, upstream)
+            try:
+                _, err = p.communicate(timeout=600)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                raise BenchError(f"timed out after 600s: {' '.join(argv)}")
+            finally:
+                flow.finish()
+        if p.returncode != 0:
+            raise BenchError(f"failed ({p.returncode}): {' '.join(argv)}\n{err.strip()}")
     secs = time.monotonic() - t
     shutil.rmtree(dest, ignore_errors=True)
-    return secs
+    return secs if upstream is None else (secs, flow)
+
+
+def io_bytes(pid, field):
+    """`rchar` or `wchar` of /proc/PID/io: bytes through read and write
+    calls, sockets and sendfile included; 0 once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            for line in f:
+                k, v = line.split(":")
+                if k == field:
+                    return int(v)
+    except OSError:
+        pass
+    return 0
+
+
+class Flow:
+    """What a client has read and what an upstream's tree has written, every
+    10 ms: on 2 cores a cache's fill takes CPU from the client while it runs,
+    and rates() shows how much."""
+
+    def __init__(self, client, upstream):
+        import threading
+        self.client, self.upstream = client, [upstream]
+        self.t0, self.samples = time.monotonic(), []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        self.upstream = tree_pids(self.upstream[0])  # on this thread: the pull has begun
+        while True:
+            self.samples.append((time.monotonic() - self.t0, io_bytes(self.client, "rchar"),
+                                 sum(io_bytes(p, "wchar") for p in self.upstream)))
+            if self.stop.wait(0.01):
+                return
+
+    def finish(self):
+        self.stop.set()
+        self.thread.join()
+
+    def rates(self, size):
+        """(MB/s the client read while the upstream still sent a `size`
+        blob, MB/s after that or None, seconds into the pull the upstream was
+        done): from its first MiB out to its last, and on to the client's
+        last byte; "after" only if a tenth of the blob or more was left."""
+        s = self.samples
+        c0, u0 = s[0][1], s[0][2]
+        start = next((x for x in s if x[2] - u0 >= MIB), None)
+        done = next((x for x in s if x[2] - u0 >= size), None)
+        if start is None or done is None or done[0] <= start[0]:
+            return None
+        end = next((x for x in s if x[1] - c0 >= size), s[-1])
+        during = (done[1] - start[1]) / (done[0] - start[0]) / 1e6
+        rest = end[1] - done[1]
+        after = rest / (end[0] - done[0]) / 1e6 if rest >= size / 10 and end[0] > done[0] else None
+        return during, after, done[0]
 
 
 def children_cpu_seconds():
@@ -521,15 +593,15 @@ def children_cpu_seconds():
 
 
 def pull_cpu(ref, label, upstream, cache=None):
-    """pull(), and the CPU seconds it cost: [skopeo's, the `cache` tree's
-    (if any), the `upstream` tree's], and the cache's per process."""
+    """pull(), the CPU seconds it cost: [skopeo's, the `cache` tree's (if
+    any), the `upstream` tree's], the cache's per process, and its Flow."""
     trees = [r for r in (cache, upstream) if r]
     before = [cpu_snapshot(r) for r in trees]
     k0 = children_cpu_seconds()
-    secs = pull(ref, label)
+    secs, flow = pull(ref, label, upstream)
     skopeo = children_cpu_seconds() - k0
     per = [[t for _, t in cpu_delta(b, cpu_snapshot(r))] for b, r in zip(before, trees)]
-    return secs, [skopeo, *map(sum, per)], per[0] if cache else []
+    return secs, [skopeo, *map(sum, per)], per[0] if cache else [], flow
 
 
 # ---------------------------------------------------------------------------
@@ -1242,10 +1314,11 @@ def main():
     R = {"direct": {}, "nginx": {}, "regcache": {}, "registry2": {}, "nginx-cache": {}}
     for k in CACHES:
         R[k].update(cold=[], warm=[], warm_reqs=[], warm_desc="", fetches=[], heads=[], cold_reqs=[],
-                    ttfb=[], cold_done=[], cold_errors=[], cold_cpu=[], cold_cpu_per=[], cold_pull_cpu=[], cold_pull_cpu_per=[], small={kind: [] for kind, _, _, _ in SMALL_KINDS},
+                    ttfb=[], cold_done=[], cold_errors=[], cold_cpu=[], cold_cpu_per=[], cold_pull_cpu=[], cold_pull_cpu_per=[], flow=[], small={kind: [] for kind, _, _, _ in SMALL_KINDS},
                     small_reqs={kind: [] for kind, _, _, _ in SMALL_KINDS})
     R["direct"]["pull"] = []
     R["direct"]["pull_cpu"] = []
+    R["direct"]["flow"] = []
     R["direct"]["small"] = {kind: [] for kind, _, _, _ in SMALL_KINDS}
     rss_steps = [("started", tree_hwm_mib(rc.pid))]
     R["nginx"]["ttfb"] = []
@@ -1263,13 +1336,15 @@ def main():
         order = ["direct", *caches]
         for k in order[i % len(order):] + order[:i % len(order)]:
             if k == "direct":
-                secs, cpu, _ = pull_cpu(f"127.0.0.1:{P_UP}/{REPO}:{tag}", "direct", up.pid)
+                secs, cpu, _, flow = pull_cpu(f"127.0.0.1:{P_UP}/{REPO}:{tag}", "direct", up.pid)
                 R["direct"]["pull"].append(secs)
                 R["direct"]["pull_cpu"].append(cpu)
+                R["direct"]["flow"].append(flow.rates(im["layers"][0][1]))
                 continue
             c = caches[k]
             n0 = len(settled_entries(c["up"]))
-            secs, cpu, per = pull_cpu(f"{c['ref']}/{REPO}:{tag}", f"{k}-cold", ups[k], roots[k])
+            secs, cpu, per, flow = pull_cpu(f"{c['ref']}/{REPO}:{tag}", f"{k}-cold", ups[k], roots[k])
+            R[k]["flow"].append(flow.rates(im["layers"][0][1]))
             R[k]["cold"].append(secs)
             R[k]["cold_pull_cpu"].append(cpu)
             R[k]["cold_pull_cpu_per"].append(per)
@@ -1626,6 +1701,17 @@ def report(R, images, colds, cond):
                f"the upstream's): direct {parts(dr['pull_cpu'])}; " + "; ".join(
                    f"{k} {parts(R[k]['cold_pull_cpu'])}" for k in CACHES)
                + f"; regcache's supervisor + worker {parts(rc['cold_pull_cpu_per'])}")
+    def flow_parts(rates):
+        got = [r for r in rates if r]
+        if not got:
+            return "-"
+        afters = [r[1] for r in got if r[1] is not None]
+        return (f"{statistics.median(r[0] for r in got):.0f}"
+                + (f" / {statistics.median(afters):.0f}" if afters else "")
+                + f" (upstream done at {statistics.median(r[2] for r in got):.2f} s)")
+    out.append(f"  skopeo's MB/s in a cold pull of the {BLOB_MIB} MiB image while the upstream still sent the blob"
+               f" / after it had (median pass; on 2 cores a fill that runs ahead takes CPU from the client): "
+               f"direct {flow_parts(dr['flow'])}; " + "; ".join(f"{k} {flow_parts(R[k]['flow'])}" for k in CACHES))
     for k in CACHES:
         if R[k]["cold_errors"]:
             out.append(f"  {k} concurrent cold GET failures: {len(R[k]['cold_errors'])}: {R[k]['cold_errors'][0]}")
