@@ -1187,10 +1187,10 @@ def compare(builds):
     layout = Layout(os.path.join(WORK, "layout"))
     images = [layout.image(f"p{i + 1}", [BLOB_MIB * MIB, 200_000, 20_000]) for i in range(PASSES * n + 1)]
     up_root = os.path.join(WORK, "upstream-data")
-    start_registry("upstream", P_UP, up_root)
+    up = start_registry("upstream", P_UP, up_root)
     for im in images:
         push(layout, im["tag"], REPO)
-    start_registry("upstream-rc", P_UP_RC, up_root)
+    up_rc = start_registry("upstream-rc", P_UP_RC, up_root)
     ngx = start_nginx(layout, images[0])
     procs = {k: start_regcache(k, P_RC + i, binary=b) for i, (k, b) in enumerate(builds.items())}
 
@@ -1204,16 +1204,20 @@ def compare(builds):
     log(f"cold pulls of the {BLOB_MIB} MiB image, {PASSES} rounds")
     pull(f"127.0.0.1:{P_UP}/{REPO}:{images[0]['tag']}", "warmup")
     cold = {k: [] for k in ["direct", *builds]}
+    cpu = {k: [] for k in cold}  # [skopeo, the cache's processes (if any), the upstream's] per pull
     fresh = iter(images[1:])
     for r in range(PASSES):
         order = ["direct", *builds]
         for k in order[r % len(order):] + order[:r % len(order)]:
             check_alive()
             if k == "direct":
-                cold[k].append(pull(f"127.0.0.1:{P_UP}/{REPO}:{images[0]['tag']}", "direct"))
+                secs, c, _, _ = pull_cpu(f"127.0.0.1:{P_UP}/{REPO}:{images[0]['tag']}", "direct", up.pid)
             else:
                 i = list(builds).index(k)
-                cold[k].append(pull(f"127.0.0.1:{P_RC + i}/{RC_PREFIX}/{REPO}:{next(fresh)['tag']}", k))
+                secs, c, _, _ = pull_cpu(f"127.0.0.1:{P_RC + i}/{RC_PREFIX}/{REPO}:{next(fresh)['tag']}", k,
+                                         up_rc.pid, procs[k].pid)
+            cold[k].append(secs)
+            cpu[k].append(c)
         log(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in cold.items()))
 
     ng_mb, direct = warm["nginx"][0], med(cold["direct"])
@@ -1223,7 +1227,10 @@ def compare(builds):
             ("  same: CPU per GB served", f"{sum(warm['nginx'][3]):.2f} s",
              *(f"{sum(warm[k][3]):.2f} s" for k in builds)),
             (f"cold skopeo pull, {BLOB_MIB} MiB image, median of {PASSES}", f"{direct:.2f} s",
-             *(f"{med(cold[k]):.2f} s ({med(cold[k]) / direct:.2f}x)" for k in builds))]
+             *(f"{med(cold[k]):.2f} s ({med(cold[k]) / direct:.2f}x)" for k in builds)),
+            ("  same: CPU s, skopeo + regcache (none direct) + the upstream", *(
+                " + ".join(f"{med([c[j] for c in cpu[k]]):.2f}" for j in range(len(cpu[k][0])))
+                for k in cold))]
     out = [*markdown_table(rows[0], rows[1:]), "", "details:"]
     out.append("  warm blob MB/s per GET: " + "; ".join(f"{k} " + ", ".join(f"{v:.0f}" for v in warm[k][1])
                                                      for k in targets))
