@@ -1717,7 +1717,7 @@ def report(R, images, colds, cond):
                 + (f" / {statistics.median(afters):.0f}" if afters else "")
                 + f" (upstream done at {statistics.median(r[2] for r in got):.2f} s)")
     out.append(f"  skopeo's MB/s in a cold pull of the {BLOB_MIB} MiB image while the upstream still sent the blob"
-               f" / after it had (median pass; on 2 cores a fill that runs ahead takes CPU from the client): "
+               f" / after it had (median pass; on 2 cores a fill's CPU is taken from the client while it runs): "
                f"direct {flow_parts(dr['flow'])}; " + "; ".join(f"{k} {flow_parts(R[k]['flow'])}" for k in CACHES))
     for k in CACHES:
         if R[k]["cold_errors"]:
