@@ -266,8 +266,10 @@ fn kill_storms_leave_nothing_corrupt_or_partial() {
         if f.rc.pid().is_none() {
             f.rc.restart();
         }
-        // Back before the next round: the worker restarted.
-        let ready = wait_for(Duration::from_secs(10), || {
+        // Back before the next round: the worker restarted. A worker that
+        // keeps dying restarts after a doubling back-off (0.1 s on), and from
+        // the eighth kill in a row after the supervisor's cap of 10 s.
+        let ready = wait_for(Duration::from_secs(20), || {
             http(f.rc.addr(), "GET", "/readyz", &[])
                 .ok()
                 .filter(|r| r.status == 200)
