@@ -371,6 +371,20 @@ def cpu_busy_jiffies():
     return v[0] + v[1] + v[2], sum(v[:8])
 
 
+REPORTED_KIB = "/sys/module/page_reporting/parameters/reported_kib"
+
+
+def reported_kib():
+    """KiB of free memory this guest has handed back to its host so far
+    (free page reporting; None where the kernel does not say): memory
+    handed back costs a fault on the host when it is next written."""
+    try:
+        with open(REPORTED_KIB) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
 def own_cpu_seconds():
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
@@ -585,6 +599,27 @@ class Flow:
         rest = end[1] - done[1]
         after = rest / (end[0] - done[0]) / 1e6 if rest >= size / 10 and end[0] > done[0] else None
         return during, after, done[0]
+
+
+def page_cost(d, files=4):
+    """CPU seconds to write BLOB_MIB MiB into each of `files` new files in a
+    row, all kept until the last is written: what new page-cache pages cost
+    on this machine. The first may land in memory freed a moment before
+    (skopeo's last pull), later ones in memory not used lately, which a VM
+    whose host takes freed memory back fills several times more slowly."""
+    os.makedirs(d, exist_ok=True)
+    chunk = b"\1" * MIB
+    costs = []
+    try:
+        for i in range(files):
+            t = time.process_time()
+            with open(os.path.join(d, str(i)), "xb", buffering=0) as f:
+                for _ in range(BLOB_MIB):
+                    f.write(chunk)
+            costs.append(time.process_time() - t)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)  # before writeback: no disk I/O after
+    return costs
 
 
 def children_cpu_seconds():
@@ -1265,7 +1300,7 @@ def main():
     if busy:
         raise BenchError(f"ports already in use: {busy} (set BENCH_PORT_BASE)")
 
-    cond = {"load_start": os.getloadavg()}
+    cond = {"load_start": os.getloadavg(), "reported_start": reported_kib()}
     b0, t0 = cpu_busy_jiffies()
     time.sleep(1.0)
     b1, t1 = cpu_busy_jiffies()
@@ -1390,6 +1425,7 @@ def main():
                 R[k]["small_reqs"][kind].append(n - seen[k])
                 seen[k] = n
 
+    cond["page_cost"] = page_cost(os.path.join(WORK, "page-cost"))
     rss_steps.append(("pulls", tree_hwm_mib(rc.pid)))
 
     # --- warm blob throughput -----------------------------------------------
@@ -1526,7 +1562,7 @@ def main():
     ours = own_cpu_seconds() - own_start
     others = (b2 - busy_start) / clk - ours
     cond.update(load_end=os.getloadavg(), wall=wall, others_cpu=max(0.0, others),
-                ncpu=os.cpu_count(), ours_cpu=ours)
+                ncpu=os.cpu_count(), ours_cpu=ours, reported_end=reported_kib())
     report(R, images, colds, cond)
 
 
@@ -1719,6 +1755,11 @@ def report(R, images, colds, cond):
     out.append(f"  skopeo's MB/s in a cold pull of the {BLOB_MIB} MiB image while the upstream still sent the blob"
                f" / after it had (median pass; on 2 cores a fill's CPU is taken from the client while it runs): "
                f"direct {flow_parts(dr['flow'])}; " + "; ".join(f"{k} {flow_parts(R[k]['flow'])}" for k in CACHES))
+    out.append(f"  new page-cache pages here: {BLOB_MIB} MiB written into each of "
+               f"{len(cond['page_cost'])} new files in a row after the pulls took "
+               f"{', '.join(f'{x:.2f}' for x in cond['page_cost'])} CPU-s (the first may reuse memory just freed, "
+               "later ones land in memory not used lately); a cold pull through a cache writes the blob into new "
+               "pages twice (the cache's copy, skopeo's), a direct pull once")
     for k in CACHES:
         if R[k]["cold_errors"]:
             out.append(f"  {k} concurrent cold GET failures: {len(R[k]['cold_errors'])}: {R[k]['cold_errors'][0]}")
@@ -1771,6 +1812,10 @@ def report(R, images, colds, cond):
                f"{cond['load_end'][0]:.2f} at end; CPU busy before start {cond['idle_probe_busy']:.0%}; "
                f"other processes used ~{cond['others_cpu']:.0f} CPU-s during the {cond['wall']:.0f} s run "
                f"(~{busy:.0%} of the machine){' -> MACHINE WAS BUSY, figures are noisy' if busy > 0.1 else ''}")
+    if cond["reported_start"] is not None and cond["reported_end"] is not None:
+        out.append(f"  free memory this VM handed back to its host during the run (free page reporting; written "
+                   f"again, it costs what the new-pages line shows): "
+                   f"{(cond['reported_end'] - cond['reported_start']) / MIB:.1f} GiB")
     text = "\n".join(out) + "\n"
     sys.stdout.write(text)
     res = os.environ.get("BENCH_RESULTS")
