@@ -296,17 +296,24 @@ def tree_hwm_mib(root):
     return sum(vm_hwm_kib(p) for p in tree_pids(root)) / 1024
 
 
-def pss_kib(pid):
-    """Proportional set size: shared pages split among the processes that
-    map them, so a sum over processes counts each page once."""
+def smaps_rollup_kib(pid):
+    """{field: KiB} of /proc/PID/smaps_rollup ("Pss", "Pss_Anon", ...)."""
+    out = {}
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
+                v = line.split()
+                if len(v) == 3 and v[2] == "kB":
+                    out[v[0].rstrip(":")] = int(v[1])
+    except (OSError, ValueError):
         pass
-    return 0
+    return out
+
+
+def pss_kib(pid):
+    """Proportional set size: shared pages split among the processes that
+    map them, so a sum over processes counts each page once."""
+    return smaps_rollup_kib(pid).get("Pss", 0)
 
 
 def tree_pss_mib(root):
@@ -321,7 +328,7 @@ class PssPeaks:
     def __init__(self, roots):
         import threading
         self.roots, self.peak = roots, dict.fromkeys(roots, 0.0)
-        self.pids, self.samples = {}, 0
+        self.pids, self.samples, self.parts = {}, 0, {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
@@ -335,7 +342,13 @@ class PssPeaks:
             self.pids = {k: tree_pids(root) for k, root in self.roots.items()}
         self.samples += 1
         for k, pids in self.pids.items():
-            self.peak[k] = max(self.peak[k], sum(pss_kib(p) for p in pids) / 1024)
+            rollups = [smaps_rollup_kib(p) for p in pids]
+            total = sum(r.get("Pss", 0) for r in rollups) / 1024
+            if total > self.peak[k]:
+                self.peak[k] = total
+                # Where the peak is: each process's anonymous and file-backed
+                # (mostly code) PSS, in tree order (regcache: supervisor first).
+                self.parts[k] = [(r.get("Pss_Anon", 0) / 1024, r.get("Pss_File", 0) / 1024) for r in rollups]
 
     def finish(self):
         self.stop.set()
@@ -972,6 +985,7 @@ def tls_phase(images, R):
         T["cold"].append(pull(f"127.0.0.1:{P_RC_TLS}/{RC_PREFIX}/{ref}", "tls-cold"))
         log(f"TLS upstream {im['tag']}: direct {T['direct'][-1]:.2f}s, regcache cold {T['cold'][-1]:.2f}s")
     T["pss"] = pss.finish()["regcache"]
+    T["pss_parts"] = pss.parts.get("regcache", [])
     stop(p)
     R["tls"] = T
 
@@ -1531,6 +1545,7 @@ def main():
     R["nginx"]["procs"] = len(tree_pids(ngx.pid))
     for k, v in pss.finish().items():
         R[k]["pss"] = v
+    R["regcache"]["pss_parts"] = pss.parts.get("regcache", [])
 
     # --- start-up on a big store, bookkeeping on/off ----------------------------
     if INDEX_BLOBS:
@@ -1804,6 +1819,10 @@ def report(R, images, colds, cond):
     out.append("  regcache at the end (MiB): " + "; ".join(
         f"pid {p} VmRSS {a / 1024:.1f} (anon {b / 1024:.1f}, file {c / 1024:.1f}), {t} threads"
         for p, a, b, c, t in rc["rss_now"]))
+    peaks = [("main run", rc)] + ([("TLS phase", R["tls"])] if "tls" in R else [])
+    out.append("  regcache at its peak PSS, anon + file MiB per process (supervisor first; file is mostly "
+               "code): " + "; ".join(f"{name} {d['pss']:.1f} = " + ", ".join(
+                   f"{a:.1f} + {f:.1f}" for a, f in d.get("pss_parts", [])) for name, d in peaks))
     out.append("  regcache VmHWM sum (MiB) after each phase: "
                + ", ".join(f"{name} {v:.1f}" for name, v in rc["rss_steps"]))
     out.append("  regcache code: " + text_layout(REGCACHE))
