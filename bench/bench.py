@@ -89,6 +89,12 @@ P_RC_TLS = PORT_BASE + 19  # regcache in front of it
 TLS = env_int("BENCH_TLS", 1, 0, 1)
 P_RC_CL = PORT_BASE + 15  # cluster replicas: 15, 16, 17; their peer listeners 50, 51, 52
 CLUSTER = env_int("BENCH_CLUSTER", 1, 0, 1)
+# The run's processes share one memory cgroup of this many MiB (0: none), so
+# new page-cache pages come from reclaiming the run's own older ones, as on a
+# cache host whose memory is full or in a container with a memory limit, not
+# from free memory a VM may have handed back to its host (MemoryCgroup).
+MEMORY_MIB = env_int("BENCH_MEMORY_MIB", 4096, 0, 1 << 20)
+CGROUP = None  # the MemoryCgroup of the run, once main() made it
 
 REPO = "bench/app"
 COLD_REPO = "bench/cold"
@@ -403,6 +409,120 @@ def own_cpu_seconds():
     return t.user + t.system + t.children_user + t.children_system
 
 
+class MemoryCgroup:
+    """This process, and so every process it starts from now on, in a memory
+    cgroup of its own limited to `mib` MiB (cgroup v2, else v1's memory
+    controller), so that new page-cache pages come from reclaiming the run's
+    own, not from free memory a VM may have handed back to its host (the
+    figures are in bench/README). `why` says why not where it cannot be
+    (not root, no memory controller, the work directory on tmpfs, whose
+    files the limit could not reclaim)."""
+
+    def __init__(self, mib, work):
+        self.path, self.home, self.why = None, None, ""
+        if not mib:
+            self.why = "no limit (BENCH_MEMORY_MIB=0)"
+            return
+        if mount_type(work) == "tmpfs":
+            self.why = f"no limit: {work} is on tmpfs, whose files a memory limit cannot reclaim"
+            return
+        name = f"regcache-bench-{os.getpid()}"
+        try:
+            if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+                # Under the root: a v2 cgroup with processes of its own (a
+                # login session's) cannot give its children a controller.
+                base, limit_file = "/sys/fs/cgroup", "memory.max"
+                self.home = base + own_cgroup("")
+                with open(os.path.join(base, "cgroup.subtree_control")) as f:
+                    if "memory" not in f.read().split():
+                        write_file(os.path.join(base, "cgroup.subtree_control"), "+memory")
+            else:
+                base, limit_file = "/sys/fs/cgroup/memory", "memory.limit_in_bytes"
+                base += own_cgroup("memory")
+                self.home = base
+            path = os.path.join(base, name)
+            os.mkdir(path)
+            self.path = path
+            write_file(os.path.join(path, limit_file), str(mib * MIB))
+            write_file(os.path.join(path, "cgroup.procs"), str(os.getpid()))
+            self.limit = mib * MIB
+            self.usage_file = os.path.join(path, "memory.current" if limit_file == "memory.max"
+                                           else "memory.usage_in_bytes")
+        except OSError as e:
+            self.why = f"no limit: memory cgroup not available ({e.strerror}: {e.filename})"
+            self.leave()
+            return
+        self.why = f"the run's processes in a memory cgroup of {mib} MiB (BENCH_MEMORY_MIB; 0: none)"
+
+    def top_up(self, d):
+        """Fills the cgroup up to its limit (less 256 MiB) with one file that
+        is never read again, written out so that its pages are clean, so the
+        measures' new pages come from reclaiming it however little the data
+        before them took. Returns the MiB written."""
+        if self.path is None:
+            return 0
+        with open(self.usage_file) as f:
+            room = (self.limit - int(f.read())) // MIB - 256
+        if room <= 0:
+            return 0
+        chunk = b"\0" * MIB
+        with open(os.path.join(d, "memory-filler"), "wb", buffering=0) as f:
+            for _ in range(room):
+                f.write(chunk)
+            os.fsync(f.fileno())
+        return room
+
+    def leave(self):
+        """Back to the cgroup this process came from; the cgroup goes once
+        the processes started in it have ended."""
+        if self.path is None:
+            return
+        try:
+            write_file(os.path.join(self.home, "cgroup.procs"), str(os.getpid()))
+            os.rmdir(self.path)
+        except OSError as e:
+            log(f"memory cgroup {self.path} left behind: {e.strerror}")
+        self.path = None
+
+
+def fill_memory():
+    """MemoryCgroup.top_up before the measures, said in the run's log and
+    in the memory line of the details."""
+    mib = CGROUP.top_up(WORK)
+    if mib:
+        CGROUP.why += f", {mib} MiB of it filled before the measures by a file never read again"
+        log(f"memory: {mib} MiB filled")
+
+
+def own_cgroup(controller):
+    """This process's cgroup path for `controller` (v1) or in the unified
+    hierarchy (""), from /proc/self/cgroup."""
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, names, path = line.rstrip("\n").split(":", 2)
+            if controller in names.split(",") or (controller == "" and names == ""):
+                return path.rstrip("/")
+    raise OSError(0, "no such cgroup line", "/proc/self/cgroup")
+
+
+def mount_type(path):
+    """The file system type of the mount holding `path`."""
+    path, best, kind = os.path.realpath(path), "", ""
+    with open("/proc/mounts") as f:
+        for line in f:
+            fields = line.split()
+            point = fields[1].replace("\\040", " ")
+            inside = path == point or path.startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(best):
+                best, kind = point, fields[2]
+    return kind
+
+
+def write_file(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
 # ---------------------------------------------------------------------------
 # test data: an OCI layout written directly, pushed with skopeo
 # ---------------------------------------------------------------------------
@@ -617,9 +737,10 @@ class Flow:
 def page_cost(d, files=4):
     """CPU seconds to write BLOB_MIB MiB into each of `files` new files in a
     row, all kept until the last is written: what new page-cache pages cost
-    on this machine. The first may land in memory freed a moment before
-    (skopeo's last pull), later ones in memory not used lately, which a VM
-    whose host takes freed memory back fills several times more slowly."""
+    on this machine. With no memory limit (MemoryCgroup) the first may land
+    in memory freed a moment before (skopeo's last pull), later ones in
+    memory not used lately, which a VM whose host takes freed memory back
+    fills several times more slowly."""
     os.makedirs(d, exist_ok=True)
     chunk = b"\1" * MIB
     costs = []
@@ -1239,6 +1360,7 @@ def compare(builds):
     up = start_registry("upstream", P_UP, up_root)
     for im in images:
         push(layout, im["tag"], REPO)
+    fill_memory()
     up_rc = start_registry("upstream-rc", P_UP_RC, up_root)
     ngx = start_nginx(layout, images[0])
     procs = {k: start_regcache(k, P_RC + i, binary=b) for i, (k, b) in enumerate(builds.items())}
@@ -1286,15 +1408,18 @@ def compare(builds):
     out.append("  cold pull seconds per round: " + "; ".join(f"{k} " + ", ".join(f"{v:.2f}" for v in cold[k])
                                                          for k in cold))
     out += [f"  {k}: {b}, code: {text_layout(b)}" for k, b in builds.items()]
+    out.append(f"  memory: {CGROUP.why}")
     sys.stdout.write("\n".join(out) + "\n")
 
 
 def main():
-    global WORK, REGCACHE, PIDFILE
+    global WORK, REGCACHE, PIDFILE, CGROUP
     WORK = os.environ["BENCH_WORK"]
     REGCACHE = os.environ.get("REGCACHE_BIN", "")
     PIDFILE = os.environ.get("BENCH_PIDFILE", os.path.join(WORK, "pids"))
     os.makedirs(os.path.join(WORK, "logs"), exist_ok=True)
+    CGROUP = MemoryCgroup(MEMORY_MIB, WORK)
+    log(f"memory: {CGROUP.why}")
     if COMPARE:
         busy = [p for p in (P_UP, P_UP_RC, P_NGX, *range(P_RC, P_RC + 9)) if not port_free(p)]
         if busy:
@@ -1346,6 +1471,7 @@ def main():
             push(layout, im["tag"], repo)
     for im in images:
         manifest_check(f"http://127.0.0.1:{P_UP}/v2/{REPO}/manifests/{im['tag']}", im["manifest"])
+    fill_memory()
     # Each cache's own upstream front, whose CPU the cold GETs count.
     ups = {"regcache": start_registry("upstream-rc", P_UP_RC, up_root).pid,
            "registry2": start_registry("upstream-r2", P_UP_R2, up_root).pid,
@@ -1772,8 +1898,8 @@ def report(R, images, colds, cond):
                f"direct {flow_parts(dr['flow'])}; " + "; ".join(f"{k} {flow_parts(R[k]['flow'])}" for k in CACHES))
     out.append(f"  new page-cache pages here: {BLOB_MIB} MiB written into each of "
                f"{len(cond['page_cost'])} new files in a row after the pulls took "
-               f"{', '.join(f'{x:.2f}' for x in cond['page_cost'])} CPU-s (the first may reuse memory just freed, "
-               "later ones land in memory not used lately); a cold pull through a cache writes the blob into new "
+               f"{', '.join(f'{x:.2f}' for x in cond['page_cost'])} CPU-s (with no memory limit the first may reuse memory "
+               "just freed, later ones land in memory not used lately); a cold pull through a cache writes the blob into new "
                "pages twice (the cache's copy, skopeo's), a direct pull once")
     for k in CACHES:
         if R[k]["cold_errors"]:
@@ -1831,6 +1957,7 @@ def report(R, images, colds, cond):
                f"{cond['load_end'][0]:.2f} at end; CPU busy before start {cond['idle_probe_busy']:.0%}; "
                f"other processes used ~{cond['others_cpu']:.0f} CPU-s during the {cond['wall']:.0f} s run "
                f"(~{busy:.0%} of the machine){' -> MACHINE WAS BUSY, figures are noisy' if busy > 0.1 else ''}")
+    out.append(f"  memory: {CGROUP.why}")
     if cond["reported_start"] is not None and cond["reported_end"] is not None:
         out.append(f"  free memory this VM handed back to its host during the run (free page reporting; written "
                    f"again, it costs what the new-pages line shows): "
@@ -1860,4 +1987,6 @@ if __name__ == "__main__":
         code = 1
     finally:
         stop_all()
+        if CGROUP is not None:
+            CGROUP.leave()
     sys.exit(code)
