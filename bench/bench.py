@@ -93,7 +93,7 @@ CLUSTER = env_int("BENCH_CLUSTER", 1, 0, 1)
 # new page-cache pages come from reclaiming the run's own older ones, as on a
 # cache host whose memory is full or in a container with a memory limit, not
 # from free memory a VM may have handed back to its host (MemoryCgroup).
-MEMORY_MIB = env_int("BENCH_MEMORY_MIB", 4096, 0, 1 << 20)
+MEMORY_MIB = env_int("BENCH_MEMORY_MIB", max(1024, 16 * BLOB_MIB), 0, 1 << 20)
 CGROUP = None  # the MemoryCgroup of the run, once main() made it
 
 REPO = "bench/app"
@@ -463,6 +463,7 @@ class MemoryCgroup:
             return 0
         with open(self.usage_file) as f:
             room = (self.limit - int(f.read())) // MIB - 256
+        room = min(room, mem_available_mib() - 1024)  # a limit above the machine's memory is none
         if room <= 0:
             return 0
         chunk = b"\0" * MIB
@@ -492,6 +493,14 @@ def fill_memory():
     if mib:
         CGROUP.why += f", {mib} MiB of it filled before the measures by a file never read again"
         log(f"memory: {mib} MiB filled")
+
+
+def mem_available_mib():
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    return 0
 
 
 def own_cgroup(controller):
