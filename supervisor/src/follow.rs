@@ -14,7 +14,6 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
@@ -246,20 +245,13 @@ impl Reading {
             } = self.progress.borrow_and_update().clone();
             let limit = self.end.map_or(readable, |e| e.min(readable));
             if self.pos < limit {
-                let file = &self.fill.file;
-                if let Some(sending) = self.sendfile.as_ref().filter(|s| !s.copies()) {
-                    let len = (limit - self.pos).min(sendfile::CHUNK as u64) as usize;
-                    let chunk = sending.chunk(file, self.pos, len);
-                    self.pos += len as u64;
-                    return Ok(Some(chunk));
-                }
-                let room = ReadBuf::following(limit - self.pos);
-                // Bytes just written: a copy from the page cache, cheaper on
-                // this thread than a hop to the blocking pool.
-                let mut chunk = vec![0; room.size()];
-                file.read_exact_at(&mut chunk, self.pos)?;
+                let (file, at) = (&self.fill.file, self.pos);
+                let chunk = match &self.sendfile {
+                    Some(sending) => sending.next(file, at, limit, ReadBuf::following)?,
+                    None => sendfile::read(file, at, ReadBuf::following(limit - at))?,
+                };
                 self.pos += chunk.len() as u64;
-                return Ok(Some(room.into_bytes(chunk)));
+                return Ok(Some(chunk));
             }
             if self.end.is_some_and(|e| self.pos >= e) {
                 return Ok(None);

@@ -165,7 +165,8 @@ impl LocalHits {
 
     /// The answer, when `request` is content by digest that is stored
     /// locally; `None` means the worker must answer. A blob goes out by
-    /// `sendfile` where the connection allows it.
+    /// `sendfile` where the connection allows it and copying costs more
+    /// (`sendfile::Sending::copies`).
     pub async fn answer(
         &self,
         headers: &HeaderMap,

@@ -21,7 +21,7 @@
 //! cache onto the client: a Python reader of a warm 256 MiB blob used 0.17 s
 //! of CPU against 0.12 s when the front read and wrote the bytes itself (and
 //! 0.14 s from `docker-registry`, 0.18 s from nginx's `sendfile`; 12 GETs
-//! each, interleaved). So a fill's body goes by `sendfile` unless its client
+//! each, interleaved). So a blob body goes by `sendfile` unless its client
 //! runs on this host and it is the only body going out
 //! ([`Sending::copies`]).
 
@@ -29,6 +29,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, IoSlice};
 use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -119,8 +120,7 @@ impl Spans {
     }
 
     /// The body chunks of bytes `start..end` of `file`, a committed blob,
-    /// counted as a body going out while they are sent. Always placeholders:
-    /// see [`Sending::copies`] for why a stored blob is not copied.
+    /// counted as a body going out while they are sent ([`Sending::next`]).
     pub fn file(
         self,
         file: File,
@@ -129,10 +129,18 @@ impl Spans {
     ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
         let file = Arc::new(file);
         let sending = self.sending();
-        futures_util::stream::iter((start..end).step_by(CHUNK).map(move |at| {
-            let len = (end - at).min(CHUNK as u64) as usize;
-            Ok(sending.chunk(&file, at, len))
-        }))
+        futures_util::stream::unfold(start, move |at| {
+            let next = (at < end).then(|| {
+                match sending.next(&file, at, end, regcache_store::ReadBuf::sized) {
+                    Ok(chunk) => {
+                        let to = at + chunk.len() as u64;
+                        (Ok(chunk), to)
+                    }
+                    Err(e) => (Err(e), end),
+                }
+            });
+            std::future::ready(next)
+        })
     }
 
     /// Bytes sent from files on this connection.
@@ -148,30 +156,52 @@ pub struct Sending {
 }
 
 impl Sending {
-    /// Whether the next chunk of a fill is better read here and written
+    /// Whether the next chunk of a blob is better read here and written
     /// than sent by `sendfile`: when the client runs on this host (a
     /// loopback connection, or one to our own address) and no other blob
     /// is going out. By `sendfile`, the client's own read of the bytes is a
-    /// read of memory long out of the CPU's caches (the fill runs ahead of
-    /// a client that hashes and writes what it gets); copied, that read is
-    /// the front's, on the core the client leaves idle, and the client
-    /// reads what was just written. A cold 256 MiB skopeo pull took 1.21x
-    /// direct copied against 1.36x by `sendfile` (12 interleaved pulls
-    /// each, two cores). With other blobs going out the copies add up,
-    /// where `sendfile` costs the front nothing: 16 clients of one cold
-    /// blob, all copied, took 2.51 s against 1.87 s (nginx 1.94 s). Stored
-    /// blobs always go by `sendfile` ([`Spans::file`]): copied, warm skopeo
-    /// pulls gained 0.89-0.99x against 1.00-1.06x direct in interleaved
-    /// runs but not in a full benchmark run (1.06x), while curl lost 7-23 %
-    /// of its 2.3-2.9 GB/s. Asked afresh for each chunk.
+    /// read of memory long out of the CPU's caches (a stored blob, or a
+    /// fill running ahead of a client that hashes and writes what it
+    /// gets); copied, that read is the front's, on the core the client
+    /// leaves idle, and the client reads what was just written. A cold 256
+    /// MiB skopeo pull took 1.21x direct copied against 1.36x by
+    /// `sendfile` (12 interleaved pulls each, two cores); a warm one 1.00x
+    /// against 1.05x, skopeo's CPU 1.14 s against 1.27 s (direct 1.15 s),
+    /// faster copied in each of 10 interleaved rounds, while curl's warm
+    /// GET ran at 153 % of nginx's `sendfile` against 133 % (15 GETs each).
+    /// With other blobs going out the copies add up, where `sendfile` costs
+    /// the front nothing: 16 clients of one cold blob, all copied, took
+    /// 2.51 s against 1.87 s (nginx 1.94 s). Asked afresh for each chunk.
     pub fn copies(&self) -> bool {
         self.spans.local && self.spans.bodies.0.load(Ordering::Relaxed) == 1
     }
 
-    /// A placeholder for `len` bytes of `file` at `offset` ([`Spans::chunk`]).
-    pub fn chunk(&self, file: &Arc<File>, offset: u64, len: usize) -> Bytes {
-        self.spans.chunk(file, offset, len)
+    /// The body's next chunk, of bytes `at..end` of `file`: read into the
+    /// room `room(end - at)` gives while the body [copies](Self::copies),
+    /// else a placeholder for at most [`CHUNK`] of them.
+    pub fn next(
+        &self,
+        file: &Arc<File>,
+        at: u64,
+        end: u64,
+        room: fn(u64) -> regcache_store::ReadBuf,
+    ) -> io::Result<Bytes> {
+        if self.copies() {
+            return read(file, at, room(end - at));
+        }
+        let len = (end - at).min(CHUNK as u64) as usize;
+        Ok(self.spans.chunk(file, at, len))
     }
+}
+
+/// As many of `file`'s bytes from `at` as `room` holds, in a buffer of
+/// their own. A positioned read on this thread: from the page cache it
+/// costs less than a hop to the blocking pool, and a file not in the page
+/// cache holds this thread as `sendfile` would.
+pub fn read(file: &File, at: u64, room: regcache_store::ReadBuf) -> io::Result<Bytes> {
+    let mut buf = vec![0; room.size()];
+    file.read_exact_at(&mut buf, at)?;
+    Ok(room.into_bytes(buf))
 }
 
 impl Drop for Sending {
@@ -328,9 +358,12 @@ mod tests {
     use std::path::PathBuf;
 
     /// Serves `GET /START/END`, bytes `START..END` of the file at `path`,
-    /// by placeholders over a [`Wire`], on one connection; gives its spans.
+    /// as [`Spans::file`] over a [`Wire`], on one connection; gives its
+    /// spans. With `other_body`, another blob body is going out meanwhile,
+    /// so the loopback client is not copied to ([`Sending::copies`]).
     async fn server(
         path: PathBuf,
+        other_body: bool,
     ) -> (std::net::SocketAddr, tokio::sync::oneshot::Receiver<Spans>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -340,6 +373,7 @@ mod tests {
             let wire = Wire::new(tcp, Box::leak(Box::default()));
             assert!(wire.spans.local, "a loopback client runs on this host");
             let spans = wire.spans();
+            let _other = other_body.then(|| spans.sending());
             let _ = tx.send(spans.clone());
             let svc =
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
@@ -368,6 +402,26 @@ mod tests {
         (addr, rx)
     }
 
+    type Client = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+    async fn connect(addr: std::net::SocketAddr) -> Client {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        send
+    }
+
+    async fn get(client: &mut Client, path: String) -> Bytes {
+        let req = http::Request::get(path)
+            .header("host", "x")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = client.send_request(req).await.unwrap();
+        resp.into_body().collect().await.unwrap().to_bytes()
+    }
+
     fn file_of(len: usize) -> (tempfile::NamedTempFile, Vec<u8>) {
         let data: Vec<u8> = (0..len as u32)
             .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
@@ -380,12 +434,8 @@ mod tests {
     #[tokio::test]
     async fn answers_on_one_connection_get_exact_file_bytes_sent_by_the_kernel() {
         let (file, data) = file_of(5 * CHUNK / 2 + 7);
-        let (addr, spans) = server(file.path().to_owned()).await;
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
+        let (addr, spans) = server(file.path().to_owned(), true).await;
+        let mut client = connect(addr).await;
         let n = data.len();
         let ranges = [
             (0, n),
@@ -395,12 +445,7 @@ mod tests {
             (0, n),
         ];
         for (start, end) in ranges {
-            let req = http::Request::get(format!("/{start}/{end}"))
-                .header("host", "x")
-                .body(Full::new(Bytes::new()))
-                .unwrap();
-            let resp = send.send_request(req).await.unwrap();
-            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let body = get(&mut client, format!("/{start}/{end}")).await;
             assert!(body[..] == data[start..end], "bytes {start}..{end}");
         }
         let sent: usize = ranges.iter().map(|(s, e)| e - s).sum();
@@ -413,7 +458,7 @@ mod tests {
     #[tokio::test]
     async fn a_slow_client_gets_every_byte() {
         let (file, data) = file_of(12 << 20);
-        let (addr, _spans) = server(file.path().to_owned()).await;
+        let (addr, _spans) = server(file.path().to_owned(), true).await;
         let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let n = data.len();
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -440,6 +485,59 @@ mod tests {
             got[head_end..] == data[..],
             "{} body bytes of {n}",
             got.len() - head_end
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lone_client_on_this_host_is_sent_read_bytes() {
+        let (file, data) = file_of(3 * CHUNK + 5);
+        let (addr, spans) = server(file.path().to_owned(), false).await;
+        let n = data.len();
+        let body = get(&mut connect(addr).await, format!("/3/{n}")).await;
+        assert!(body[..] == data[3..], "{} bytes of {}", body.len(), n - 3);
+        assert_eq!(spans.await.unwrap().sent(), 0, "no byte by sendfile");
+    }
+
+    #[tokio::test]
+    async fn a_stored_blob_is_copied_only_while_no_other_body_goes_out() {
+        let (file, data) = file_of(2 * CHUNK);
+        let next = |chunks: &mut (dyn Stream<Item = io::Result<Bytes>> + Unpin)| {
+            futures_util::FutureExt::now_or_never(chunks.try_next())
+                .unwrap()
+                .unwrap()
+                .unwrap()
+        };
+        let spans = Spans::new(true, Box::leak(Box::default()));
+        let mut chunks = Box::pin(spans.clone().file(
+            File::open(file.path()).unwrap(),
+            7,
+            2 * CHUNK as u64,
+        ));
+        let first = next(&mut chunks);
+        assert!(!is_placeholder(&first) && first[..] == data[7..7 + first.len()]);
+        let other = spans.sending();
+        let second = next(&mut chunks);
+        assert!(
+            is_placeholder(&second),
+            "sent by the kernel while another body goes out"
+        );
+        let queued = spans
+            .queue
+            .lock()
+            .unwrap()
+            .back()
+            .map(|s| (s.offset, s.len));
+        assert_eq!(queued, Some((7 + first.len() as u64, second.len())));
+        drop(other);
+        let third = next(&mut chunks);
+        let at = 7 + first.len() + second.len();
+        assert!(!is_placeholder(&third) && third[..] == data[at..at + third.len()]);
+
+        let remote = Spans::new(false, Box::leak(Box::default()));
+        let mut chunks = Box::pin(remote.file(File::open(file.path()).unwrap(), 0, 10));
+        assert!(
+            is_placeholder(&next(&mut chunks)),
+            "a client elsewhere: sendfile"
         );
     }
 
