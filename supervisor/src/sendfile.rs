@@ -165,10 +165,11 @@ impl Sending {
     /// gets); copied, that read is the front's, on the core the client
     /// leaves idle, and the client reads what was just written. A cold 256
     /// MiB skopeo pull took 1.21x direct copied against 1.36x by
-    /// `sendfile` (12 interleaved pulls each, two cores); a warm one 1.00x
-    /// against 1.05x, skopeo's CPU 1.14 s against 1.27 s (direct 1.15 s),
-    /// faster copied in each of 10 interleaved rounds, while curl's warm
-    /// GET ran at 153 % of nginx's `sendfile` against 133 % (15 GETs each).
+    /// `sendfile` (12 interleaved pulls each, two cores); warm ones
+    /// 0.95-1.09x against 1.00-1.11x, skopeo's CPU 0.09-0.13 s less (three
+    /// runs of 10-12 interleaved rounds), while curl's warm GET ran at
+    /// 153-179 % of nginx's `sendfile` against 133-148 % (two runs of 15
+    /// GETs each).
     /// With other blobs going out the copies add up, where `sendfile` costs
     /// the front nothing: 16 clients of one cold blob, all copied, took
     /// 2.51 s against 1.87 s (nginx 1.94 s). Asked afresh for each chunk.
