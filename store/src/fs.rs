@@ -299,8 +299,8 @@ impl FsStore {
 /// durable under its final name, or absent. A fill's writeback is not
 /// started early so that this fsync finds less to do: `sync_file_range`
 /// every 8 MiB of a 256 MiB fill made a cold pull no faster (1.14x direct
-/// against 1.08x, one interleaved run of 10 pulls each), and a build
-/// without the fsync none either (bench/README.md).
+/// against 1.08x, one interleaved run of 10 pulls each), and a build that
+/// left the fsync out was no faster either (bench/README.md).
 fn place(file: &File, from: &Path, dest: &Path) -> Result<()> {
     file.sync_all().map_err(io_err("fsync", from))?;
     let parent = dest.parent().expect("store paths have parents");
