@@ -451,12 +451,34 @@ fn bad_front_settings_are_refused_at_start() {
     }
 }
 
-/// A plain-HTTP forward proxy on loopback that records the first request
-/// line of every connection and relays the bytes both ways (Go's server, the upstream,
-/// accepts absolute-form request lines as they are).
+/// A forward proxy on loopback that records the first request line of
+/// every connection and relays the bytes both ways: plain-HTTP requests as
+/// they come (Go's server, the upstream, accepts absolute-form request
+/// lines as they are), and `CONNECT` tunnels, counting what each tunnel
+/// carried toward the client.
 struct ForwardProxy {
     addr: String,
     seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    tunneled: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// A writer that counts what passes through it.
+struct Counting<W> {
+    inner: W,
+    count: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<W: std::io::Write> std::io::Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.count
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 impl ForwardProxy {
@@ -466,10 +488,11 @@ impl ForwardProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let log = seen.clone();
+        let tunneled = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (log, count) = (seen.clone(), tunneled.clone());
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
-                let log = log.clone();
+                let (log, count) = (log.clone(), count.clone());
                 std::thread::spawn(move || {
                     let mut reader = BufReader::new(client.try_clone().unwrap());
                     let mut head = Vec::new();
@@ -486,6 +509,7 @@ impl ForwardProxy {
                     }
                     let first = head[0].trim().to_string();
                     log.lock().unwrap().push(first.clone());
+                    let tunnel = first.starts_with("CONNECT ");
                     let target = first.split_whitespace().nth(1).unwrap_or("");
                     let authority = target
                         .trim_start_matches("http://")
@@ -495,8 +519,20 @@ impl ForwardProxy {
                     let Ok(mut upstream) = TcpStream::connect(authority) else {
                         return;
                     };
-                    let mut client_w = client;
-                    upstream.write_all(head.concat().as_bytes()).unwrap();
+                    let mut client_w = Counting {
+                        inner: client,
+                        count: match tunnel {
+                            true => count,
+                            false => Default::default(),
+                        },
+                    };
+                    if tunnel {
+                        client_w
+                            .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                            .unwrap();
+                    } else {
+                        upstream.write_all(head.concat().as_bytes()).unwrap();
+                    }
                     let buffered = reader.buffer().to_vec();
                     upstream.write_all(&buffered).unwrap();
                     let mut up_r = upstream.try_clone().unwrap();
@@ -506,16 +542,25 @@ impl ForwardProxy {
                         let _ = upstream.shutdown(std::net::Shutdown::Write);
                     });
                     let _ = std::io::copy(&mut up_r, &mut client_w);
-                    let _ = client_w.shutdown(std::net::Shutdown::Both);
+                    let _ = client_w.inner.shutdown(std::net::Shutdown::Both);
                     let _ = t.join();
                 });
             }
         });
-        ForwardProxy { addr, seen }
+        ForwardProxy {
+            addr,
+            seen,
+            tunneled,
+        }
     }
 
     fn seen(&self) -> Vec<String> {
         self.seen.lock().unwrap().clone()
+    }
+
+    /// Bytes the `CONNECT` tunnels carried toward the client so far.
+    fn tunneled(&self) -> u64 {
+        self.tunneled.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -549,6 +594,12 @@ fn upstream_traffic_goes_through_the_configured_proxy() {
     assert!(
         seen.iter().any(|l| l.contains(&via_proxy)),
         "the proxy saw no upstream request: {seen:?}"
+    );
+    // Blob bodies have a client, and so connections, of their own.
+    let blob_via_proxy = format!("GET {via_proxy}blobs/sha256:");
+    assert!(
+        seen.iter().any(|l| l.starts_with(&blob_via_proxy)),
+        "blob bodies bypassed the proxy: {seen:?}"
     );
     drop(rc);
 
@@ -714,6 +765,52 @@ fn upstream_ca_bundle_and_skip_verify() {
     assert!(
         log.contains("NOT verified"),
         "no warning about skipped verification:\n{log}"
+    );
+}
+
+/// `https_proxy` takes an upstream over TLS through `CONNECT` tunnels: the
+/// API requests and the blob bodies (the tunnels carry more than the
+/// layer), verified end to end against the upstream's own certificate.
+#[test]
+fn tls_upstream_traffic_goes_through_a_connect_proxy() {
+    let up = Upstream::start();
+    let layer = 300_000;
+    let img = seed_image(&up, "org/tunneled", "1", &[layer]);
+    let pki = Pki::new();
+    let tls = up.tls_twin(&pki.path("server.crt"), &pki.path("server.key"));
+    let proxy = ForwardProxy::start();
+    let proxy_url = format!("http://{}", proxy.addr);
+    let storage = temp_dir("regcache-storage-");
+    let rc = Regcache::start_with_env(
+        &config_json(&[(&tls.url(), &["tls.up"])]),
+        &storage.path().join("storage"),
+        &[
+            ("REGCACHE_UPSTREAM_CA_FILE", &pki.path("ca.crt")),
+            ("https_proxy", &proxy_url),
+            ("HTTPS_PROXY", &proxy_url),
+            ("no_proxy", ""),
+            ("NO_PROXY", ""),
+        ],
+    );
+    let work = temp_dir("regcache-e2e-");
+    let dest = work.path().join("img");
+    skopeo_copy(
+        &format!("{}/tls.up/org/tunneled:1", rc.addr()),
+        &dest,
+        false,
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", rc.log_tail(50)));
+    check_image_copy("through the tunnel", &img.image, &dest);
+    let seen = proxy.seen();
+    let connect = format!("CONNECT {} ", tls.addr());
+    assert!(
+        seen.iter().any(|l| l.starts_with(&connect)),
+        "no tunnel to the upstream: {seen:?}"
+    );
+    assert!(
+        proxy.tunneled() > layer as u64,
+        "the layer did not come through the tunnels ({} bytes did): {seen:?}",
+        proxy.tunneled()
     );
 }
 
