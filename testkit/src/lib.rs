@@ -1825,6 +1825,34 @@ pub fn pss_kib(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
+/// KiB of the regcache binary's own mappings that `pid` holds as copies of
+/// its own (`Anonymous` in `/proc/PID/smaps`): pages written after they were
+/// mapped, such as data the loader relocated, which no other process can
+/// share.
+pub fn copied_pages_of_binary_kib(pid: i32) -> u64 {
+    let binary = fs::canonicalize(regcache_bin()).expect("regcache binary");
+    let binary = binary.to_string_lossy();
+    let smaps = fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let (mut ours, mut kib) = (false, 0);
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        match fields.next() {
+            // A mapping's first line: "start-end perms offset dev inode path".
+            Some(range) if range.contains('-') && !range.ends_with(':') => {
+                ours = fields.nth(4) == Some(binary.as_ref());
+            }
+            Some("Anonymous:") if ours => {
+                kib += fields
+                    .next()
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+            _ => {}
+        }
+    }
+    kib
+}
+
 /// Is `pid` a running process (not gone, not a zombie)?
 pub fn is_alive(pid: i32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat"))
