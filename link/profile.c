@@ -6,6 +6,8 @@
    entry sets (inline-bool-flag) and a table of (function address, flags)
    pairs in the same order (pc-table); each module's constructor hands both
    to the two callbacks below. */
+#define _GNU_SOURCE
+#include <link.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -19,8 +21,14 @@ static int flag_ranges;
 static const uintptr_t *pcs_start[MAX_RANGES], *pcs_end[MAX_RANGES];
 static int pc_ranges;
 
-/* The start of the loaded image: an address minus this is its link-time address. */
-extern char __ehdr_start;
+/* How far the loader moved the binary (0 unless it is position-independent):
+   an address minus this is its link-time address. The main program is the
+   first object dl_iterate_phdr visits. */
+static int main_program(struct dl_phdr_info *info, size_t size, void *bias) {
+  (void)size;
+  *(uintptr_t *)bias = info->dlpi_addr;
+  return 1;
+}
 
 /* Modules may all pass the same whole-section range: each is kept once. */
 void __sanitizer_cov_bool_flag_init(bool *start, bool *end) {
@@ -48,6 +56,8 @@ __attribute__((destructor)) static void write_profile(void) {
   snprintf(path, sizeof path, "%s/%d", dir, (int)getpid());
   FILE *f = fopen(path, "w");
   if (!f) return;
+  uintptr_t bias = 0;
+  dl_iterate_phdr(main_program, &bias);
   for (int m = 0; m < flag_ranges && m < pc_ranges; m++) {
     long n = flags_end[m] - flags_start[m];
     if ((pcs_end[m] - pcs_start[m]) / 2 != n) {
@@ -56,7 +66,7 @@ __attribute__((destructor)) static void write_profile(void) {
     }
     for (long i = 0; i < n; i++)
       if (flags_start[m][i])
-        fprintf(f, "%lx\n", (unsigned long)(pcs_start[m][2 * i] - (uintptr_t)&__ehdr_start));
+        fprintf(f, "%lx\n", (unsigned long)(pcs_start[m][2 * i] - bias));
   }
   fclose(f);
 }
