@@ -726,7 +726,8 @@ fn access_policy_grants_repositories_per_user() {
 /// An upstream with a certificate from a private CA (here a regcache front
 /// with the test PKI in front of the real registry): refused by default,
 /// trusted with REGCACHE_UPSTREAM_CA_FILE, and with
-/// REGCACHE_UPSTREAM_TLS_SKIP_VERIFY taken on trust with a warning.
+/// REGCACHE_UPSTREAM_TLS_SKIP_VERIFY taken on trust with a warning; and
+/// what a system without a CA bundle still does.
 #[test]
 fn upstream_ca_bundle_and_skip_verify() {
     let up = Upstream::start();
@@ -766,6 +767,62 @@ fn upstream_ca_bundle_and_skip_verify() {
         log.contains("NOT verified"),
         "no warning about skipped verification:\n{log}"
     );
+
+    // With no system CA bundle (SSL_CERT_FILE and SSL_CERT_DIR empty, as in
+    // a bare container) the CA file alone suffices; without it the pull
+    // fails and says why, and the worker stays up. The bundle is read at the
+    // first handshake that needs it, so a plain-HTTP upstream never misses it.
+    let (file, dir) = (
+        work.path().join("no-roots.pem"),
+        work.path().join("no-roots"),
+    );
+    std::fs::write(&file, "").unwrap();
+    std::fs::create_dir(&dir).unwrap();
+    let no_roots = [
+        ("SSL_CERT_FILE", file.to_str().unwrap()),
+        ("SSL_CERT_DIR", dir.to_str().unwrap()),
+    ];
+    let (trusted, _) = pull(
+        &[&no_roots[..], &[("REGCACHE_UPSTREAM_CA_FILE", &ca)]].concat(),
+        "ca-only",
+    );
+    trusted.unwrap_or_else(|e| panic!("with the CA bundle and no system roots: {e}"));
+    check_image_copy("ca-only", &img.image, &work.path().join("ca-only"));
+    let storage = temp_dir("regcache-storage-");
+    let rc = Regcache::start_with_env(
+        &config,
+        &storage.path().join("storage"),
+        &[&no_roots[..], &[("REGCACHE_BREAKER_FAILURES", "0")]].concat(),
+    );
+    let workers = rc.worker_pids();
+    let refused = skopeo_copy(
+        &format!("{}/in.house/org/app:1", rc.addr()),
+        &work.path().join("refused"),
+        false,
+    );
+    assert!(
+        refused.is_err(),
+        "a certificate passed with no roots at all"
+    );
+    let log = rc.log_tail(200);
+    assert!(
+        log.contains("No CA certificates were loaded from the system"),
+        "the failure does not say why:\n{log}"
+    );
+    assert_eq!(rc.worker_pids(), workers, "the worker did not stay up");
+    let storage = temp_dir("regcache-storage-");
+    let plain = Regcache::start_with_env(
+        &config_json(&[(&up.url(), &["docker.io"])]),
+        &storage.path().join("storage"),
+        &no_roots,
+    );
+    skopeo_copy(
+        &format!("{}/docker.io/org/app:1", plain.addr()),
+        &work.path().join("plain"),
+        false,
+    )
+    .unwrap_or_else(|e| panic!("a plain-HTTP upstream with no system roots: {e}"));
+    check_image_copy("plain", &img.image, &work.path().join("plain"));
 }
 
 /// `https_proxy` takes an upstream over TLS through `CONNECT` tunnels: the

@@ -4,6 +4,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+
 use crate::auth::{Credentials, Secret};
 use crate::tag_rules::TagRules;
 
@@ -288,7 +291,7 @@ pub struct UpstreamOptions {
     /// `REGCACHE_OFFLINE`: never ask upstream; serve what is cached.
     pub offline: bool,
     /// `REGCACHE_UPSTREAM_CA_FILE`: PEM roots trusted besides the system's.
-    pub extra_roots: Vec<reqwest::Certificate>,
+    pub extra_roots: Vec<CertificateDer<'static>>,
     /// `REGCACHE_UPSTREAM_TLS_SKIP_VERIFY`: accept any certificate (logged loudly).
     pub skip_verify: bool,
 }
@@ -320,7 +323,8 @@ impl UpstreamOptions {
                     path: path.clone(),
                     source,
                 })?;
-                reqwest::Certificate::from_pem_bundle(&pem)
+                CertificateDer::pem_slice_iter(&pem)
+                    .collect::<Result<Vec<_>, _>>()
                     .ok()
                     .filter(|c| !c.is_empty())
                     .ok_or(Error::Certificates { path })?

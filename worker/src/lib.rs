@@ -8,12 +8,13 @@
 //! # Layout
 //! - [`config`]: settings from the worker's own environment
 //! - `upstream`, `auth`: the client to the upstream registry and its credentials
+//! - `tls`: how the worker's clients check certificates (one set of roots)
 //! - `cache`: hit/miss decisions, single-flight blob fills, tag revalidation
 //! - `server`: HTTP handling; `error`: the status and code of every worker error
 //! - [`metrics`]: the worker's Prometheus series
 //!
-//! Dependencies point one way: server -> cache -> upstream -> auth, and
-//! everything -> metrics; the store and the protocol come from their crates.
+//! Dependencies point one way: server -> cache -> upstream -> auth,
+//! upstream and peers -> tls, and everything -> metrics; the store and the protocol come from their crates.
 #![forbid(unsafe_code)]
 
 mod auth;
@@ -27,6 +28,7 @@ pub mod metrics;
 mod peers;
 mod server;
 mod tag_rules;
+mod tls;
 mod upstream;
 
 use std::future::Future;

@@ -17,6 +17,7 @@ use std::time::Duration;
 use sha2::{Digest as _, Sha256};
 
 use crate::auth::Secret;
+use crate::tls::Trust;
 
 /// How often members are re-resolved and probed.
 const REFRESH: Duration = Duration::from_secs(3);
@@ -52,7 +53,10 @@ pub struct Peers {
 
 impl Peers {
     pub fn new(settings: PeerSettings) -> Result<Arc<Peers>, reqwest::Error> {
+        // Peers speak plain HTTP; the TLS settings only keep reqwest from
+        // reading the system's CA bundle (see `tls`).
         let client = reqwest::Client::builder()
+            .tls_backend_preconfigured(Trust::new(Vec::new()).config(&[]))
             .no_proxy()
             .connect_timeout(PROBE_TIMEOUT)
             .read_timeout(Duration::from_secs(10))

@@ -17,6 +17,7 @@ use reqwest::{Response, StatusCode, Url};
 use crate::auth::{self, Auth};
 use crate::config::UpstreamOptions;
 use crate::metrics::Metrics;
+use crate::tls::Trust;
 use regcache_store::breaker::{Admit, Breaker};
 pub use regcache_store::init_tls;
 
@@ -116,23 +117,21 @@ impl Upstream {
         options: UpstreamOptions,
         metrics: Arc<Metrics>,
     ) -> Result<Self, reqwest::Error> {
-        init_tls();
         let name = Authority::of(&base).to_string();
-        let builder = || {
-            let mut http = reqwest::Client::builder()
+        let trust = Trust::new(options.extra_roots.clone());
+        let builder = |alpn: &[&[u8]]| {
+            let http = reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
                 .user_agent(concat!("regcache/", env!("CARGO_PKG_VERSION")))
                 .connect_timeout(options.connect_timeout)
                 // Between two reads of a body: a stalled transfer ends here.
                 .read_timeout(options.idle_timeout)
                 .pool_idle_timeout(Duration::from_secs(60));
-            if !options.extra_roots.is_empty() {
-                http = http.tls_certs_merge(options.extra_roots.clone());
-            }
             if options.skip_verify {
-                http = http.tls_danger_accept_invalid_certs(true);
+                http.tls_danger_accept_invalid_certs(true)
+            } else {
+                http.tls_backend_preconfigured(trust.config(alpn))
             }
-            http
         };
         let breaker = Breaker::new(
             options.breaker_failures,
@@ -142,8 +141,8 @@ impl Upstream {
         Ok(Upstream {
             base,
             name,
-            http: builder().build()?,
-            bulk: builder().http1_only().build()?,
+            http: builder(&[b"h2", b"http/1.1"]).build()?,
+            bulk: builder(&[b"http/1.1"]).http1_only().build()?,
             auth: Auth::new(credentials, metrics.clone()),
             metrics,
             breaker,
