@@ -1,9 +1,9 @@
 //! End-to-end tests of operations (issue 5): `/metrics` (checked with a
 //! strict exposition-format parser), SIGTERM drain and SIGKILL recovery,
 //! `/readyz`, the inventory API and `_catalog`, the access log,
-//! `regcache healthcheck`, and what the processes share of the binary. Upstreams are the in-process fake
-//! ([`support::fake`]), so every upstream request is counted and a fill can
-//! be held at a chosen point.
+//! `regcache healthcheck`, and what the processes share of the binary.
+//! Upstreams are the in-process fake ([`support::fake`]), so every upstream
+//! request is counted and a fill can be held at a chosen point.
 //!
 //! Run: `cargo test --test ops -- --test-threads=2`
 //! Needs: skopeo on PATH.

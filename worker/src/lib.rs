@@ -14,7 +14,8 @@
 //! - [`metrics`]: the worker's Prometheus series
 //!
 //! Dependencies point one way: server -> cache -> upstream -> auth,
-//! upstream and peers -> tls, and everything -> metrics; the store and the protocol come from their crates.
+//! upstream and peers -> tls, and everything -> metrics; the store and the
+//! protocol come from their crates.
 #![forbid(unsafe_code)]
 
 mod auth;
