@@ -1,7 +1,8 @@
 //! End-to-end tests of operations (issue 5): `/metrics` (checked with a
 //! strict exposition-format parser), SIGTERM drain and SIGKILL recovery,
 //! `/readyz`, the inventory API and `_catalog`, the access log,
-//! `regcache healthcheck`, and what the processes share of the binary.
+//! `regcache healthcheck`, what the processes share of the binary, and
+//! the CPU priority they run at.
 //! Upstreams are the in-process fake ([`support::fake`]), so every upstream
 //! request is counted and a fill can be held at a chosen point.
 //!
@@ -1226,8 +1227,6 @@ fn readyz_reports_a_dead_worker_until_it_is_back() {
     );
 }
 
-/// `regcache healthcheck --listen ADDR`: 0 against a running regcache, 1
-/// against a closed port.
 /// The supervisor and every worker share the binary's read-only data (330
 /// KiB of vtables and tables in a release build, 1.3 MiB in a debug one)
 /// from the page cache. What a process holds as its own copy is its
@@ -1254,6 +1253,8 @@ fn processes_share_the_binarys_read_only_data() {
     }
 }
 
+/// `regcache healthcheck --listen ADDR`: 0 against a running regcache, 1
+/// against a closed port.
 #[test]
 fn healthcheck_exit_codes() {
     let fake = FakeRegistry::start();
@@ -1284,6 +1285,70 @@ fn healthcheck_exit_codes() {
         Some(1),
         "healthcheck against a closed port: stderr {}",
         bad.stderr
+    );
+}
+
+/// regcache runs below the clients it serves (`REGCACHE_NICE`, default
+/// 10): every thread of the supervisor and of its workers, and the
+/// session's CPU share (autogroup) when it leads its session, as under a
+/// service manager. A session it does not lead (here the test's, in a
+/// shell the user's) keeps its priority. 0 leaves the priority as started;
+/// a value outside 0-19 stops it before anything starts.
+#[test]
+fn regcache_runs_below_its_clients() {
+    let fake = FakeRegistry::start();
+    let config = config_json(&[(&fake.url(), &["upstream.test"])]);
+    let storage = temp_dir("regcache-storage-");
+    let own = *thread_nices("self").iter().max().unwrap();
+    let all_threads = |rc: &Regcache| -> Vec<i32> {
+        let pids: Vec<i32> = rc.pid().into_iter().chain(rc.worker_pids()).collect();
+        assert_eq!(pids.len(), 2, "supervisor and one worker: {pids:?}");
+        pids.iter()
+            .flat_map(|p| thread_nices(&p.to_string()))
+            .collect()
+    };
+    let session_nice = |rc: &Regcache| {
+        autogroup(&rc.pid().unwrap().to_string()).map(|a| {
+            regcache_supervisor::priority::autogroup_nice(&a)
+                .unwrap_or_else(|| panic!("autogroup line {a:?}"))
+        })
+    };
+
+    let rc = Regcache::start(&config, storage.path());
+    let nices = all_threads(&rc);
+    assert!(
+        nices.iter().all(|n| *n == own.max(10)),
+        "threads at {nices:?}, the test at {own}"
+    );
+    assert_eq!(
+        autogroup(&rc.pid().unwrap().to_string()),
+        autogroup("self"),
+        "a session regcache does not lead keeps its priority"
+    );
+    drop(rc);
+
+    let rc = Regcache::start_as_service(&config, storage.path(), &[]);
+    let nices = all_threads(&rc);
+    assert!(nices.iter().all(|n| *n == own.max(10)), "{nices:?}");
+    if let Some(n) = session_nice(&rc) {
+        assert_eq!(n, 10, "the session regcache leads");
+    }
+    drop(rc);
+
+    let rc = Regcache::start_as_service(&config, storage.path(), &[("REGCACHE_NICE", "0")]);
+    let nices = all_threads(&rc);
+    assert!(nices.iter().all(|n| *n == own), "{nices:?}");
+    if let Some(n) = session_nice(&rc) {
+        assert_eq!(n, 0);
+    }
+    drop(rc);
+
+    let err = Regcache::try_start_with_env(&config, storage.path(), &[("REGCACHE_NICE", "20")])
+        .err()
+        .expect("REGCACHE_NICE=20 refused");
+    assert!(
+        err.contains("REGCACHE_NICE \"20\" is not a nice value"),
+        "{err}"
     );
 }
 

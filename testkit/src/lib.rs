@@ -1546,6 +1546,9 @@ pub struct Regcache {
     seen_workers: Vec<i32>,
     /// Extra environment (client auth, TLS, tuning knobs).
     env: Vec<(String, String)>,
+    /// Started as a service manager starts it: leading a session of its
+    /// own (`setsid`), not in the test's.
+    own_session: bool,
 }
 
 impl Regcache {
@@ -1562,6 +1565,12 @@ impl Regcache {
         Self::try_start_with_env(config, storage, env).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// Like [`Regcache::start_with_env`], in a session of its own, as a
+    /// service manager starts a service.
+    pub fn start_as_service(config: &str, storage: &Path, env: &[(&str, &str)]) -> Regcache {
+        Self::try_start_in(config, storage, env, true).unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// Like [`Regcache::start`], returning the failure (with log tail) instead.
     pub fn try_start(config: &str, storage: &Path) -> Result<Regcache, String> {
         Self::try_start_with_env(config, storage, &[])
@@ -1571,6 +1580,15 @@ impl Regcache {
         config: &str,
         storage: &Path,
         env: &[(&str, &str)],
+    ) -> Result<Regcache, String> {
+        Self::try_start_in(config, storage, env, false)
+    }
+
+    fn try_start_in(
+        config: &str,
+        storage: &Path,
+        env: &[(&str, &str)],
+        own_session: bool,
     ) -> Result<Regcache, String> {
         let log_dir = temp_dir("regcache-log-");
         let log_path = log_dir.path().join("regcache.log");
@@ -1589,6 +1607,7 @@ impl Regcache {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            own_session,
         };
         rc.spawn_and_wait()?;
         Ok(rc)
@@ -1608,7 +1627,18 @@ impl Regcache {
             self.storage.display()
         )
         .unwrap();
-        let child = Command::new(regcache_bin())
+        // setsid(1) runs regcache in the same process (the test's child is
+        // no group leader), and its new session is a group of its own.
+        let mut cmd = if self.own_session {
+            let mut c = Command::new("setsid");
+            c.arg(regcache_bin());
+            c
+        } else {
+            let mut c = Command::new(regcache_bin());
+            c.process_group(0);
+            c
+        };
+        let child = cmd
             .arg("--listen")
             .arg(&self.addr)
             .arg("--storage")
@@ -1629,7 +1659,6 @@ impl Regcache {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
-            .process_group(0)
             .spawn()
             .map_err(|e| format!("spawn {}: {e}", regcache_bin().display()))?;
         self.child = Some(child);
@@ -1823,6 +1852,28 @@ pub fn pss_kib(pid: i32) -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// The nice value of every thread of `pid` (`/proc/PID/task/*/stat`;
+/// `self` for the test's own process).
+pub fn thread_nices(pid: &str) -> Vec<i32> {
+    let tasks = fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("stat")).ok())
+        .map(|stat| {
+            // Fields after the command name, which may hold spaces: state
+            // is the 3rd field of the line, nice the 19th.
+            let rest = &stat[stat.rfind(')').unwrap() + 1..];
+            rest.split_whitespace().nth(16).unwrap().parse().unwrap()
+        })
+        .collect()
+}
+
+/// `/proc/PID/autogroup` ("/autogroup-42 nice 0"): the session's group when
+/// the kernel shares the CPU by session; None on a kernel without them.
+pub fn autogroup(pid: &str) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/autogroup")).ok()
 }
 
 /// KiB of the regcache binary's own mappings that `pid` holds as copies of

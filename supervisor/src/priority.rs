@@ -1,0 +1,131 @@
+//! regcache's CPU priority (`REGCACHE_NICE`, default 10). A cache shares
+//! its node's CPUs with the clients it serves: on a miss the client
+//! (skopeo, containerd) hashes and writes a layer while the worker
+//! receives, hashes and writes the same bytes, and each of the cache's
+//! wake-ups would take a CPU from the client it is feeding. At a lower
+//! priority the cache's work goes into the time the client leaves, as
+//! Syncthing's transfers do by default. On an idle CPU nothing changes:
+//! priority only orders who waits.
+//!
+//! Linux keeps a nice value per thread: every thread is set, and the
+//! threads and workers started later inherit it. Where the kernel first
+//! shares the CPU between sessions (autogroup, outside a CPU cgroup), a
+//! nice value orders only its own session, so a supervisor that leads its
+//! session (a service manager started it) sets the session's too; one
+//! started from a shell leaves the shell's session alone. Priority is only
+//! ever lowered.
+
+use std::io;
+
+use rustix::process::{getpid, getpriority_process, getsid, setpriority_process, Pid};
+
+/// The session's share of the CPU, where the kernel groups by session.
+const AUTOGROUP: &str = "/proc/self/autogroup";
+
+/// A nice value from 0 (leave the priority as started) to 19.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Nice(u8);
+
+impl Nice {
+    pub const DEFAULT: Nice = Nice(10);
+
+    pub fn parse(text: &str) -> Option<Nice> {
+        text.trim().parse().ok().filter(|n| *n <= 19).map(Nice)
+    }
+
+    pub fn get(self) -> i32 {
+        self.0.into()
+    }
+}
+
+/// What [`lower`] changed.
+#[derive(Debug, Default)]
+pub struct Lowered {
+    /// Threads of this process set to the nice value.
+    pub threads: usize,
+    /// Whether the session's autogroup was set too.
+    pub session: bool,
+}
+
+/// Lowers every thread of this process, and its session when it leads
+/// one, to `nice`; what already runs lower stays so.
+pub fn lower(nice: Nice) -> io::Result<Lowered> {
+    let mut done = Lowered::default();
+    if nice.0 == 0 {
+        return Ok(done);
+    }
+    for entry in std::fs::read_dir("/proc/self/task")? {
+        let name = entry?.file_name();
+        let Some(tid) = name
+            .to_str()
+            .and_then(|s| s.parse().ok())
+            .and_then(Pid::from_raw)
+        else {
+            continue;
+        };
+        // A thread that has ended since the listing is no error.
+        match getpriority_process(Some(tid)) {
+            Ok(now) if now < nice.get() => {
+                setpriority_process(Some(tid), nice.get())?;
+                done.threads += 1;
+            }
+            _ => {}
+        }
+    }
+    if getsid(None).is_ok_and(|sid| sid == getpid()) {
+        done.session = lower_autogroup(nice)?;
+    }
+    Ok(done)
+}
+
+/// Sets the autogroup's nice when the kernel has autogroups and it is
+/// lower than `nice`.
+fn lower_autogroup(nice: Nice) -> io::Result<bool> {
+    let Ok(text) = std::fs::read_to_string(AUTOGROUP) else {
+        return Ok(false);
+    };
+    if autogroup_nice(&text).is_none_or(|now| now >= nice.get()) {
+        return Ok(false);
+    }
+    let set = || std::fs::write(AUTOGROUP, nice.get().to_string());
+    // Without CAP_SYS_ADMIN the kernel takes one such change in 100 ms
+    // from the whole system (EAGAIN).
+    set()
+        .or_else(|e| match e.kind() {
+            io::ErrorKind::WouldBlock => {
+                std::thread::sleep(std::time::Duration::from_millis(150));
+                set()
+            }
+            _ => Err(e),
+        })
+        .map_err(|e| io::Error::new(e.kind(), format!("{AUTOGROUP}: {e}")))?;
+    Ok(true)
+}
+
+/// The nice value in `/proc/PID/autogroup` ("/autogroup-42 nice 0").
+pub fn autogroup_nice(text: &str) -> Option<i32> {
+    text.split_once(" nice ")?.1.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nice_values() {
+        assert_eq!(Nice::parse("10"), Some(Nice(10)));
+        assert_eq!(Nice::parse(" 0 "), Some(Nice(0)));
+        assert_eq!(Nice::parse("19"), Some(Nice(19)));
+        for bad in ["20", "-5", "ten", "", "1.5"] {
+            assert_eq!(Nice::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn autogroup_lines() {
+        assert_eq!(autogroup_nice("/autogroup-42 nice 0\n"), Some(0));
+        assert_eq!(autogroup_nice("/autogroup-7 nice 10\n"), Some(10));
+        assert_eq!(autogroup_nice("/autogroup-7 nice -5\n"), Some(-5));
+        assert_eq!(autogroup_nice("garbage"), None);
+    }
+}
