@@ -432,6 +432,16 @@ async fn worker(args: WorkerArgs) -> ExitCode {
 }
 
 async fn run_worker(args: WorkerArgs, settings: regcache_worker::Settings) -> ExitCode {
+    let nice = settings.nice.get();
+    match regcache_worker::priority::lower(settings.nice) {
+        Ok(done) => tracing::debug!(
+            nice,
+            threads = done.threads,
+            session = done.session,
+            "CPU priority (REGCACHE_NICE)"
+        ),
+        Err(e) => tracing::warn!(nice, "cannot lower the CPU priority: {e}"),
+    }
     let started = regcache_worker::Worker::start(settings)
         .await
         .map_err(|e| e.to_string());

@@ -1288,60 +1288,68 @@ fn healthcheck_exit_codes() {
     );
 }
 
-/// regcache runs below the clients it serves (`REGCACHE_NICE`, default
-/// 10): every thread of the supervisor and of its workers, and the
-/// session's CPU share (autogroup) when it leads its session, as under a
-/// service manager. A session it does not lead (here the test's, in a
-/// shell the user's) keeps its priority. 0 leaves the priority as started;
-/// a value outside 0-19 stops it before anything starts.
+/// Workers fill below the clients they serve (`REGCACHE_NICE`, default
+/// 10): every thread, in a session of its own, whose CPU share (autogroup)
+/// they set too. The front, and the session it was started in (here the
+/// test's, in a shell the user's), keep their priority. 0 leaves the
+/// workers as started, in the front's session; a value outside 0-19 stops
+/// the start before anything runs.
 #[test]
-fn regcache_runs_below_its_clients() {
+fn workers_run_below_their_clients() {
     let fake = FakeRegistry::start();
     let config = config_json(&[(&fake.url(), &["upstream.test"])]);
     let storage = temp_dir("regcache-storage-");
     let own = *thread_nices("self").iter().max().unwrap();
-    let all_threads = |rc: &Regcache| -> Vec<i32> {
-        let pids: Vec<i32> = rc.pid().into_iter().chain(rc.worker_pids()).collect();
-        assert_eq!(pids.len(), 2, "supervisor and one worker: {pids:?}");
-        pids.iter()
-            .flat_map(|p| thread_nices(&p.to_string()))
-            .collect()
-    };
-    let session_nice = |rc: &Regcache| {
-        autogroup(&rc.pid().unwrap().to_string()).map(|a| {
-            regcache_supervisor::priority::autogroup_nice(&a)
+    let session_nice = |pid: i32| {
+        autogroup(&pid.to_string()).map(|a| {
+            regcache_worker::priority::autogroup_nice(&a)
                 .unwrap_or_else(|| panic!("autogroup line {a:?}"))
         })
     };
+    let check = |rc: &Regcache, nice: i32| {
+        let front = rc.pid().unwrap();
+        let workers = rc.worker_pids();
+        assert_eq!(workers.len(), 1, "one worker: {workers:?}");
+        let worker = workers[0];
+        let nices = thread_nices(&front.to_string());
+        assert!(
+            nices.iter().all(|n| *n == own),
+            "front's threads at {nices:?}, the test at {own}"
+        );
+        assert_eq!(session_of(&front.to_string()), session_of("self"));
+        assert_eq!(
+            autogroup(&front.to_string()),
+            autogroup("self"),
+            "the front's session keeps its share"
+        );
+        let nices = thread_nices(&worker.to_string());
+        assert!(
+            nices.iter().all(|n| *n == own.max(nice)),
+            "worker's threads at {nices:?}, REGCACHE_NICE {nice}"
+        );
+        if nice > 0 {
+            assert_eq!(
+                session_of(&worker.to_string()),
+                worker,
+                "the worker leads a session of its own"
+            );
+            if let Some(n) = session_nice(worker) {
+                assert_eq!(n, nice, "the worker's session");
+            }
+        } else {
+            assert_eq!(session_of(&worker.to_string()), session_of("self"));
+        }
+    };
 
-    let rc = Regcache::start(&config, storage.path());
-    let nices = all_threads(&rc);
-    assert!(
-        nices.iter().all(|n| *n == own.max(10)),
-        "threads at {nices:?}, the test at {own}"
+    check(&Regcache::start(&config, storage.path()), 10);
+    check(
+        &Regcache::start_with_env(&config, storage.path(), &[("REGCACHE_NICE", "15")]),
+        15,
     );
-    assert_eq!(
-        autogroup(&rc.pid().unwrap().to_string()),
-        autogroup("self"),
-        "a session regcache does not lead keeps its priority"
+    check(
+        &Regcache::start_with_env(&config, storage.path(), &[("REGCACHE_NICE", "0")]),
+        0,
     );
-    drop(rc);
-
-    let rc = Regcache::start_as_service(&config, storage.path(), &[]);
-    let nices = all_threads(&rc);
-    assert!(nices.iter().all(|n| *n == own.max(10)), "{nices:?}");
-    if let Some(n) = session_nice(&rc) {
-        assert_eq!(n, 10, "the session regcache leads");
-    }
-    drop(rc);
-
-    let rc = Regcache::start_as_service(&config, storage.path(), &[("REGCACHE_NICE", "0")]);
-    let nices = all_threads(&rc);
-    assert!(nices.iter().all(|n| *n == own), "{nices:?}");
-    if let Some(n) = session_nice(&rc) {
-        assert_eq!(n, 0);
-    }
-    drop(rc);
 
     let err = Regcache::try_start_with_env(&config, storage.path(), &[("REGCACHE_NICE", "20")])
         .err()

@@ -13,7 +13,6 @@
 //! - [`proxy`]: pooled forwarding over the workers' Unix sockets
 //! - [`workers`]: spawn, readiness, restart with back-off, environment isolation
 //! - [`cores`]: the client connections, on one single-threaded runtime per core
-//! - [`priority`]: the CPU priority of the supervisor and its workers
 //! - [`error`]: the status and code of every front error
 //! - [`client_auth`], [`tls`], [`access_log`], [`metrics`], [`inventory`]
 #![forbid(unsafe_code)]
@@ -34,7 +33,6 @@ pub mod maintenance;
 mod metrics;
 pub mod peer;
 pub mod preload;
-pub mod priority;
 mod proxy;
 mod routing;
 mod sendfile;
@@ -89,19 +87,6 @@ pub async fn run(
     peer: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
-    // Before the workers start: they inherit it.
-    match priority::lower(settings.nice) {
-        Ok(done) => tracing::info!(
-            nice = settings.nice.get(),
-            threads = done.threads,
-            session = done.session,
-            "CPU priority (REGCACHE_NICE)"
-        ),
-        Err(e) => tracing::warn!(
-            nice = settings.nice.get(),
-            "cannot lower the CPU priority: {e}"
-        ),
-    }
     let sockets = socket_dir()?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let counters = Arc::new(metrics::Metrics::new());

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use crate::client_auth::Htpasswd;
 use crate::config::{self, Upstream};
-use crate::priority::Nice;
 use crate::{routing, tls, workers};
 
 /// How the supervisor runs.
@@ -34,9 +33,6 @@ pub struct Settings {
     pub preload: Option<crate::preload::Schedule>,
     /// `REGCACHE_ADMIN_TOKEN` (or `_FILE`): turns the admin endpoint on.
     pub admin_token: Option<regcache_worker::Secret>,
-    /// `REGCACHE_NICE`: the CPU priority the supervisor and its workers
-    /// run at (see [`crate::priority`]).
-    pub nice: Nice,
 }
 
 /// The peer listener of a replica.
@@ -117,10 +113,6 @@ pub enum Error {
     Preload { path: String, why: String },
     #[error("REGCACHE_ADMIN_TOKEN must be at least 16 characters")]
     AdminToken,
-    #[error(
-        "REGCACHE_NICE {0:?} is not a nice value from 0 (leave the priority as started) to 19"
-    )]
-    Nice(String),
 }
 
 impl Settings {
@@ -243,12 +235,7 @@ impl Settings {
             return Err(Error::AdminToken);
         }
         let admin_token = admin_token.map(regcache_worker::Secret::new);
-        let nice = match env("REGCACHE_NICE") {
-            None => Nice::DEFAULT,
-            Some(text) => Nice::parse(&text).ok_or(Error::Nice(text))?,
-        };
         Ok(Settings {
-            nice,
             preload,
             admin_token,
             upstreams,

@@ -1546,9 +1546,6 @@ pub struct Regcache {
     seen_workers: Vec<i32>,
     /// Extra environment (client auth, TLS, tuning knobs).
     env: Vec<(String, String)>,
-    /// Started as a service manager starts it: leading a session of its
-    /// own (`setsid`), not in the test's.
-    own_session: bool,
 }
 
 impl Regcache {
@@ -1565,12 +1562,6 @@ impl Regcache {
         Self::try_start_with_env(config, storage, env).unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// Like [`Regcache::start_with_env`], in a session of its own, as a
-    /// service manager starts a service.
-    pub fn start_as_service(config: &str, storage: &Path, env: &[(&str, &str)]) -> Regcache {
-        Self::try_start_in(config, storage, env, true).unwrap_or_else(|e| panic!("{e}"))
-    }
-
     /// Like [`Regcache::start`], returning the failure (with log tail) instead.
     pub fn try_start(config: &str, storage: &Path) -> Result<Regcache, String> {
         Self::try_start_with_env(config, storage, &[])
@@ -1580,15 +1571,6 @@ impl Regcache {
         config: &str,
         storage: &Path,
         env: &[(&str, &str)],
-    ) -> Result<Regcache, String> {
-        Self::try_start_in(config, storage, env, false)
-    }
-
-    fn try_start_in(
-        config: &str,
-        storage: &Path,
-        env: &[(&str, &str)],
-        own_session: bool,
     ) -> Result<Regcache, String> {
         let log_dir = temp_dir("regcache-log-");
         let log_path = log_dir.path().join("regcache.log");
@@ -1607,7 +1589,6 @@ impl Regcache {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            own_session,
         };
         rc.spawn_and_wait()?;
         Ok(rc)
@@ -1627,18 +1608,7 @@ impl Regcache {
             self.storage.display()
         )
         .unwrap();
-        // setsid(1) runs regcache in the same process (the test's child is
-        // no group leader), and its new session is a group of its own.
-        let mut cmd = if self.own_session {
-            let mut c = Command::new("setsid");
-            c.arg(regcache_bin());
-            c
-        } else {
-            let mut c = Command::new(regcache_bin());
-            c.process_group(0);
-            c
-        };
-        let child = cmd
+        let child = Command::new(regcache_bin())
             .arg("--listen")
             .arg(&self.addr)
             .arg("--storage")
@@ -1659,6 +1629,7 @@ impl Regcache {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
+            .process_group(0)
             .spawn()
             .map_err(|e| format!("spawn {}: {e}", regcache_bin().display()))?;
         self.child = Some(child);
@@ -1854,20 +1825,29 @@ pub fn pss_kib(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
-/// The nice value of every thread of `pid` (`/proc/PID/task/*/stat`;
-/// `self` for the test's own process).
+/// The fields of a `/proc/.../stat` line after the command name (which
+/// may hold spaces): `[0]` is the line's 3rd field, the state.
+fn stat_fields(path: &str) -> Option<Vec<String>> {
+    let stat = fs::read_to_string(path).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(String::from).collect())
+}
+
+/// The nice value of every thread of `pid` (`self`: the test's own process).
 pub fn thread_nices(pid: &str) -> Vec<i32> {
     let tasks = fs::read_dir(format!("/proc/{pid}/task")).unwrap();
     tasks
         .flatten()
-        .filter_map(|t| fs::read_to_string(t.path().join("stat")).ok())
-        .map(|stat| {
-            // Fields after the command name, which may hold spaces: state
-            // is the 3rd field of the line, nice the 19th.
-            let rest = &stat[stat.rfind(')').unwrap() + 1..];
-            rest.split_whitespace().nth(16).unwrap().parse().unwrap()
-        })
+        .filter_map(|t| stat_fields(&format!("{}/stat", t.path().display())))
+        .map(|f| f[16].parse().unwrap())
         .collect()
+}
+
+/// The session `pid` belongs to (`self`: the test's own).
+pub fn session_of(pid: &str) -> i32 {
+    stat_fields(&format!("/proc/{pid}/stat")).unwrap()[3]
+        .parse()
+        .unwrap()
 }
 
 /// `/proc/PID/autogroup` ("/autogroup-42 nice 0"): the session's group when

@@ -8,6 +8,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
 use crate::auth::{Credentials, Secret};
+use crate::priority::Nice;
 use crate::tag_rules::TagRules;
 
 /// Everything a worker needs to run.
@@ -40,6 +41,16 @@ pub struct Settings {
     pub read_ahead: u64,
     /// The other replicas of this cluster (`REGCACHE_PEERS`), if any.
     pub peers: Option<crate::peers::PeerSettings>,
+    /// `REGCACHE_NICE` (default 10): the CPU priority the worker runs at.
+    pub nice: Nice,
+}
+
+/// `REGCACHE_NICE`, 0 (as started) to 19.
+pub fn nice_from(env: &impl Fn(&str) -> Option<String>) -> Result<Nice, Error> {
+    match env("REGCACHE_NICE").filter(|v| !v.is_empty()) {
+        None => Ok(Nice::DEFAULT),
+        Some(text) => Nice::parse(&text).ok_or(Error::Nice(text)),
+    }
 }
 
 /// `REGCACHE_PEERS` with `REGCACHE_PEER_SECRET` (or `_FILE`) and the node id
@@ -387,6 +398,8 @@ pub enum Error {
     S3(&'static str),
     #[error("{var}: {why}")]
     Policy { var: &'static str, why: String },
+    #[error("REGCACHE_NICE {0:?} is not a nice value from 0 (as started) to 19")]
+    Nice(String),
 }
 
 impl Settings {
@@ -419,6 +432,7 @@ impl Settings {
             record_use: record_use_from(&env),
             read_ahead: read_ahead_from(&env)?,
             peers: peers_from(&env, &dir)?,
+            nice: nice_from(&env)?,
         })
     }
 }
@@ -434,6 +448,7 @@ pub fn check_env(env: &impl Fn(&str) -> Option<String>) -> Result<(), Error> {
     tag_rules_from(env)?;
     read_ahead_from(env)?;
     peers_from(env, "check")?;
+    nice_from(env)?;
     for var in ["REGCACHE_CACHE_MANIFESTS", "REGCACHE_RECORD_USE"] {
         if env(var).is_some() {
             // Unset means true here, so only the spelling is checked.

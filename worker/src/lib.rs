@@ -12,6 +12,7 @@
 //! - `cache`: hit/miss decisions, single-flight blob fills, tag revalidation
 //! - `server`: HTTP handling; `error`: the status and code of every worker error
 //! - [`metrics`]: the worker's Prometheus series
+//! - [`priority`]: the CPU priority the worker runs at, below its clients
 //!
 //! Dependencies point one way: server -> cache -> upstream -> auth,
 //! upstream and peers -> tls, and everything -> metrics; the store and the
@@ -27,6 +28,7 @@ mod flights;
 mod hostile;
 pub mod metrics;
 mod peers;
+pub mod priority;
 mod server;
 mod tag_rules;
 mod tls;

@@ -1,19 +1,20 @@
-//! regcache's CPU priority (`REGCACHE_NICE`, default 10). A cache shares
-//! its node's CPUs with the clients it serves: on a miss the client
-//! (skopeo, containerd) hashes and writes a layer while the worker
-//! receives, hashes and writes the same bytes, and each of the cache's
-//! wake-ups would take a CPU from the client it is feeding. At a lower
-//! priority the cache's work goes into the time the client leaves, as
-//! Syncthing's transfers do by default. On an idle CPU nothing changes:
-//! priority only orders who waits.
+//! A worker's CPU priority (`REGCACHE_NICE`, default 10). A cache shares
+//! its node's CPUs with the clients it serves, and a miss runs both at
+//! once: the client (skopeo, containerd) hashes and writes a layer while
+//! the worker receives, hashes and writes the same bytes. The client's
+//! work is the pull's pace; each of the fill's wake-ups took a CPU from
+//! it. At a lower priority the fill goes into the time the client leaves,
+//! as Syncthing's transfers do by default. On an idle CPU nothing changes:
+//! priority only orders who waits. The front stays as started: what it
+//! answers itself (hits) is the client's wait, not work beside it.
 //!
 //! Linux keeps a nice value per thread: every thread is set, and the
-//! threads and workers started later inherit it. Where the kernel first
-//! shares the CPU between sessions (autogroup, outside a CPU cgroup), a
-//! nice value orders only its own session, so a supervisor that leads its
-//! session (a service manager started it) sets the session's too; one
-//! started from a shell leaves the shell's session alone. Priority is only
-//! ever lowered.
+//! threads started later inherit it. Where the kernel first shares the
+//! CPU between sessions (autogroup, outside a CPU cgroup), a nice value
+//! orders only its own session, so the worker leaves the supervisor's
+//! session for one of its own and sets that too. A worker started by hand
+//! as its shell's job leads a process group and cannot; it keeps the
+//! shell's session as it is. Priority is only ever lowered.
 
 use std::io;
 
@@ -43,17 +44,19 @@ impl Nice {
 pub struct Lowered {
     /// Threads of this process set to the nice value.
     pub threads: usize,
-    /// Whether the session's autogroup was set too.
+    /// Whether its own session's autogroup was set too.
     pub session: bool,
 }
 
-/// Lowers every thread of this process, and its session when it leads
-/// one, to `nice`; what already runs lower stays so.
+/// Lowers every thread of this process to `nice`, in a session of its
+/// own where it can start one; what already runs lower stays so.
 pub fn lower(nice: Nice) -> io::Result<Lowered> {
     let mut done = Lowered::default();
     if nice.0 == 0 {
         return Ok(done);
     }
+    // Fails for a process-group leader, which keeps its session.
+    let _ = nix::unistd::setsid();
     for entry in std::fs::read_dir("/proc/self/task")? {
         let name = entry?.file_name();
         let Some(tid) = name
