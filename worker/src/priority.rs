@@ -17,6 +17,7 @@
 //! shell's session as it is. Priority is only ever lowered.
 
 use std::io;
+use std::time::{Duration, Instant};
 
 use rustix::process::{getpid, getpriority_process, getsid, setpriority_process, Pid};
 
@@ -44,7 +45,8 @@ impl Nice {
 pub struct Lowered {
     /// Threads of this process set to the nice value.
     pub threads: usize,
-    /// Whether its own session's autogroup was set too.
+    /// Whether it leads a session of its own, whose autogroup is set
+    /// (in the background: [`lower_autogroup_soon`]).
     pub session: bool,
 }
 
@@ -76,33 +78,54 @@ pub fn lower(nice: Nice) -> io::Result<Lowered> {
         }
     }
     if getsid(None).is_ok_and(|sid| sid == getpid()) {
-        done.session = lower_autogroup(nice)?;
+        done.session = true;
+        lower_autogroup_soon(nice);
     }
     Ok(done)
 }
 
+/// Sets the session's autogroup to `nice` from a thread of its own.
+/// Without CAP_SYS_ADMIN the kernel takes one such change per 100 ms from
+/// the whole system (EAGAIN), and the workers start together: nine of
+/// them need most of a second, so the thread tries until it is its turn
+/// (30 s at most) rather than hold the worker's start.
+fn lower_autogroup_soon(nice: Nice) {
+    let span = tracing::Span::current();
+    let tries = move || {
+        let _in = span.enter();
+        let until = Instant::now() + Duration::from_secs(30);
+        // Apart from the others' tries, in the same order every round.
+        let pause = Duration::from_millis(100 + u64::from(std::process::id() % 50));
+        loop {
+            match lower_autogroup(nice) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < until => {
+                    std::thread::sleep(pause)
+                }
+                Err(e) => return tracing::warn!("cannot lower the session's CPU share: {e}"),
+                Ok(()) => return,
+            }
+        }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("nice".into())
+        .stack_size(64 << 10)
+        .spawn(tries);
+    if let Err(e) = spawned {
+        tracing::warn!("cannot lower the session's CPU share: {e}");
+    }
+}
+
 /// Sets the autogroup's nice when the kernel has autogroups and it is
 /// lower than `nice`.
-fn lower_autogroup(nice: Nice) -> io::Result<bool> {
+fn lower_autogroup(nice: Nice) -> io::Result<()> {
     let Ok(text) = std::fs::read_to_string(AUTOGROUP) else {
-        return Ok(false);
+        return Ok(());
     };
     if autogroup_nice(&text).is_none_or(|now| now >= nice.get()) {
-        return Ok(false);
+        return Ok(());
     }
-    let set = || std::fs::write(AUTOGROUP, nice.get().to_string());
-    // Without CAP_SYS_ADMIN the kernel takes one such change in 100 ms
-    // from the whole system (EAGAIN).
-    set()
-        .or_else(|e| match e.kind() {
-            io::ErrorKind::WouldBlock => {
-                std::thread::sleep(std::time::Duration::from_millis(150));
-                set()
-            }
-            _ => Err(e),
-        })
-        .map_err(|e| io::Error::new(e.kind(), format!("{AUTOGROUP}: {e}")))?;
-    Ok(true)
+    std::fs::write(AUTOGROUP, nice.get().to_string())
+        .map_err(|e| io::Error::new(e.kind(), format!("{AUTOGROUP}: {e}")))
 }
 
 /// The nice value in `/proc/PID/autogroup` ("/autogroup-42 nice 0").
