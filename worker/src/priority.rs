@@ -46,7 +46,7 @@ pub struct Lowered {
     /// Threads of this process set to the nice value.
     pub threads: usize,
     /// Whether it leads a session of its own, whose autogroup is set
-    /// (in the background: [`lower_autogroup_soon`]).
+    /// (in the background, by a thread that waits its turn).
     pub session: bool,
 }
 
