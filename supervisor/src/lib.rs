@@ -12,7 +12,7 @@
 //! - [`hits`]: committed content by digest, answered without the worker
 //! - [`proxy`]: pooled forwarding over the workers' Unix sockets
 //! - [`workers`]: spawn, readiness, restart with back-off, environment isolation
-//! - [`cores`]: the client connections, on one single-threaded runtime per core
+//! - [`cores`]: the client connections, on a runtime of their own (a thread per core)
 //! - [`error`]: the status and code of every front error
 //! - [`client_auth`], [`tls`], [`access_log`], [`metrics`], [`inventory`]
 #![forbid(unsafe_code)]

@@ -145,9 +145,13 @@ fn write_line(build: impl FnOnce(&mut Vec<u8>)) {
     });
 }
 
-/// Makes this thread gather its lines until [`flush`].
+/// Makes this thread gather its lines from now on, written at [`flush`];
+/// lines it gathered already stay.
 pub fn gather() {
-    GATHERED.with(|g| *g.borrow_mut() = Some(Vec::with_capacity(LIMIT)));
+    GATHERED.with(|g| {
+        g.borrow_mut()
+            .get_or_insert_with(|| Vec::with_capacity(LIMIT));
+    });
 }
 
 /// Writes the lines this thread gathered.
