@@ -3,11 +3,11 @@
 //! it sleeps. The accept loop and everything else stay on the main runtime.
 //!
 //! The threads steal work from each other. One single-threaded runtime per
-//! core (as nginx's worker processes) served 3 % more manifest hits under
-//! `wrk` on 2 cores, but a connection waited whenever its thread did: where
-//! the cache shares its cores (with the clients, or a node's other work),
-//! the scheduler takes a thread away for up to a tick (4 ms), and p99 read
-//! 4.0-4.2 ms in most runs against 1.3-3.2 ms stealing (nginx 0.4-4.0).
+//! core (as nginx's worker processes) served about 6 % more manifest hits
+//! under `wrk` on 2 cores, but a connection waited whenever its thread did:
+//! where the cache shares its cores (with the clients, or a node's other
+//! work), the scheduler takes a thread away for up to a tick (4 ms), and
+//! p99 read 3.3-4.2 ms against 1.3-2.6 ms stealing (nginx 0.4-4.1; bench/README).
 
 use std::future::Future;
 use std::time::Duration;
